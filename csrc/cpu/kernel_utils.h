@@ -1,0 +1,156 @@
+// Element-wise pieces of the CPU attention kernel: dtype conversion, a vectorizable exp, and
+// the score-tile epilogue (scale, bias, mask, causal) shared by the forward and the backward.
+#pragma once
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "../flash_mha.h"
+#include "../philox.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// One copy of each hot loop per instruction set; the loader picks the best at run time.
+#define FMHA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FMHA_CLONES
+#endif
+
+namespace flash_mha::cpu {
+
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+template <typename T> using acc_t = typename Acc<T>::type;
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// exp(x) for float arrays, branch-free so the compiler vectorizes it: x = k ln2 + r, |r| <= ln2/2,
+// e^r by its Taylor series to r^6 (relative error ~1e-7, float32 rounding level), 2^k by bits.
+// exp(-inf) = 0 and NaN stays NaN.
+FMHA_CLONES inline float exp_inplace_sum(float* x, int64_t n, float shift) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kLn2Hi = 0.693145751953125f, kLn2Lo = 1.428606765330187e-06f;
+  float sum = 0.f;
+  for (int64_t j = 0; j < n; ++j) {
+    const float t = x[j] - shift;
+    const float xc = t < -87.f ? -87.f : (t > 88.f ? 88.f : t);
+    const float kf = __builtin_floorf(xc * kLog2e + 0.5f);
+    const float r = (xc - kf * kLn2Hi) - kf * kLn2Lo;
+    float p = 1.f / 720.f;
+    p = p * r + 1.f / 120.f;
+    p = p * r + 1.f / 24.f;
+    p = p * r + 1.f / 6.f;
+    p = p * r + 0.5f;
+    p = p * r + 1.f;
+    p = p * r + 1.f;
+    int32_t bits = (static_cast<int32_t>(kf) + 127) << 23;
+    float two_k;
+    std::memcpy(&two_k, &bits, sizeof(two_k));
+    const float e = t < -87.f ? 0.f : p * two_k;
+    x[j] = e;
+    sum += e;
+  }
+  return sum;
+}
+
+inline double exp_inplace_sum(double* x, int64_t n, double shift) {
+  double sum = 0.0;
+  for (int64_t j = 0; j < n; ++j) {
+    x[j] = std::exp(x[j] - shift);
+    sum += x[j];
+  }
+  return sum;
+}
+
+// Same as exp_inplace_sum, but a per-row shift where the row has +inf (no visible key) gives 0.
+template <typename A>
+inline void exp_rows(A* s, int64_t rows, int64_t cols, int64_t ld, const A* shift) {
+  for (int64_t r = 0; r < rows; ++r) {
+    if (shift[r] == std::numeric_limits<A>::infinity()) {
+      std::fill(s + r * ld, s + r * ld + cols, A(0));
+    } else {
+      exp_inplace_sum(s + r * ld, cols, shift[r]);
+    }
+  }
+}
+
+FMHA_CLONES inline void scale_row(float* x, int64_t n, float a) {
+  for (int64_t j = 0; j < n; ++j) x[j] *= a;
+}
+inline void scale_row(double* x, int64_t n, double a) {
+  for (int64_t j = 0; j < n; ++j) x[j] *= a;
+}
+
+// Rows [rows, cols] of a strided source (row stride ld, unit column stride) as a contiguous
+// accumulator-type matrix. Float inputs are used in place (no copy): returns the pointer to read.
+template <typename T, typename A>
+inline const A* load_tile(const T* src, int64_t rows, int64_t cols, int64_t ld, std::vector<A>& buf,
+                          int64_t& ld_out) {
+  if constexpr (std::is_same_v<T, A>) {
+    ld_out = ld;
+    return src;
+  } else {
+    buf.resize(rows * cols);
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* s = src + r * ld;
+      A* d = buf.data() + r * cols;
+      for (int64_t c = 0; c < cols; ++c) d[c] = static_cast<A>(s[c]);
+    }
+    ld_out = cols;
+    return buf.data();
+  }
+}
+
+// Adds bias and applies mask/causal to a score tile S[rows, cols] (row stride ld) whose first
+// element is score (i0, j0) of head (bi, hi). Invisible scores become -inf.
+template <typename T, typename A>
+inline void score_epilogue(const FwdParams& p, int64_t bi, int64_t hi, int64_t i0, int64_t j0, int64_t rows,
+                           int64_t cols, A* S, int64_t ld) {
+  const A neg_inf = -std::numeric_limits<A>::infinity();
+  const int64_t shift = p.causal == Causal::kBottomRight ? p.n_k - p.n_q : 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    A* s = S + r * ld;
+    const int64_t i = i0 + r;
+    if (p.bias) {
+      const T* b = static_cast<const T*>(p.bias) + bi * p.bias_s.b + hi * p.bias_s.h + i * p.bias_s.q +
+                   j0 * p.bias_s.k;
+      const int64_t sk = p.bias_s.k;
+      for (int64_t c = 0; c < cols; ++c) s[c] += static_cast<A>(b[c * sk]);
+    }
+    if (p.mask) {
+      const uint8_t* m = p.mask + bi * p.mask_s.b + hi * p.mask_s.h + i * p.mask_s.q + j0 * p.mask_s.k;
+      const int64_t sk = p.mask_s.k;
+      for (int64_t c = 0; c < cols; ++c) s[c] = m[c * sk] ? s[c] : neg_inf;
+    }
+    if (p.causal != Causal::kNone) {
+      const int64_t first_hidden = i + shift + 1 - j0;  // columns >= this are in the future
+      for (int64_t c = first_hidden < 0 ? 0 : first_hidden; c < cols; ++c) s[c] = neg_inf;
+    }
+  }
+}
+
+// Multiplies a probability tile by keep/(1-p) (0 where dropped), in place.
+template <typename A>
+inline void apply_dropout(const FwdParams& p, uint64_t seed, uint64_t offset, int64_t bi, int64_t hi,
+                          int64_t i0, int64_t j0, int64_t rows, int64_t cols, A* P, int64_t ld) {
+  const A keep_scale = A(1.0 / (1.0 - p.dropout_p));
+  const uint64_t bh = static_cast<uint64_t>(bi * p.h + hi);
+  for (int64_t r = 0; r < rows; ++r) {
+    A* row = P + r * ld;
+    const uint64_t i = static_cast<uint64_t>(i0 + r);
+    int64_t c = 0;
+    while (c < cols) {
+      const uint64_t j = static_cast<uint64_t>(j0 + c);
+      const Philox4 w = dropout_words(seed, offset, bh, i, j);
+      for (int64_t q = static_cast<int64_t>(j & 3); q < 4 && c < cols; ++q, ++c) {
+        row[c] = w.x[q] >= p.dropout_threshold ? row[c] * keep_scale : A(0);
+      }
+    }
+  }
+}
+
+}  // namespace flash_mha::cpu

@@ -1,0 +1,97 @@
+// Device helpers shared by every flash_mha CUDA kernel: element conversion, the visibility rule
+// (mask + causal), bias reads, the dropout keep test, and small launch utilities.
+// Everything here follows flash_mha/reference.py: S = scale * q.k + bias, invisible -> -inf,
+// dropout keeps (i, j) iff philox word >= threshold and scales kept probabilities by 1 / (1 - p).
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "../flash_mha.h"
+#include "../philox.h"
+
+namespace flash_mha::cuda {
+
+// Accumulator type: double for double inputs, float for everything else.
+template <typename T> struct AccOf { using type = float; };
+template <> struct AccOf<double> { using type = double; };
+template <typename T> using acc_t = typename AccOf<T>::type;
+
+template <typename A> __device__ __forceinline__ A to_acc(double x) { return static_cast<A>(x); }
+template <typename A> __device__ __forceinline__ A to_acc(float x) { return static_cast<A>(x); }
+template <typename A> __device__ __forceinline__ A to_acc(__half x) { return static_cast<A>(__half2float(x)); }
+template <typename A> __device__ __forceinline__ A to_acc(__nv_bfloat16 x) { return static_cast<A>(__bfloat162float(x)); }
+
+template <typename T> __device__ __forceinline__ T from_acc(float x);
+template <typename T> __device__ __forceinline__ T from_acc(double x);
+template <> __device__ __forceinline__ double from_acc<double>(double x) { return x; }
+template <> __device__ __forceinline__ float from_acc<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+template <typename A> __device__ __forceinline__ A inf_of();
+template <> __device__ __forceinline__ float inf_of<float>() { return __int_as_float(0x7f800000); }
+template <> __device__ __forceinline__ double inf_of<double>() { return __longlong_as_double(0x7ff0000000000000LL); }
+
+__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
+__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
+__device__ __forceinline__ float log_acc(float x) { return logf(x); }
+__device__ __forceinline__ double log_acc(double x) { return log(x); }
+
+// Query i sees key j by the causal rule (mask excluded). shift = n_k - n_q for bottom-right, else 0.
+__device__ __forceinline__ bool causal_visible(Causal c, int64_t i, int64_t j, int64_t shift) {
+  return c == Causal::kNone || j <= i + shift;
+}
+
+__host__ __device__ __forceinline__ int64_t causal_shift(const FwdParams& p) {
+  return p.causal == Causal::kBottomRight ? p.n_k - p.n_q : 0;
+}
+
+// Number of keys (from key 0) that any query in [i0, i0 + rows) can see by the causal rule.
+__host__ __device__ __forceinline__ int64_t visible_key_end(const FwdParams& p, int64_t i0, int64_t rows) {
+  if (p.causal == Causal::kNone) return p.n_k;
+  int64_t e = i0 + rows + causal_shift(p);  // last row's last visible key + 1
+  return e < 0 ? 0 : (e > p.n_k ? p.n_k : e);
+}
+
+// First query row that can see key j0 or a later key, by the causal rule.
+__host__ __device__ __forceinline__ int64_t first_row_seeing(const FwdParams& p, int64_t j0) {
+  if (p.causal == Causal::kNone) return 0;
+  int64_t r = j0 - causal_shift(p);
+  return r < 0 ? 0 : (r > p.n_q ? p.n_q : r);
+}
+
+// Element (bi, hi, i, j) of a broadcast [b, h, n_q, n_k] view.
+__device__ __forceinline__ int64_t offset4(const Strided4& s, int64_t bi, int64_t hi, int64_t i, int64_t j) {
+  return bi * s.b + hi * s.h + i * s.q + j * s.k;
+}
+
+// Dropout for one score: 1/(1-p) if kept, 0 if dropped.
+struct Dropout {
+  uint64_t seed = 0, offset = 0;
+  uint32_t threshold = 0;
+  float keep_scale = 1.f;
+  bool on = false;
+
+  __device__ __forceinline__ void init(const FwdParams& p) {
+    on = p.dropout_p > 0.0;
+    if (on) {
+      seed = static_cast<uint64_t>(p.rng[0]);
+      offset = static_cast<uint64_t>(p.rng[1]);
+    }
+    threshold = p.dropout_threshold;
+    keep_scale = static_cast<float>(1.0 / (1.0 - p.dropout_p));
+  }
+  // The four words for columns 4*(j/4) .. 4*(j/4)+3 of row i of head bh (= bi * h + hi).
+  __device__ __forceinline__ Philox4 words(uint64_t bh, int64_t i, int64_t j) const {
+    return dropout_words(seed, offset, bh, static_cast<uint64_t>(i), static_cast<uint64_t>(j));
+  }
+  __device__ __forceinline__ bool keep(uint32_t word) const { return word >= threshold; }
+};
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t align_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+}  // namespace flash_mha::cuda

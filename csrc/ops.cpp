@@ -1,0 +1,266 @@
+// flash_mha's torch custom ops: schemas, input checks, params filling and device dispatch.
+// This is the only file that sees at::Tensor; kernels receive FwdParams/BwdParams.
+#include <ATen/ATen.h>
+#include <Python.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+
+#include "flash_mha.h"
+#include "philox.h"
+
+#ifdef FLASH_MHA_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
+// An importable, empty `flash_mha._C`: importing it runs the TORCH_LIBRARY registrations below.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+namespace flash_mha {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+constexpr int64_t kMaxHeadDim = 256;
+
+Dtype to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kDouble: return Dtype::kFloat64;
+    case at::kFloat: return Dtype::kFloat32;
+    case at::kHalf: return Dtype::kFloat16;
+    case at::kBFloat16: return Dtype::kBFloat16;
+    default:
+      TORCH_CHECK(false, "flash_mha: q, k, v must be float64, float32, float16 or bfloat16, got ", t,
+                  "; convert them with .to(torch.float16) or similar");
+  }
+}
+
+at::ScalarType lse_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// A bias or mask is 4-d and each dim is 1 (broadcast) or the full size of [b, h, n_q, n_k].
+Strided4 broadcast_strides(const Tensor& t, const char* name, at::IntArrayRef full) {
+  TORCH_CHECK(t.dim() == 4, "flash_mha: ", name, " must be 4-d [b, h, n_q, n_k] at the op level, got ",
+              t.dim(), " dims (the Python API broadcasts fewer dims for you)");
+  int64_t s[4];
+  for (int i = 0; i < 4; ++i) {
+    TORCH_CHECK(t.size(i) == 1 || t.size(i) == full[i], "flash_mha: ", name, " of shape ", t.sizes(),
+                " is not broadcastable to [b, h, n_q, n_k] = ", full, " (dim ", i, " must be 1 or ", full[i], ")");
+    s[i] = t.size(i) == 1 ? 0 : t.stride(i);
+  }
+  return Strided4{s[0], s[1], s[2], s[3]};
+}
+
+void check_last_dim(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, "flash_mha: ", name,
+              " must have a contiguous last dim (stride 1), got strides ", t.strides(),
+              "; call .contiguous() on it");
+}
+
+void check_device(const Tensor& t, const Tensor& q, const char* name) {
+  TORCH_CHECK(t.device() == q.device(), "flash_mha: ", name, " is on ", t.device(), " but q is on ",
+              q.device(), "; move all inputs to one device");
+}
+
+// Checks the inputs shared by fwd and bwd and fills the forward params.
+FwdParams make_fwd_params(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& bias,
+                          const OptTensor& mask, double scale, int64_t causal, double dropout_p,
+                          const OptTensor& rng) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
+              "flash_mha: q, k, v must be 4-d [batch, heads, seqlen, head_dim], got ", q.dim(), ", ", k.dim(),
+              " and ", v.dim(), " dims");
+  FwdParams p{};
+  p.dtype = to_dtype(q.scalar_type());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "flash_mha: q, k, v must share one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+              v.scalar_type());
+  check_device(k, q, "k");
+  check_device(v, q, "v");
+  p.b = q.size(0), p.h = q.size(1), p.n_q = q.size(2), p.d = q.size(3);
+  p.h_kv = k.size(1), p.n_k = k.size(2), p.d_v = v.size(3);
+  TORCH_CHECK(k.size(0) == p.b && v.size(0) == p.b, "flash_mha: batch sizes differ: q ", p.b, ", k ",
+              k.size(0), ", v ", v.size(0));
+  TORCH_CHECK(v.size(1) == p.h_kv, "flash_mha: k and v must have the same number of heads, got ", p.h_kv,
+              " and ", v.size(1));
+  TORCH_CHECK(p.h_kv > 0 ? p.h % p.h_kv == 0 : p.h == 0,
+              "flash_mha: query heads (", p.h, ") must be a multiple of key/value heads (", p.h_kv, ")");
+  TORCH_CHECK(v.size(2) == p.n_k, "flash_mha: k and v must have the same sequence length, got ", p.n_k,
+              " and ", v.size(2));
+  TORCH_CHECK(k.size(3) == p.d, "flash_mha: q and k must have the same head dim, got ", p.d, " and ",
+              k.size(3));
+  TORCH_CHECK(p.d >= 1 && p.d <= kMaxHeadDim && p.d_v >= 1 && p.d_v <= kMaxHeadDim,
+              "flash_mha: head dims must be in [1, 256], got d = ", p.d, ", d_v = ", p.d_v);
+  check_last_dim(q, "q");
+  check_last_dim(k, "k");
+  check_last_dim(v, "v");
+  p.q = q.data_ptr(), p.k = k.data_ptr(), p.v = v.data_ptr();
+  p.q_sb = q.stride(0), p.q_sh = q.stride(1), p.q_sn = q.stride(2);
+  p.k_sb = k.stride(0), p.k_sh = k.stride(1), p.k_sn = k.stride(2);
+  p.v_sb = v.stride(0), p.v_sh = v.stride(1), p.v_sn = v.stride(2);
+
+  const std::vector<int64_t> full{p.b, p.h, p.n_q, p.n_k};
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == q.scalar_type(), "flash_mha: bias must have q's dtype ",
+                q.scalar_type(), ", got ", bias->scalar_type(), "; convert it with .to(q.dtype)");
+    check_device(*bias, q, "bias");
+    p.bias_s = broadcast_strides(*bias, "bias", full);
+    p.bias = bias->data_ptr();
+  }
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool, "flash_mha: mask must be bool (True = attend), got ",
+                mask->scalar_type(), "; pass a float tensor as bias instead");
+    check_device(*mask, q, "mask");
+    p.mask_s = broadcast_strides(*mask, "mask", full);
+    p.mask = reinterpret_cast<const uint8_t*>(mask->data_ptr<bool>());
+  }
+  TORCH_CHECK(causal >= 0 && causal <= 2, "flash_mha: causal must be 0 (none), 1 (top-left) or 2 (bottom-right), got ",
+              causal);
+  p.causal = static_cast<Causal>(causal);
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "flash_mha: dropout_p must be in [0, 1), got ", dropout_p);
+  TORCH_CHECK(std::isfinite(scale), "flash_mha: scale must be finite, got ", scale);
+  p.scale = scale;
+  p.dropout_p = dropout_p;
+  p.dropout_threshold = dropout_threshold(dropout_p);
+  if (dropout_p > 0.0) {
+    TORCH_CHECK(rng.has_value() && rng->scalar_type() == at::kLong && rng->numel() == 2 && rng->is_contiguous(),
+                "flash_mha: dropout_p > 0 needs rng_state, a contiguous int64 tensor [seed, offset]");
+    check_device(*rng, q, "rng_state");
+    p.rng = rng->data_ptr<int64_t>();
+  }
+  return p;
+}
+
+#ifdef FLASH_MHA_WITH_CUDA
+void check_cuda_arch(const Tensor& q) {
+  const auto* prop = at::cuda::getDeviceProperties(q.device().index());
+  TORCH_CHECK(prop->major >= 8, "flash_mha: CUDA kernels need compute capability 8.0 (Ampere) or newer; ",
+              prop->name, " is ", prop->major, ".", prop->minor, ". Move the tensors to the CPU to use the CPU kernel");
+}
+#endif
+
+std::tuple<Tensor, Tensor, Tensor> fwd(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& bias,
+                                       const OptTensor& mask, double scale, int64_t causal, double dropout_p,
+                                       const OptTensor& rng_state) {
+  FwdParams p = make_fwd_params(q, k, v, bias, mask, scale, causal, dropout_p, rng_state);
+  Tensor out = at::empty({p.b, p.h, p.n_q, p.d_v}, q.options());
+  Tensor lse = at::empty({p.b, p.h, p.n_q}, q.options().dtype(lse_dtype(q.scalar_type())));
+  Tensor rng_out = dropout_p > 0.0 ? rng_state->clone() : at::empty({0}, q.options().dtype(at::kLong));
+  if (out.numel() == 0 && lse.numel() == 0) return {out, lse, rng_out};
+  if (p.n_k == 0) {  // nothing to attend to: zeros, lse = +inf
+    out.zero_();
+    lse.fill_(std::numeric_limits<double>::infinity());
+    return {out, lse, rng_out};
+  }
+  p.o = out.data_ptr(), p.lse = lse.data_ptr();
+  p.o_sb = out.stride(0), p.o_sh = out.stride(1), p.o_sn = out.stride(2);
+  if (q.is_cuda()) {
+#ifdef FLASH_MHA_WITH_CUDA
+    check_cuda_arch(q);
+    const c10::cuda::CUDAGuard guard(q.device());
+    cuda_fwd(p, at::cuda::getCurrentCUDAStream().stream());
+#else
+    TORCH_CHECK(false, "flash_mha was built without CUDA");
+#endif
+  } else {
+    cpu_fwd(p);
+  }
+  return {out, lse, rng_out};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout_in, const Tensor& q, const Tensor& k,
+                                               const Tensor& v, const Tensor& out, const Tensor& lse,
+                                               const OptTensor& bias, const OptTensor& mask, double scale,
+                                               int64_t causal, double dropout_p, const OptTensor& rng_state,
+                                               bool bias_requires_grad) {
+  BwdParams p{};
+  static_cast<FwdParams&>(p) = make_fwd_params(q, k, v, bias, mask, scale, causal, dropout_p, rng_state);
+  TORCH_CHECK(!bias_requires_grad || bias.has_value(), "flash_mha: bias_requires_grad needs a bias");
+  const std::vector<int64_t> o_shape{p.b, p.h, p.n_q, p.d_v};
+  TORCH_CHECK(dout_in.sizes() == at::IntArrayRef(o_shape) && out.sizes() == at::IntArrayRef(o_shape),
+              "flash_mha: dout and out must have shape ", at::IntArrayRef(o_shape), ", got ", dout_in.sizes(),
+              " and ", out.sizes());
+  TORCH_CHECK(dout_in.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
+              "flash_mha: dout and out must have q's dtype ", q.scalar_type());
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef({p.b, p.h, p.n_q}) && lse.scalar_type() == lse_dtype(q.scalar_type()),
+              "flash_mha: lse must be the forward's log-sum-exp, [b, h, n_q] ", lse_dtype(q.scalar_type()));
+  check_device(dout_in, q, "dout");
+  check_device(out, q, "out");
+  check_device(lse, q, "lse");
+  const Tensor dout = dout_in.stride(-1) == 1 ? dout_in : dout_in.contiguous();
+  const Tensor out_c = out.stride(-1) == 1 ? out : out.contiguous();
+  const Tensor lse_c = lse.contiguous();
+
+  Tensor dq = at::empty({p.b, p.h, p.n_q, p.d}, q.options());
+  Tensor dk = at::empty({p.b, p.h_kv, p.n_k, p.d}, q.options());
+  Tensor dv = at::empty({p.b, p.h_kv, p.n_k, p.d_v}, q.options());
+  Tensor dbias = bias_requires_grad ? at::empty(bias->sizes(), q.options()) : at::empty({0}, q.options());
+  if (p.b * p.h * p.n_q * p.n_k == 0) {  // no score exists: every gradient is zero
+    dq.zero_(), dk.zero_(), dv.zero_(), dbias.zero_();
+    return {dq, dk, dv, dbias};
+  }
+  p.o = const_cast<void*>(out_c.data_ptr()), p.lse = const_cast<void*>(lse_c.data_ptr());
+  p.o_sb = out_c.stride(0), p.o_sh = out_c.stride(1), p.o_sn = out_c.stride(2);
+  p.dout = dout.data_ptr();
+  p.do_sb = dout.stride(0), p.do_sh = dout.stride(1), p.do_sn = dout.stride(2);
+  p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
+  if (bias_requires_grad) {
+    p.dbias = dbias.data_ptr();
+    const Strided4 s = broadcast_strides(dbias, "bias", {p.b, p.h, p.n_q, p.n_k});
+    p.dbias_s = s;
+  }
+  p.deterministic = at::globalContext().deterministicAlgorithms();
+  if (q.is_cuda()) {
+#ifdef FLASH_MHA_WITH_CUDA
+    check_cuda_arch(q);
+    const c10::cuda::CUDAGuard guard(q.device());
+    const int64_t ws_bytes = cuda_bwd_workspace_bytes(p);
+    Tensor ws = at::zeros({std::max<int64_t>(ws_bytes, 1)}, q.options().dtype(at::kByte));
+    cuda_bwd(p, ws.data_ptr(), at::cuda::getCurrentCUDAStream().stream());
+#else
+    TORCH_CHECK(false, "flash_mha was built without CUDA");
+#endif
+  } else {
+    cpu_bwd(p);
+  }
+  return {dq, dk, dv, dbias};
+}
+
+bool built_with_cuda() {
+#ifdef FLASH_MHA_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+// The library's contract. q [b, h, n_q, d], k [b, h_kv, n_k, d], v [b, h_kv, n_k, d_v]; bias/mask
+// 4-d, each dim 1 or full; causal 0 none / 1 top-left / 2 bottom-right; rng_state int64 [seed, offset].
+TORCH_LIBRARY(flash_mha, m) {
+  m.def("fwd(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? mask, float scale, int causal, "
+        "float dropout_p, Tensor? rng_state) -> (Tensor out, Tensor lse, Tensor rng_state_out)");
+  m.def("bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? bias, Tensor? mask, "
+        "float scale, int causal, float dropout_p, Tensor? rng_state, bool bias_requires_grad) "
+        "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)");
+  m.def("built_with_cuda() -> bool", &built_with_cuda);
+}
+
+TORCH_LIBRARY_IMPL(flash_mha, CPU, m) {
+  m.impl("fwd", &fwd);
+  m.impl("bwd", &bwd);
+}
+
+#ifdef FLASH_MHA_WITH_CUDA
+TORCH_LIBRARY_IMPL(flash_mha, CUDA, m) {
+  m.impl("fwd", &fwd);
+  m.impl("bwd", &bwd);
+}
+#endif
+
+}  // namespace flash_mha

@@ -1,0 +1,58 @@
+// Counter-based RNG for dropout: Philox-4x32-10 (Salmon et al., "Parallel random numbers:
+// as easy as 1, 2, 3", SC'11). The keep/drop decision for score (batch bi, query head hi,
+// row i, column j) is a pure function of (seed, offset, bi*h + hi, i, j), so the backward
+// regenerates the forward's mask without storing it, and CPU, CUDA and flash_mha/reference.py
+// all draw the same mask. One Philox call yields four words, used by four adjacent columns.
+#pragma once
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define FMHA_HD __host__ __device__ __forceinline__
+#else
+#define FMHA_HD inline
+#endif
+
+namespace flash_mha {
+
+struct Philox4 {
+  uint32_t x[4];
+};
+
+FMHA_HD void mulhilo32(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
+  const uint64_t p = static_cast<uint64_t>(a) * b;
+  hi = static_cast<uint32_t>(p >> 32);
+  lo = static_cast<uint32_t>(p);
+}
+
+FMHA_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
+                              uint32_t k0, uint32_t k1) {
+  constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;  // round multipliers
+  constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;  // Weyl key increments
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int r = 0; r < 10; ++r) {
+    uint32_t hi0, lo0, hi1, lo1;
+    mulhilo32(kM0, c0, hi0, lo0);
+    mulhilo32(kM1, c2, hi1, lo1);
+    const uint32_t n0 = hi1 ^ c1 ^ k0, n2 = hi0 ^ c3 ^ k1;
+    c0 = n0; c1 = lo1; c2 = n2; c3 = lo0;
+    k0 += kW0; k1 += kW1;
+  }
+  return Philox4{{c0, c1, c2, c3}};
+}
+
+// The four words for columns 4*(j/4) .. 4*(j/4)+3 of row i of head bh.
+FMHA_HD Philox4 dropout_words(uint64_t seed, uint64_t offset, uint64_t bh, uint64_t i, uint64_t j) {
+  return philox4x32_10(static_cast<uint32_t>(j >> 2), static_cast<uint32_t>(i),
+                       static_cast<uint32_t>(bh), static_cast<uint32_t>(offset),
+                       static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+}
+
+// Keep iff word >= threshold, threshold = min(floor(p * 2^32), 2^32 - 1): P(keep) = 1 - p.
+inline uint32_t dropout_threshold(double p) {
+  const double t = p * 4294967296.0;
+  return t >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(t);
+}
+
+}  // namespace flash_mha
