@@ -16,7 +16,7 @@ namespace flash_mha::cpu {
 namespace {
 
 // Tile sizes: a [kBlockQ, kBlockK] float score tile plus K/V blocks stay within L2 for d <= 256.
-constexpr int64_t kFwdBlockQ = 64, kFwdBlockK = 256;
+constexpr int64_t kFwdBlockQ = 128, kFwdBlockK = 512;
 constexpr int64_t kBwdBlockQ = 64, kBwdBlockK = 128;
 
 int64_t causal_shift(const FwdParams& p) { return p.causal == Causal::kBottomRight ? p.n_k - p.n_q : 0; }
@@ -70,8 +70,7 @@ void fwd_typed(const FwdParams& p) {
         score_epilogue<T, A>(p, bi, hi, i0, j0, rows, cols, S.data(), kFwdBlockK);
         for (int64_t r = 0; r < rows; ++r) {
           A* s = S.data() + r * kFwdBlockK;
-          A mx = m[r];
-          for (int64_t c = 0; c < cols; ++c) mx = s[c] > mx ? s[c] : mx;
+          const A mx = max_lanes(s, cols, m[r]);
           if (mx == -std::numeric_limits<A>::infinity()) {  // nothing visible yet in this row
             std::fill(s, s + cols, A(0));
             alpha[r] = A(1);

@@ -28,17 +28,58 @@ template <typename T> using acc_t = typename Acc<T>::type;
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-// exp(x) for float arrays, branch-free so the compiler vectorizes it: x = k ln2 + r, |r| <= ln2/2,
-// e^r by its Taylor series to r^6 (relative error ~1e-7, float32 rounding level), 2^k by bits.
-// exp(-inf) = 0 and NaN stays NaN.
-FMHA_CLONES inline float exp_inplace_sum(float* x, int64_t n, float shift) {
+// Sum and max over float arrays with 16 independent lanes: without -ffast-math the compiler may
+// not reorder a plain reduction, so it would stay scalar; explicit lanes vectorize.
+constexpr int kLanes = 16;
+
+FMHA_CLONES inline float sum_lanes(const float* x, int64_t n) {
+  float acc[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += x[j + l];
+  float s = 0.f;
+  for (; j < n; ++j) s += x[j];
+  for (int l = 0; l < kLanes; ++l) s += acc[l];
+  return s;
+}
+
+// Row max. A NaN score may be skipped here; it still reaches the row sum through exp(NaN) and so
+// makes the whole row NaN, as in the math definition.
+FMHA_CLONES inline float max_lanes(const float* x, int64_t n, float init) {
+  float acc[kLanes];
+  for (int l = 0; l < kLanes; ++l) acc[l] = init;
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] = x[j + l] > acc[l] ? x[j + l] : acc[l];
+  float m = init;
+  for (; j < n; ++j) m = x[j] > m ? x[j] : m;
+  for (int l = 0; l < kLanes; ++l) m = acc[l] > m ? acc[l] : m;
+  return m;
+}
+
+inline double sum_lanes(const double* x, int64_t n) {
+  double s = 0.0;
+  for (int64_t j = 0; j < n; ++j) s += x[j];
+  return s;
+}
+
+inline double max_lanes(const double* x, int64_t n, double init) {
+  double m = init;
+  for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
+  return m;
+}
+
+// exp(x - shift) in place for float arrays, branch-free so the compiler vectorizes it:
+// x = k ln2 + r, |r| <= ln2/2, e^r by its Taylor series to r^6 (relative error ~1e-7, float32
+// rounding level), 2^k from the exponent bits. exp(-inf) = 0 and NaN stays NaN.
+FMHA_CLONES inline void exp_inplace(float* x, int64_t n, float shift) {
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kLn2Hi = 0.693145751953125f, kLn2Lo = 1.428606765330187e-06f;
-  float sum = 0.f;
+  constexpr float kRound = 12582912.f;  // 1.5 * 2^23: adding it drops a float's fraction bits
   for (int64_t j = 0; j < n; ++j) {
     const float t = x[j] - shift;
     const float xc = t < -87.f ? -87.f : (t > 88.f ? 88.f : t);
-    const float kf = __builtin_floorf(xc * kLog2e + 0.5f);
+    const float kf = (xc * kLog2e + kRound) - kRound;  // round to nearest integer
     const float r = (xc - kf * kLn2Hi) - kf * kLn2Lo;
     float p = 1.f / 720.f;
     p = p * r + 1.f / 120.f;
@@ -50,11 +91,13 @@ FMHA_CLONES inline float exp_inplace_sum(float* x, int64_t n, float shift) {
     int32_t bits = (static_cast<int32_t>(kf) + 127) << 23;
     float two_k;
     std::memcpy(&two_k, &bits, sizeof(two_k));
-    const float e = t < -87.f ? 0.f : p * two_k;
-    x[j] = e;
-    sum += e;
+    x[j] = t < -87.f ? 0.f : p * two_k;
   }
-  return sum;
+}
+
+inline float exp_inplace_sum(float* x, int64_t n, float shift) {
+  exp_inplace(x, n, shift);
+  return sum_lanes(x, n);
 }
 
 inline double exp_inplace_sum(double* x, int64_t n, double shift) {

@@ -91,6 +91,8 @@ struct Dropout {
   __device__ __forceinline__ bool keep(uint32_t word) const { return word >= threshold; }
 };
 
+__host__ __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t align_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 

@@ -1,0 +1,33 @@
+// Launchers of the flash_mha CUDA kernels, called by dispatch.cu (no torch headers anywhere here).
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "../flash_mha.h"
+
+namespace flash_mha::cuda {
+
+// SIMT path (simt_attention.cu): every dtype, every head dim in [1, 256], every feature.
+// The backward is deterministic (no atomics). Workspace: D and a dbias accumulator.
+void simt_fwd(const FwdParams& p, cudaStream_t stream);
+int64_t simt_bwd_workspace_bytes(const BwdParams& p);
+void simt_bwd(const BwdParams& p, void* workspace, cudaStream_t stream);
+
+// Tensor-core path for float16 / bfloat16 (sm80_fwd.cu, sm80_bwd.cu). *_supported says whether
+// the shape, strides and alignment fit; if not, the SIMT path runs instead.
+bool sm80_fwd_supported(const FwdParams& p);
+void sm80_fwd(const FwdParams& p, cudaStream_t stream);
+bool sm80_bwd_supported(const BwdParams& p);
+int64_t sm80_bwd_workspace_bytes(const BwdParams& p);
+void sm80_bwd(const BwdParams& p, void* workspace, cudaStream_t stream);
+
+// Sets the dynamic shared-memory limit of `kernel` when it needs more than the default 48 KiB.
+template <typename Kernel>
+inline void allow_smem(Kernel kernel, int64_t bytes) {
+  if (bytes > 48 * 1024) {
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  }
+}
+
+}  // namespace flash_mha::cuda

@@ -1,0 +1,138 @@
+// Pieces of the tensor-core kernels that act on one warp's mma accumulator tile:
+// the score epilogue (scale, bias, mask, causal, bounds) in the log2 domain, the online softmax
+// state, and the dropout keep-bits of a fragment.
+//
+// A warp tile acc[kN][4] holds a [16, 8 kN] block in mma C layout: element e of n-tile nt is at
+//   row = lane / 4 + 8 (e / 2),  col = 8 nt + 2 (lane % 4) + e % 2.
+#pragma once
+#include "common.cuh"
+#include "ptx.cuh"
+
+namespace flash_mha::cuda {
+
+constexpr float kLog2e = 1.4426950408889634f;  // exp(x) == exp2(x * log2(e))
+constexpr float kLn2 = 0.6931471805599453f;
+
+__device__ __forceinline__ int frag_row(int lane, int e) { return lane / 4 + 8 * (e / 2); }
+__device__ __forceinline__ int frag_col(int lane, int nt, int e) { return 8 * nt + 2 * (lane % 4) + e % 2; }
+
+// Everything the score epilogue needs about one (batch, head).
+struct ScoreCtx {
+  const void* bias;       // dtype T, broadcast [b, h, n_q, n_k] via bias_s
+  const uint8_t* mask;    // broadcast via mask_s
+  Strided4 bias_s, mask_s;
+  int64_t bi, hi, n_q, n_k, shift;
+  Causal causal;
+  float scale_log2;       // scale * log2(e)
+
+  __device__ __forceinline__ ScoreCtx(const FwdParams& p, int64_t bi_, int64_t hi_)
+      : bias(p.bias), mask(p.mask), bias_s(p.bias_s), mask_s(p.mask_s), bi(bi_), hi(hi_), n_q(p.n_q),
+        n_k(p.n_k), shift(causal_shift(p)), causal(p.causal),
+        scale_log2(static_cast<float>(p.scale) * kLog2e) {}
+};
+
+// In place: acc (raw q.k) -> log2-domain score s * log2(e), -inf where (i, j) is invisible.
+// kKeyRows: the tile's rows are keys and its columns queries (the backward's S^T).
+// check: apply bounds and causal per element (tiles on a boundary or the causal diagonal).
+template <typename T, int kN, bool kKeyRows>
+__device__ __forceinline__ void score_tile_log2(const ScoreCtx& c, float (&acc)[kN][4], int64_t row0, int64_t col0,
+                                                bool check) {
+  const int lane = threadIdx.x % 32;
+  const float neg_inf = -__int_as_float(0x7f800000);
+#pragma unroll
+  for (int nt = 0; nt < kN; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t r = row0 + frag_row(lane, e), col = col0 + frag_col(lane, nt, e);
+      const int64_t i = kKeyRows ? col : r, j = kKeyRows ? r : col;
+      float s = acc[nt][e] * c.scale_log2;
+      bool vis = true;
+      if (check) vis = i < c.n_q && j < c.n_k && causal_visible(c.causal, i, j, c.shift);
+      if (c.mask && vis) vis = c.mask[offset4(c.mask_s, c.bi, c.hi, i, j)] != 0;
+      if (c.bias && vis) s += to_acc<float>(static_cast<const T*>(c.bias)[offset4(c.bias_s, c.bi, c.hi, i, j)]) * kLog2e;
+      acc[nt][e] = vis ? s : neg_inf;
+    }
+  }
+}
+
+// Online softmax over key tiles for the two rows a thread holds (lane / 4 and lane / 4 + 8).
+// m: running max of log2-domain scores; l: this thread's partial row sum of 2^(s - m) (the four
+// threads of a row are summed once, at the end).
+struct OnlineSoftmax {
+  float m[2], l[2];
+
+  __device__ __forceinline__ void init() {
+    m[0] = m[1] = -__int_as_float(0x7f800000);
+    l[0] = l[1] = 0.f;
+  }
+
+  // s: log2-domain scores -> unnormalized probabilities 2^(s - m_new). o: output accumulator
+  // (rows as s), rescaled by 2^(m_old - m_new).
+  template <int kN, int kNO>
+  __device__ __forceinline__ void update(float (&s)[kN][4], float (&o)[kNO][4]) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float mx = m[h];
+#pragma unroll
+      for (int nt = 0; nt < kN; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * h], s[nt][2 * h + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      // A row with nothing visible yet keeps m = -inf; subtract 0 instead so 2^(-inf) = 0, not NaN.
+      const float m_use = mx == -__int_as_float(0x7f800000) ? 0.f : mx;
+      const float alpha = ex2_approx(m[h] - m_use);
+      m[h] = mx;
+      float sum = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < kN; ++nt) {
+        s[nt][2 * h] = ex2_approx(s[nt][2 * h] - m_use);
+        s[nt][2 * h + 1] = ex2_approx(s[nt][2 * h + 1] - m_use);
+        sum += s[nt][2 * h] + s[nt][2 * h + 1];
+      }
+      l[h] = l[h] * alpha + sum;
+#pragma unroll
+      for (int nt = 0; nt < kNO; ++nt) {
+        o[nt][2 * h] *= alpha;
+        o[nt][2 * h + 1] *= alpha;
+      }
+    }
+  }
+
+  // Row sums over the four threads of each row.
+  __device__ __forceinline__ void finish() {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
+      l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
+    }
+  }
+};
+
+// Zeroes dropped probabilities of a [16, 8 kN] query-row tile (rows = queries row0.., cols = keys
+// col0.., col0 % 4 == 0). Lanes 2k and 2k+1 share a row pair and a group of four keys: each computes
+// the Philox words of one row and passes the two words the other needs (one Philox per 4 elements).
+template <int kN>
+__device__ __forceinline__ void dropout_tile_rows(const Dropout& drop, uint64_t bh, float (&s)[kN][4], int64_t row0,
+                                                  int64_t col0) {
+  const int lane = threadIdx.x % 32;
+  const int mine = lane & 1;  // which of the two rows (lane / 4, lane / 4 + 8) this lane draws
+#pragma unroll
+  for (int nt = 0; nt < kN; ++nt) {
+    const int64_t i = row0 + lane / 4 + 8 * mine;
+    const int64_t j = col0 + 8 * nt + 2 * (lane % 4);  // this lane's first column; group j & ~3
+    const Philox4 w = drop.words(bh, i, j);
+    // Even lanes need words 0, 1 of each group; odd lanes words 2, 3.
+    const uint32_t send0 = mine ? w.x[0] : w.x[2], send1 = mine ? w.x[1] : w.x[3];
+    const uint32_t recv0 = __shfl_xor_sync(0xffffffffu, send0, 1);
+    const uint32_t recv1 = __shfl_xor_sync(0xffffffffu, send1, 1);
+    const uint32_t own0 = mine ? w.x[2] : w.x[0], own1 = mine ? w.x[3] : w.x[1];
+    // Row half 0 (lane / 4): own words on even lanes, received on odd lanes; half 1 the other way.
+    const uint32_t h0w0 = mine ? recv0 : own0, h0w1 = mine ? recv1 : own1;
+    const uint32_t h1w0 = mine ? own0 : recv0, h1w1 = mine ? own1 : recv1;
+    if (!drop.keep(h0w0)) s[nt][0] = 0.f;
+    if (!drop.keep(h0w1)) s[nt][1] = 0.f;
+    if (!drop.keep(h1w0)) s[nt][2] = 0.f;
+    if (!drop.keep(h1w1)) s[nt][3] = 0.f;
+  }
+}
+
+}  // namespace flash_mha::cuda
