@@ -46,6 +46,7 @@ void fwd_typed(const FwdParams& p) {
   uint64_t seed, offset;
   rng_words(p, seed, offset);
   at::parallel_for(0, p.b * p.h * n_qblocks, 1, [&](int64_t begin, int64_t end) {
+    const SingleThreadedBlas one_thread;
     std::vector<A> qbuf, kbuf, vbuf, S(kFwdBlockQ * kFwdBlockK), O(kFwdBlockQ * p.d_v);
     std::vector<A> m(kFwdBlockQ), l(kFwdBlockQ), alpha(kFwdBlockQ);
     for (int64_t task = begin; task < end; ++task) {
@@ -150,6 +151,7 @@ void bwd_typed(const BwdParams& p) {
   }
 
   at::parallel_for(0, b_tasks * kvh_tasks * chunks, 1, [&](int64_t begin, int64_t end) {
+    const SingleThreadedBlas one_thread;
     std::vector<A> qbuf, kbuf, vbuf, dobuf, PZ;
     std::vector<A> S(kBwdBlockQ * kBwdBlockK), dP(kBwdBlockQ * kBwdBlockK);
     std::vector<A> dK(kBwdBlockK * p.d), dV(kBwdBlockK * p.d_v);

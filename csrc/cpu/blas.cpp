@@ -15,12 +15,16 @@ using dgemm_fn = void (*)(const char*, const char*, const int*, const int*, cons
                           const double*, const int*, const double*, const int*, const double*, double*,
                           const int*);
 
+using set_threads_local_fn = int (*)(int);
+
 struct Blas {
   sgemm_fn sgemm = nullptr;
   dgemm_fn dgemm = nullptr;
+  set_threads_local_fn set_threads_local = nullptr;  // MKL_Set_Num_Threads_Local (C interface, by value), if present
   Blas() {
     sgemm = reinterpret_cast<sgemm_fn>(dlsym(RTLD_DEFAULT, "sgemm_"));
     dgemm = reinterpret_cast<dgemm_fn>(dlsym(RTLD_DEFAULT, "dgemm_"));
+    set_threads_local = reinterpret_cast<set_threads_local_fn>(dlsym(RTLD_DEFAULT, "MKL_Set_Num_Threads_Local"));
     if (!sgemm || !dgemm) sgemm = nullptr, dgemm = nullptr;
   }
 };
@@ -73,6 +77,14 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const 
 void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, double alpha, const double* A, int64_t lda,
           const double* B, int64_t ldb, double beta, double* C, int64_t ldc) {
   gemm_any(blas().dgemm, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+SingleThreadedBlas::SingleThreadedBlas() {
+  if (blas().set_threads_local) previous_ = blas().set_threads_local(1);
+}
+
+SingleThreadedBlas::~SingleThreadedBlas() {
+  if (blas().set_threads_local) blas().set_threads_local(previous_);  // 0 restores the global setting
 }
 
 bool have_blas() { return blas().sgemm != nullptr; }

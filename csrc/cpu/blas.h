@@ -13,6 +13,20 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alp
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, double alpha,
           const double* A, int64_t lda, const double* B, int64_t ldb, double beta, double* C, int64_t ldc);
 
+// Inside a parallel region every task calls the BLAS on one thread: a BLAS that opened its own
+// nested thread team per small tile product would spend its time in barriers. RAII: sets the
+// calling thread's BLAS thread count to 1 (MKL's per-thread setting) and restores it.
+class SingleThreadedBlas {
+ public:
+  SingleThreadedBlas();
+  ~SingleThreadedBlas();
+  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
+  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
+
+ private:
+  int previous_ = 0;
+};
+
 // True when a BLAS was found (reported by flash_mha.cpu_blas_available(), for the benchmark).
 bool have_blas();
 

@@ -33,7 +33,7 @@ struct ScoreCtx {
 
 // In place: acc (raw q.k) -> log2-domain score s * log2(e), -inf where (i, j) is invisible.
 // kKeyRows: the tile's rows are keys and its columns queries (the backward's S^T).
-// check: apply bounds and causal per element (tiles on a boundary or the causal diagonal).
+// check: apply the causal rule per element (tiles on the causal diagonal); bounds always apply.
 template <typename T, int kN, bool kKeyRows>
 __device__ __forceinline__ void score_tile_log2(const ScoreCtx& c, float (&acc)[kN][4], int64_t row0, int64_t col0,
                                                 bool check) {
@@ -46,8 +46,8 @@ __device__ __forceinline__ void score_tile_log2(const ScoreCtx& c, float (&acc)[
       const int64_t r = row0 + frag_row(lane, e), col = col0 + frag_col(lane, nt, e);
       const int64_t i = kKeyRows ? col : r, j = kKeyRows ? r : col;
       float s = acc[nt][e] * c.scale_log2;
-      bool vis = true;
-      if (check) vis = i < c.n_q && j < c.n_k && causal_visible(c.causal, i, j, c.shift);
+      bool vis = i < c.n_q && j < c.n_k;
+      if (check) vis = vis && causal_visible(c.causal, i, j, c.shift);
       if (c.mask && vis) vis = c.mask[offset4(c.mask_s, c.bi, c.hi, i, j)] != 0;
       if (c.bias && vis) s += to_acc<float>(static_cast<const T*>(c.bias)[offset4(c.bias_s, c.bi, c.hi, i, j)]) * kLog2e;
       acc[nt][e] = vis ? s : neg_inf;
@@ -133,6 +133,33 @@ __device__ __forceinline__ void dropout_tile_rows(const Dropout& drop, uint64_t 
     if (!drop.keep(h1w0)) s[nt][2] = 0.f;
     if (!drop.keep(h1w1)) s[nt][3] = 0.f;
   }
+}
+
+// Keep bits (bit e for element e of n-tile nt) of a [16, 8 kN] key-row tile (rows = keys key0..,
+// key0 % 4 == 0; cols = queries q0..), the backward's S^T layout. The four lanes with equal
+// lane % 4 and lane / 16 hold the same two queries and the same two groups of four keys, and each
+// needs one word of each of the four Philox calls (query, key group): lane k (= lane / 4 % 4) draws
+// call k, then four rotating shuffles hand every lane its word of each call.
+__device__ __forceinline__ uint32_t dropout_bits_keyrows(const Dropout& drop, uint64_t bh, int64_t key0, int64_t q0,
+                                                          int nt) {
+  const int lane = threadIdx.x % 32;
+  const int k = (lane / 4) % 4;
+  // Call k covers element e = k: query of column e % 2, key group of row half e / 2.
+  const int64_t i = q0 + 8 * nt + 2 * (lane % 4) + (k & 1);
+  const int64_t j = key0 + 4 * (lane / 16) + 8 * (k >> 1);
+  const Philox4 w = drop.words(bh, i, j);
+  uint32_t bits = 0;
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    // Round r: lane k reads call (k + r) & 3 from its drawer, which gives the reader (k - r) & 3
+    // that reader's word: the word index of a call is the set index of the lane that needs it.
+    const int sel = (k - r) & 3;
+    const uint32_t give = sel == 0 ? w.x[0] : sel == 1 ? w.x[1] : sel == 2 ? w.x[2] : w.x[3];
+    const int src = (lane & 19) | (((k + r) & 3) << 2);
+    const uint32_t word = __shfl_sync(0xffffffffu, give, src);
+    bits |= static_cast<uint32_t>(drop.keep(word)) << ((k + r) & 3);
+  }
+  return bits;
 }
 
 }  // namespace flash_mha::cuda

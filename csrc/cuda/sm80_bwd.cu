@@ -1,0 +1,354 @@
+// Tensor-core backward for float16 / bfloat16 (sm_80+, mma.sync m16n8k16, fp32 accumulation).
+//
+// 1. D = rowsum(dO * O) in float (one warp per row).
+// 2. One block of 4 warps per (batch, kv head, 64-key tile); warp w owns keys 16w .. 16w+15 and
+//    keeps their dK, dV in registers while it walks the query heads of the GQA group and their
+//    64-query tiles (Q, dO, lse, D double buffered through shared memory with cp.async). Per tile,
+//    in the transposed (key-row) layout:
+//      S^T = K Q^T,  P^T = exp2(S^T log2e - lse log2e),  dP^T = V dO^T,
+//      dS^T = P^T o (dP^T Z - D),  dV += (P^T o Z) dO,  dK += dS^T Q,
+//    then dS^T goes through shared memory and dQ += dS K is added to a float32 workspace with
+//    atomics (so this path is not deterministic; deterministic mode uses the SIMT path).
+//    dbias is written by the one thread that owns each element (no broadcast across blocks).
+// 3. dQ (and dbias) converted from float to the input dtype.
+// Head dims (multiples of 8) are padded with zeros up to kD in {64, 128}.
+#include "kernels.h"
+#include "sm80_tile.cuh"
+#include "softmax.cuh"
+
+namespace flash_mha::cuda {
+namespace {
+
+template <typename T, int kD_>
+struct BwdTraits {
+  static constexpr int kD = kD_;
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kBlockN = 16 * kWarps;  // keys per block
+  static constexpr int kBlockM = 64;           // queries per inner tile
+  struct Smem {
+    T k[kBlockN * kD];            // [kBlockN, kD] swizzled
+    T v[kBlockN * kD];            // [kBlockN, kD] swizzled
+    T q[2][kBlockM * kD];         // [stage][kBlockM, kD] swizzled
+    T dout[2][kBlockM * kD];      // [stage][kBlockM, kD] swizzled
+    T ds[kBlockN * kBlockM];      // dS^T [kBlockN, kBlockM] swizzled
+    float lse2[2][kBlockM];       // [stage][kBlockM] lse * log2(e); +inf past n_q
+    float dsum[2][kBlockM];       // [stage][kBlockM] D
+  };
+  static_assert(sizeof(Smem) <= 110 * 1024, "two backward blocks should fit an H100 SM");
+};
+
+struct BwdWorkspace {
+  float* dq_acc;     // [b, h, n_q, d]
+  float* dsum;       // [b, h, n_q]  D = rowsum(dO * O)
+  float* dbias_acc;  // dbias's shape, or nullptr
+  int64_t bytes;
+  int64_t dbias_elems;
+  BwdWorkspace(const BwdParams& p, void* base) {
+    dbias_elems = p.dbias ? (p.dbias_s.b ? p.b : 1) * (p.dbias_s.h ? p.h : 1) * (p.dbias_s.q ? p.n_q : 1) *
+                                (p.dbias_s.k ? p.n_k : 1)
+                          : 0;
+    const int64_t dq_bytes = align_up(p.b * p.h * p.n_q * p.d * 4, 256);
+    const int64_t d_bytes = align_up(p.b * p.h * p.n_q * 4, 256);
+    char* c = static_cast<char*>(base);
+    dq_acc = reinterpret_cast<float*>(c);
+    dsum = reinterpret_cast<float*>(c + dq_bytes);
+    dbias_acc = p.dbias ? reinterpret_cast<float*>(c + dq_bytes + d_bytes) : nullptr;
+    bytes = dq_bytes + d_bytes + align_up(dbias_elems * 4, 256);
+  }
+};
+
+template <typename T>
+__global__ void __launch_bounds__(128) dot_do_o_kernel(const BwdParams p, float* dsum) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * 4 + threadIdx.x / 32;
+  if (row >= p.b * p.h * p.n_q) return;
+  const int lane = threadIdx.x % 32;
+  const int64_t i = row % p.n_q, bh = row / p.n_q, hi = bh % p.h, bi = bh / p.h;
+  const T* o = static_cast<const T*>(p.o) + bi * p.o_sb + hi * p.o_sh + i * p.o_sn;
+  const T* dout = static_cast<const T*>(p.dout) + bi * p.do_sb + hi * p.do_sh + i * p.do_sn;
+  float acc = 0.f;
+  for (int64_t c = lane; c < p.d_v; c += 32) acc += to_acc<float>(o[c]) * to_acc<float>(dout[c]);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  if (lane == 0) dsum[row] = acc;
+}
+
+template <typename T>
+__global__ void to_dtype_kernel(T* dst, const float* src, int64_t n) {
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    dst[e] = from_acc<T>(src[e]);
+}
+
+template <typename T, typename Tr>
+__global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams p, BwdWorkspace ws) {
+  constexpr int kD = Tr::kD, kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kThreads = Tr::kThreads;
+  constexpr int kNS = kBlockM / 8;  // n-tiles of a warp's [16 keys, kBlockM queries] tile
+  constexpr int kNO = kD / 8;       // n-tiles of a warp's [16, kD] dK / dV / dQ tile
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  auto& sm = *reinterpret_cast<typename Tr::Smem*>(smem_raw);
+
+  const int64_t n_kb = (p.n_k + kBlockN - 1) / kBlockN;
+  int64_t blk = blockIdx.x;
+  const int64_t kb = blk % n_kb;
+  blk /= n_kb;
+  const int64_t kvh = blk % p.h_kv, bi = blk / p.h_kv;
+  const int64_t group = p.h / p.h_kv;
+  const int64_t j0 = kb * kBlockN;
+  const int cols = static_cast<int>(imin(kBlockN, p.n_k - j0));
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int d = static_cast<int>(p.d), dv = static_cast<int>(p.d_v);
+  const int64_t shift = causal_shift(p);
+
+  // Query tiles of each head that can see this key tile (causal: from the diagonal on).
+  const int64_t first_qt = first_row_seeing(p, j0) / kBlockM;
+  const int64_t n_qt = (p.n_q + kBlockM - 1) / kBlockM - first_qt;
+  const int64_t n_iters = group * (n_qt > 0 ? n_qt : 0);
+
+  const T* kg = static_cast<const T*>(p.k) + bi * p.k_sb + kvh * p.k_sh + j0 * p.k_sn;  // [cols, d]
+  const T* vg = static_cast<const T*>(p.v) + bi * p.v_sb + kvh * p.v_sh + j0 * p.v_sn;  // [cols, d_v]
+  load_tile_async<kBlockN, kD, kThreads>(sm.k, kg, p.k_sn, cols, d);
+  load_tile_async<kBlockN, kD, kThreads>(sm.v, vg, p.v_sn, cols, dv);
+
+  // Starts the loads of iteration n (head, query tile) into stage n & 1.
+  auto prefetch = [&](int64_t n) {
+    const int st = static_cast<int>(n & 1);
+    const int64_t hi = kvh * group + n / n_qt, i0 = (first_qt + n % n_qt) * kBlockM;
+    const int rows = static_cast<int>(imin(kBlockM, p.n_q - i0));
+    load_tile_async<kBlockM, kD, kThreads>(sm.q[st], static_cast<const T*>(p.q) + bi * p.q_sb + hi * p.q_sh + i0 * p.q_sn,
+                                           p.q_sn, rows, d);
+    load_tile_async<kBlockM, kD, kThreads>(sm.dout[st],
+                                           static_cast<const T*>(p.dout) + bi * p.do_sb + hi * p.do_sh + i0 * p.do_sn,
+                                           p.do_sn, rows, dv);
+    const int64_t row = (bi * p.h + hi) * p.n_q + i0;
+    for (int x = threadIdx.x; x < kBlockM; x += kThreads) {
+      sm.lse2[st][x] = x < rows ? static_cast<const float*>(p.lse)[row + x] * kLog2e : __int_as_float(0x7f800000);
+      sm.dsum[st][x] = x < rows ? ws.dsum[row + x] : 0.f;
+    }
+  };
+  if (n_iters > 0) prefetch(0);
+  cp_async_commit_group();
+
+  Dropout drop;
+  drop.init(p);
+  float dk[kNO][4], dvacc[kNO][4];  // this warp's [16 keys, kD]
+  zero_acc(dk);
+  zero_acc(dvacc);
+  const int64_t key0 = j0 + 16 * warp;  // first key of this warp
+
+  for (int64_t n = 0; n < n_iters; ++n) {
+    const int st = static_cast<int>(n & 1);
+    if (n + 1 < n_iters) {
+      prefetch(n + 1);
+      cp_async_commit_group();
+      cp_async_wait_group<1>();
+    } else {
+      cp_async_wait_group<0>();
+    }
+    __syncthreads();
+    const int64_t hi = kvh * group + n / n_qt, i0 = (first_qt + n % n_qt) * kBlockM;
+    const uint64_t bh = static_cast<uint64_t>(bi * p.h + hi);
+
+    // S^T = K Q^T and dP^T = V dO^T: [16 keys, kBlockM queries]
+    float s[kNS][4], dp[kNS][4];
+    zero_acc(s);
+    zero_acc(dp);
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      if (16 * kk < d) {
+        uint32_t a[4];
+        ldsm_a<kD>(a, sm.k, 16 * warp, kk);
+#pragma unroll
+        for (int np = 0; np < kNS / 2; ++np) {
+          uint32_t b[4];
+          ldsm_b<kD>(b, sm.q[st], np, kk);
+          mma_m16n8k16<T>(s[2 * np], a, b[0], b[1]);
+          mma_m16n8k16<T>(s[2 * np + 1], a, b[2], b[3]);
+        }
+      }
+      if (16 * kk < dv) {
+        uint32_t a[4];
+        ldsm_a<kD>(a, sm.v, 16 * warp, kk);
+#pragma unroll
+        for (int np = 0; np < kNS / 2; ++np) {
+          uint32_t b[4];
+          ldsm_b<kD>(b, sm.dout[st], np, kk);
+          mma_m16n8k16<T>(dp[2 * np], a, b[0], b[1]);
+          mma_m16n8k16<T>(dp[2 * np + 1], a, b[2], b[3]);
+        }
+      }
+    }
+
+    const ScoreCtx ctx(p, bi, hi);
+    const bool diagonal = p.causal != Causal::kNone && key0 + 15 > i0 + shift;
+    score_tile_log2<T, kNS, true>(ctx, s, key0, i0, diagonal);
+    // P^T, then dS^T = P^T (dP^T Z - D) into dp and P^T Z into s.
+#pragma unroll
+    for (int nt = 0; nt < kNS; ++nt) {
+      const uint32_t keep = drop.on ? dropout_bits_keyrows(drop, bh, key0, i0, nt) : 0xFu;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int q = frag_col(lane, nt, e);
+        const float P = ex2_approx(s[nt][e] - sm.lse2[st][q]);  // -inf or lse = +inf -> 0
+        const float z = (keep >> e) & 1 ? drop.keep_scale : 0.f;
+        dp[nt][e] = P * (dp[nt][e] * z - sm.dsum[st][q]);
+        s[nt][e] = P * z;
+      }
+    }
+    // dV += (P^T Z) dO ;  dK += dS^T Q   (k = queries)
+#pragma unroll
+    for (int kk = 0; kk < kBlockM / 16; ++kk) {
+      uint32_t a_p[4], a_ds[4];
+      acc_to_a<T>(a_p, s, kk);
+      acc_to_a<T>(a_ds, dp, kk);
+#pragma unroll
+      for (int np = 0; np < kNO / 2; ++np) {
+        uint32_t b[4];
+        if (16 * np < dv) {
+          ldsm_b_trans<kD>(b, sm.dout[st], np, kk);
+          mma_m16n8k16<T>(dvacc[2 * np], a_p, b[0], b[1]);
+          mma_m16n8k16<T>(dvacc[2 * np + 1], a_p, b[2], b[3]);
+        }
+        if (16 * np < d) {
+          ldsm_b_trans<kD>(b, sm.q[st], np, kk);
+          mma_m16n8k16<T>(dk[2 * np], a_ds, b[0], b[1]);
+          mma_m16n8k16<T>(dk[2 * np + 1], a_ds, b[2], b[3]);
+        }
+      }
+    }
+    // dbias: every element belongs to exactly this thread (sm80_bwd_supported rules out sharing).
+    if (ws.dbias_acc) {
+#pragma unroll
+      for (int nt = 0; nt < kNS; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int64_t j = key0 + frag_row(lane, e), i = i0 + frag_col(lane, nt, e);
+          if (i < p.n_q && j < p.n_k) ws.dbias_acc[offset4(p.dbias_s, bi, hi, i, j)] += dp[nt][e];
+        }
+      }
+    }
+    // dS^T -> shared memory (rounded to T, as the dK product used it)
+#pragma unroll
+    for (int nt = 0; nt < kNS; ++nt) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = 16 * warp + frag_row(lane, 2 * h), c = frag_col(lane, nt, 0);
+        *reinterpret_cast<uint32_t*>(sm.ds + swz<kBlockM>(r, c / 8) + c % 8) = pack2<T>(dp[nt][2 * h], dp[nt][2 * h + 1]);
+      }
+    }
+    __syncthreads();
+    // dQ[queries 16w.., :] += scale * dS K, added to the float workspace.
+    {
+      float dq[kNO][4];
+      zero_acc(dq);
+#pragma unroll
+      for (int kk = 0; kk < kBlockN / 16; ++kk) {
+        uint32_t a[4];
+        ldsm_a_trans<kBlockM>(a, sm.ds, warp, kk);
+#pragma unroll
+        for (int np = 0; np < kNO / 2; ++np) {
+          if (16 * np < d) {
+            uint32_t b[4];
+            ldsm_b_trans<kD>(b, sm.k, np, kk);
+            mma_m16n8k16<T>(dq[2 * np], a, b[0], b[1]);
+            mma_m16n8k16<T>(dq[2 * np + 1], a, b[2], b[3]);
+          }
+        }
+      }
+      const float scale = static_cast<float>(p.scale);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t i = i0 + 16 * warp + frag_row(lane, 2 * h);
+        if (i >= p.n_q) continue;
+        float* dst = ws.dq_acc + (bh * p.n_q + i) * p.d;
+#pragma unroll
+        for (int nt = 0; nt < kNO; ++nt) {
+          const int c = frag_col(lane, nt, 0);
+          if (c < d) {
+            red_add_f32(dst + c, dq[nt][2 * h] * scale);
+            red_add_f32(dst + c + 1, dq[nt][2 * h + 1] * scale);
+          }
+        }
+      }
+    }
+    __syncthreads();  // stage st and sm.ds are overwritten next
+  }
+
+  // dK = scale * dS^T Q, dV: rows key0 + lane / 4 (+ 8)
+  const float scale = static_cast<float>(p.scale);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t j = key0 + frag_row(lane, 2 * h);
+    if (j >= p.n_k) continue;
+    T* dkg = static_cast<T*>(p.dk) + ((bi * p.h_kv + kvh) * p.n_k + j) * p.d;
+    T* dvg = static_cast<T*>(p.dv) + ((bi * p.h_kv + kvh) * p.n_k + j) * p.d_v;
+#pragma unroll
+    for (int nt = 0; nt < kNO; ++nt) {
+      const int c = frag_col(lane, nt, 0);
+      if (c < d) *reinterpret_cast<uint32_t*>(dkg + c) = pack2<T>(dk[nt][2 * h] * scale, dk[nt][2 * h + 1] * scale);
+      if (c < dv) *reinterpret_cast<uint32_t*>(dvg + c) = pack2<T>(dvacc[nt][2 * h], dvacc[nt][2 * h + 1]);
+    }
+  }
+}
+
+template <typename T, int kD>
+void launch(const BwdParams& p, void* workspace, cudaStream_t stream) {
+  using Tr = BwdTraits<T, kD>;
+  BwdWorkspace ws(p, workspace);
+  const int64_t rows = p.b * p.h * p.n_q;
+  if (rows > 0) dot_do_o_kernel<T><<<static_cast<unsigned>(ceil_div(rows, 4)), 128, 0, stream>>>(p, ws.dsum);
+  const int64_t blocks = p.b * p.h_kv * ceil_div(p.n_k, Tr::kBlockN);
+  if (blocks > 0) {
+    constexpr int64_t smem = sizeof(typename Tr::Smem);
+    allow_smem(sm80_bwd_kernel<T, Tr>, smem);
+    sm80_bwd_kernel<T, Tr><<<static_cast<unsigned>(blocks), Tr::kThreads, smem, stream>>>(p, ws);
+  }
+  const int64_t n_dq = p.b * p.h * p.n_q * p.d;
+  if (n_dq > 0)
+    to_dtype_kernel<T><<<static_cast<unsigned>(std::min<int64_t>(ceil_div(n_dq, 256), 65536)), 256, 0, stream>>>(
+        static_cast<T*>(p.dq), ws.dq_acc, n_dq);
+  if (ws.dbias_elems > 0)
+    to_dtype_kernel<T><<<static_cast<unsigned>(std::min<int64_t>(ceil_div(ws.dbias_elems, 256), 65536)), 256, 0,
+                         stream>>>(static_cast<T*>(p.dbias), ws.dbias_acc, ws.dbias_elems);
+}
+
+template <typename T>
+void dispatch_dim(const BwdParams& p, void* workspace, cudaStream_t stream) {
+  const int64_t dim = p.d > p.d_v ? p.d : p.d_v;
+  if (dim <= 64) return launch<T, 64>(p, workspace, stream);
+  return launch<T, 128>(p, workspace, stream);
+}
+
+bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
+
+}  // namespace
+
+// Head dims up to 128 (the dK/dV accumulators of d = 256 do not fit a warp's registers), 16-byte
+// aligned rows, atomics allowed (not deterministic mode), and a dbias (if any) whose elements each
+// come from one (batch, kv head, key) block: no broadcast over batch, query or key, nor over heads
+// unless there is one kv head.
+bool sm80_bwd_supported(const BwdParams& p) {
+  if (p.dtype != Dtype::kFloat16 && p.dtype != Dtype::kBFloat16) return false;
+  if (p.deterministic) return false;
+  if (p.d % 8 || p.d_v % 8 || p.d > 128 || p.d_v > 128) return false;
+  const int64_t strides[] = {p.q_sb, p.q_sh, p.q_sn, p.k_sb, p.k_sh, p.k_sn, p.v_sb, p.v_sh, p.v_sn,
+                             p.do_sb, p.do_sh, p.do_sn};
+  for (int64_t s : strides)
+    if (s % 8) return false;
+  if (!(aligned16(p.q) && aligned16(p.k) && aligned16(p.v) && aligned16(p.dout))) return false;
+  if (p.dbias) {
+    const Strided4& s = p.dbias_s;
+    if ((s.b == 0 && p.b > 1) || (s.q == 0 && p.n_q > 1) || (s.k == 0 && p.n_k > 1)) return false;
+    if (s.h == 0 && p.h_kv > 1) return false;
+  }
+  return true;
+}
+
+int64_t sm80_bwd_workspace_bytes(const BwdParams& p) { return BwdWorkspace(p, nullptr).bytes; }
+
+void sm80_bwd(const BwdParams& p, void* workspace, cudaStream_t stream) {
+  if (p.dtype == Dtype::kFloat16) return dispatch_dim<__half>(p, workspace, stream);
+  return dispatch_dim<__nv_bfloat16>(p, workspace, stream);
+}
+
+}  // namespace flash_mha::cuda
