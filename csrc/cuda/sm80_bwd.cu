@@ -1,14 +1,15 @@
 // Tensor-core backward for float16 / bfloat16 (sm_80+, mma.sync m16n8k16, fp32 accumulation).
 //
 // 1. D = rowsum(dO * O) in float (one warp per row).
-// 2. One block of 4 warps per (batch, kv head, 64-key tile); warp w owns keys 16w .. 16w+15 and
-//    keeps their dK, dV in registers while it walks the query heads of the GQA group and their
-//    64-query tiles (Q, dO, lse, D double buffered through shared memory with cp.async). Per tile,
-//    in the transposed (key-row) layout:
+// 2. One block of 8 warps (4 for d = 64) per (batch, kv head, 16 keys per warp); warp w owns keys
+//    16w .. 16w+15 and keeps their dK, dV in registers while it walks the query heads of the GQA
+//    group and their 64-query tiles (Q, dO, lse, D double buffered through shared memory with
+//    cp.async). Per tile, in the transposed (key-row) layout:
 //      S^T = K Q^T,  P^T = exp2(S^T log2e - lse log2e),  dP^T = V dO^T,
 //      dS^T = P^T o (dP^T Z - D),  dV += (P^T o Z) dO,  dK += dS^T Q,
-//    then dS^T goes through shared memory and dQ += dS K is added to a float32 workspace with
-//    atomics (so this path is not deterministic; deterministic mode uses the SIMT path).
+//    then dS^T goes through shared memory and dQ += dS K (warps split into 4 query m-tiles x
+//    kWarps / 4 column groups) is added to a float32 workspace with atomics (so this path is not
+//    deterministic; deterministic mode uses the SIMT path).
 //    dbias is written by the one thread that owns each element (no broadcast across blocks).
 // 3. dQ (and dbias) converted from float to the input dtype.
 // Head dims (multiples of 8) are padded with zeros up to kD in {64, 128}.
@@ -22,10 +23,17 @@ namespace {
 template <typename T, int kD_>
 struct BwdTraits {
   static constexpr int kD = kD_;
-  static constexpr int kWarps = 4;
+  // Warps x 16 keys per block. d = 128: 8 warps, so every Q / dO tile read from shared memory and
+  // every dQ atomic covers 128 keys (half the atomics of 64-key blocks); 2-3% faster than 4 warps
+  // on an H200. d = 64: 4 warps (two blocks per SM), 4-8% faster than 8 (csrc/cuda/NOTES.md, run 4).
+  static constexpr int kWarps = kD <= 64 ? 4 : 8;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kBlockN = 16 * kWarps;  // keys per block
   static constexpr int kBlockM = 64;           // queries per inner tile
+  // dQ = dS K of a query tile: warp w takes m-tile w % 4 and column group w / 4 of kD.
+  static constexpr int kColGroups = kWarps / 4;
+  static_assert(kWarps % 4 == 0 && kBlockM == 64, "dQ split: 4 query m-tiles x column groups");
+  static_assert((kD / 16) % kColGroups == 0, "column groups of whole 16-column pairs");
   struct Smem {
     T k[kBlockN * kD];            // [kBlockN, kD] swizzled
     T v[kBlockN * kD];            // [kBlockN, kD] swizzled
@@ -35,7 +43,7 @@ struct BwdTraits {
     float lse2[2][kBlockM];       // [stage][kBlockM] lse * log2(e); +inf past n_q
     float dsum[2][kBlockM];       // [stage][kBlockM] D
   };
-  static_assert(sizeof(Smem) <= 110 * 1024, "two backward blocks should fit an H100 SM");
+  static_assert(sizeof(Smem) <= 163 * 1024, "backward tile exceeds sm_80's 163 KiB of shared memory per block");
 };
 
 struct BwdWorkspace {
@@ -80,11 +88,14 @@ __global__ void to_dtype_kernel(T* dst, const float* src, int64_t n) {
     dst[e] = from_acc<T>(src[e]);
 }
 
-template <typename T, typename Tr>
+// kGeneral: bias, mask, dropout or dbias present; otherwise the score epilogue is a multiply plus,
+// on bound / diagonal tiles only, an integer visibility test.
+template <typename T, typename Tr, bool kGeneral>
 __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams p, BwdWorkspace ws) {
   constexpr int kD = Tr::kD, kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kThreads = Tr::kThreads;
   constexpr int kNS = kBlockM / 8;  // n-tiles of a warp's [16 keys, kBlockM queries] tile
-  constexpr int kNO = kD / 8;       // n-tiles of a warp's [16, kD] dK / dV / dQ tile
+  constexpr int kNO = kD / 8;       // n-tiles of a warp's [16, kD] dK / dV tile
+  constexpr int kNQ = kNO / Tr::kColGroups;  // n-tiles of a warp's [16 queries, kD / groups] dQ tile
   extern __shared__ __align__(128) unsigned char smem_raw[];
   auto& sm = *reinterpret_cast<typename Tr::Smem*>(smem_raw);
 
@@ -135,6 +146,16 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
   zero_acc(dk);
   zero_acc(dvacc);
   const int64_t key0 = j0 + 16 * warp;  // first key of this warp
+  const auto k_addr = ldsm_a_addr<kD>(sm.k + 16 * warp * kD);   // K as A of S^T = K Q^T
+  const auto v_addr = ldsm_a_addr<kD>(sm.v + 16 * warp * kD);   // V as A of dP^T = V dO^T
+  // dQ phase: this warp's query m-tile and column group (chunk pairs from dq_c0).
+  const int dq_mt = warp % 4, dq_c0 = (warp / 4) * (kNQ / 2);
+  const auto kt_addr = ldsm_b_trans_addr<kD>(sm.k).shifted(dq_c0);  // K as B of dQ = dS K
+  // dS (queries 16 dq_mt ..) as A of dQ = dS K, from the transposed tile dS^T: chunk pair dq_mt.
+  static_assert(kBlockM / 16 <= 4, "dS^T rows hold at most 4 chunk pairs: c / 4 == 0");
+  const auto ds_addr = ldsm_a_trans_addr<kBlockM>(sm.ds);
+  const uint32_t ds_base = dq_mt == 0 ? ds_addr.base[0] : dq_mt == 1 ? ds_addr.base[1]
+                           : dq_mt == 2 ? ds_addr.base[2] : ds_addr.base[3];
 
   for (int64_t n = 0; n < n_iters; ++n) {
     const int st = static_cast<int>(n & 1);
@@ -149,30 +170,34 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
     const int64_t hi = kvh * group + n / n_qt, i0 = (first_qt + n % n_qt) * kBlockM;
     const uint64_t bh = static_cast<uint64_t>(bi * p.h + hi);
 
+    const auto q_addr = ldsm_b_addr<kD>(sm.q[st]);        // Q as B of S^T = K Q^T
+    const auto do_addr = ldsm_b_addr<kD>(sm.dout[st]);    // dO as B of dP^T = V dO^T
+    const auto qt_addr = ldsm_b_trans_addr<kD>(sm.q[st]);  // Q as B of dK += dS^T Q
+    const auto dot_addr = ldsm_b_trans_addr<kD>(sm.dout[st]);  // dO as B of dV += P^T dO
     // S^T = K Q^T and dP^T = V dO^T: [16 keys, kBlockM queries]
     float s[kNS][4], dp[kNS][4];
     zero_acc(s);
     zero_acc(dp);
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk) {
-      if (16 * kk < d) {
+      {  // no d guard: padded columns are zeros, and a branch would split the unrolled loop
         uint32_t a[4];
-        ldsm_a<kD>(a, sm.k, 16 * warp, kk);
+        ldmatrix_x4(a, k_addr(0, kk));
 #pragma unroll
         for (int np = 0; np < kNS / 2; ++np) {
           uint32_t b[4];
-          ldsm_b<kD>(b, sm.q[st], np, kk);
+          ldmatrix_x4(b, q_addr(np, kk));
           mma_m16n8k16<T>(s[2 * np], a, b[0], b[1]);
           mma_m16n8k16<T>(s[2 * np + 1], a, b[2], b[3]);
         }
       }
-      if (16 * kk < dv) {
+      {
         uint32_t a[4];
-        ldsm_a<kD>(a, sm.v, 16 * warp, kk);
+        ldmatrix_x4(a, v_addr(0, kk));
 #pragma unroll
         for (int np = 0; np < kNS / 2; ++np) {
           uint32_t b[4];
-          ldsm_b<kD>(b, sm.dout[st], np, kk);
+          ldmatrix_x4(b, do_addr(np, kk));
           mma_m16n8k16<T>(dp[2 * np], a, b[0], b[1]);
           mma_m16n8k16<T>(dp[2 * np + 1], a, b[2], b[3]);
         }
@@ -180,12 +205,22 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
     }
 
     const ScoreCtx ctx(p, bi, hi);
-    const bool diagonal = p.causal != Causal::kNone && key0 + 15 > i0 + shift;
-    score_tile_log2<T, kNS, true>(ctx, s, key0, i0, diagonal);
+    const bool causal = p.causal != Causal::kNone;
+    const bool diagonal = causal && key0 + 15 > i0 + shift;
+    if constexpr (kGeneral) {
+      score_tile_log2<T, kNS, true>(ctx, s, key0, i0, diagonal);
+    } else {
+      const bool check = diagonal || key0 + 16 > p.n_k || i0 + kBlockM > p.n_q;
+      scale_mask_tile<kNS, true>(s, ctx.scale_log2, check, clamp_int(p.n_k - key0), clamp_int(p.n_q - i0),
+                                 causal ? clamp_int(i0 + shift - key0) : (1 << 30));
+    }
     // P^T, then dS^T = P^T (dP^T Z - D) into dp and P^T Z into s.
 #pragma unroll
     for (int nt = 0; nt < kNS; ++nt) {
-      const uint32_t keep = drop.on ? dropout_bits_keyrows(drop, bh, key0, i0, nt) : 0xFu;
+      uint32_t keep = 0xFu;
+      if constexpr (kGeneral) {
+        if (drop.on) keep = dropout_bits_keyrows(drop, bh, key0, i0, nt);
+      }
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int q = frag_col(lane, nt, e);
@@ -204,20 +239,20 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
 #pragma unroll
       for (int np = 0; np < kNO / 2; ++np) {
         uint32_t b[4];
-        if (16 * np < dv) {
-          ldsm_b_trans<kD>(b, sm.dout[st], np, kk);
+        {
+          ldmatrix_x4_trans(b, dot_addr(kk, np));
           mma_m16n8k16<T>(dvacc[2 * np], a_p, b[0], b[1]);
           mma_m16n8k16<T>(dvacc[2 * np + 1], a_p, b[2], b[3]);
         }
-        if (16 * np < d) {
-          ldsm_b_trans<kD>(b, sm.q[st], np, kk);
+        {
+          ldmatrix_x4_trans(b, qt_addr(kk, np));
           mma_m16n8k16<T>(dk[2 * np], a_ds, b[0], b[1]);
           mma_m16n8k16<T>(dk[2 * np + 1], a_ds, b[2], b[3]);
         }
       }
     }
     // dbias: every element belongs to exactly this thread (sm80_bwd_supported rules out sharing).
-    if (ws.dbias_acc) {
+    if (kGeneral && ws.dbias_acc) {
 #pragma unroll
       for (int nt = 0; nt < kNS; ++nt) {
 #pragma unroll
@@ -237,19 +272,19 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
       }
     }
     __syncthreads();
-    // dQ[queries 16w.., :] += scale * dS K, added to the float workspace.
+    // dQ[queries 16 dq_mt .., column group] += scale * dS K, added to the float workspace.
     {
-      float dq[kNO][4];
+      float dq[kNQ][4];
       zero_acc(dq);
 #pragma unroll
       for (int kk = 0; kk < kBlockN / 16; ++kk) {
         uint32_t a[4];
-        ldsm_a_trans<kBlockM>(a, sm.ds, warp, kk);
+        ldmatrix_x4_trans(a, ds_base + kk * 16 * kBlockM * 2);
 #pragma unroll
-        for (int np = 0; np < kNO / 2; ++np) {
-          if (16 * np < d) {
+        for (int np = 0; np < kNQ / 2; ++np) {
+          {
             uint32_t b[4];
-            ldsm_b_trans<kD>(b, sm.k, np, kk);
+            ldmatrix_x4_trans(b, kt_addr(kk, np));
             mma_m16n8k16<T>(dq[2 * np], a, b[0], b[1]);
             mma_m16n8k16<T>(dq[2 * np + 1], a, b[2], b[3]);
           }
@@ -258,21 +293,22 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
       const float scale = static_cast<float>(p.scale);
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int64_t i = i0 + 16 * warp + frag_row(lane, 2 * h);
+        const int64_t i = i0 + 16 * dq_mt + frag_row(lane, 2 * h);
         if (i >= p.n_q) continue;
-        float* dst = ws.dq_acc + (bh * p.n_q + i) * p.d;
+        float* dst = ws.dq_acc + (bh * p.n_q + i) * p.d + 16 * dq_c0;
 #pragma unroll
-        for (int nt = 0; nt < kNO; ++nt) {
-          const int c = frag_col(lane, nt, 0);
-          if (c < d) {
-            red_add_f32(dst + c, dq[nt][2 * h] * scale);
-            red_add_f32(dst + c + 1, dq[nt][2 * h + 1] * scale);
+        for (int nt = 0; nt < kNQ; ++nt) {
+          const int c = frag_col(lane, nt, 0);  // column 16 dq_c0 + c
+          if (16 * dq_c0 + c < d) {
+            red_add_v2_f32(dst + c, dq[nt][2 * h] * scale, dq[nt][2 * h + 1] * scale);  // c even, d % 8 == 0
           }
         }
       }
     }
     __syncthreads();  // stage st and sm.ds are overwritten next
   }
+
+  cp_async_wait_group<0>();  // nothing may be in flight at exit (no query tile: K, V still loading)
 
   // dK = scale * dS^T Q, dV: rows key0 + lane / 4 (+ 8)
   const float scale = static_cast<float>(p.scale);
@@ -300,8 +336,10 @@ void launch(const BwdParams& p, void* workspace, cudaStream_t stream) {
   const int64_t blocks = p.b * p.h_kv * ceil_div(p.n_k, Tr::kBlockN);
   if (blocks > 0) {
     constexpr int64_t smem = sizeof(typename Tr::Smem);
-    allow_smem(sm80_bwd_kernel<T, Tr>, smem);
-    sm80_bwd_kernel<T, Tr><<<static_cast<unsigned>(blocks), Tr::kThreads, smem, stream>>>(p, ws);
+    const bool general = p.bias || p.mask || p.dropout_p > 0.0 || p.dbias;
+    auto kernel = general ? sm80_bwd_kernel<T, Tr, true> : sm80_bwd_kernel<T, Tr, false>;
+    allow_smem(kernel, smem);
+    kernel<<<static_cast<unsigned>(blocks), Tr::kThreads, smem, stream>>>(p, ws);
   }
   const int64_t n_dq = p.b * p.h * p.n_q * p.d;
   if (n_dq > 0)

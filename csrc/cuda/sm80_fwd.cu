@@ -1,6 +1,7 @@
 // Tensor-core forward for float16 / bfloat16 (sm_80+, mma.sync m16n8k16, fp32 accumulation).
 //
-// One block of 4 warps per (batch, head, 64-query tile); warp w owns query rows 16w .. 16w+15.
+// One block of 4 warps per (batch, head, query tile of 128 rows; 64 for d = 256); each warp owns
+// 32 (16) consecutive rows as two (one) m16 tiles.
 // K/V tiles of kBlockN keys stream through shared memory with cp.async, double buffered: tile t+1
 // is in flight while tile t is used. Per tile: S = Q K^T (ldmatrix + mma), the score epilogue and
 // online softmax in the log2 domain, dropout on the probabilities, then O += P V with P taken
@@ -18,22 +19,35 @@ struct FwdTraits {
   static constexpr int kD = kD_;
   static constexpr int kWarps = 4;
   static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kBlockM = 16 * kWarps;
-  // d = 256 halves the key tile so that two blocks fit on an SM (96 KiB each).
-  static constexpr int kBlockN = kD <= 128 ? 64 : 32;
+  // m16 row tiles per warp: two tiles share every K and V fragment read from shared memory (half
+  // the ldmatrix traffic per mma). d = 256 keeps one: its [16, 256] output tile is 128 registers.
+  static constexpr int kMT = kD <= 128 ? 2 : 1;
+  static constexpr int kBlockM = 16 * kMT * kWarps;
+  // Key tile: 64 for d = 64; 32 above, where a 64-key score tile next to the output accumulators
+  // spills registers (d = 128: 2 x 64 output + 2 x 32 score registers per thread).
+  static constexpr int kBlockN = kD <= 64 ? 64 : 32;
+  // Blocks per SM the register allocation must allow (1: up to 255 registers per thread).
+  static constexpr int kMinBlocks = 1;
+  // Skip the mma steps of all-zero padding columns (d, d_v < kD). A runtime branch splits the
+  // unrolled loops into basic blocks the scheduler cannot overlap, so by default the padding is
+  // multiplied like real data (zeros, same result).
+  static constexpr bool kGuardDims = false;
   struct Smem {
     T q[kBlockM * kD];     // [kBlockM, kD] swizzled
     T k[2][kBlockN * kD];  // [stage][kBlockN, kD] swizzled
     T v[2][kBlockN * kD];  // [stage][kBlockN, kD] swizzled
   };
-  static_assert(sizeof(Smem) <= 160 * 1024, "forward tile exceeds sm_80 shared memory");
+  static_assert(sizeof(Smem) <= 110 * 1024, "two forward blocks should fit an H100 SM");
 };
 
-template <typename T, typename Tr>
-__global__ void __launch_bounds__(Tr::kThreads) sm80_fwd_kernel(const FwdParams p) {
+// kGeneral: bias, mask or dropout present (per-element loads and Philox); otherwise the score
+// epilogue is a multiply plus, on bound / diagonal tiles only, an integer visibility test.
+template <typename T, typename Tr, bool kGeneral>
+__global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(const FwdParams p) {
   constexpr int kD = Tr::kD, kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kThreads = Tr::kThreads;
-  constexpr int kNS = kBlockN / 8;  // score n-tiles per warp
-  constexpr int kNO = kD / 8;       // output n-tiles per warp
+  constexpr int kMT = Tr::kMT;
+  constexpr int kNS = kBlockN / 8;  // score n-tiles per m-tile
+  constexpr int kNO = kD / 8;       // output n-tiles per m-tile
   extern __shared__ __align__(128) unsigned char smem_raw[];
   auto& sm = *reinterpret_cast<typename Tr::Smem*>(smem_raw);
 
@@ -55,6 +69,7 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_fwd_kernel(const FwdParams 
   const int64_t key_end = visible_key_end(p, i0, rows);
   const int n_tiles = static_cast<int>((key_end + kBlockN - 1) / kBlockN);
   const int64_t shift = causal_shift(p);
+  const bool causal = p.causal != Causal::kNone;
 
   load_tile_async<kBlockM, kD, kThreads>(sm.q, qg, p.q_sn, rows, d);
   if (n_tiles > 0) {
@@ -67,10 +82,15 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_fwd_kernel(const FwdParams 
   Dropout drop;
   drop.init(p);
   const uint64_t bh = static_cast<uint64_t>(bi * p.h + hi);
-  OnlineSoftmax softmax;
-  softmax.init();
-  float o[kNO][4];  // [16 rows, kD] of this warp
-  zero_acc(o);
+  OnlineSoftmax softmax[kMT];
+  float o[kMT][kNO][4];  // [16 rows, kD] per m-tile of this warp
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
+    softmax[mt].init();
+    zero_acc(o[mt]);
+  }
+  const int row_base = 16 * kMT * warp;  // this warp's first row within the block
+  const auto q_addr = ldsm_a_addr<kD>(sm.q + row_base * kD);
 
   for (int t = 0; t < n_tiles; ++t) {
     const int stage = t & 1;
@@ -86,65 +106,93 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_fwd_kernel(const FwdParams 
     }
     __syncthreads();
 
-    // S = Q K^T for this warp's 16 rows: [16, kBlockN]
-    float s[kNS][4];
-    zero_acc(s);
+    const auto k_addr = ldsm_b_addr<kD>(sm.k[stage]);
+    const auto v_addr = ldsm_b_trans_addr<kD>(sm.v[stage]);
+    // S = Q K^T for this warp's rows: [16, kBlockN] per m-tile
+    float s[kMT][kNS][4];
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) zero_acc(s[mt]);
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk) {
-      if (16 * kk < d) {
-        uint32_t a[4];
-        ldsm_a<kD>(a, sm.q, 16 * warp, kk);
+      if (!Tr::kGuardDims || 16 * kk < d) {
+        uint32_t a[kMT][4];
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) ldmatrix_x4(a[mt], q_addr(mt, kk));
 #pragma unroll
         for (int np = 0; np < kNS / 2; ++np) {
           uint32_t b[4];
-          ldsm_b<kD>(b, sm.k[stage], np, kk);
-          mma_m16n8k16<T>(s[2 * np], a, b[0], b[1]);
-          mma_m16n8k16<T>(s[2 * np + 1], a, b[2], b[3]);
+          ldmatrix_x4(b, k_addr(np, kk));
+#pragma unroll
+          for (int mt = 0; mt < kMT; ++mt) {
+            mma_m16n8k16<T>(s[mt][2 * np], a[mt], b[0], b[1]);
+            mma_m16n8k16<T>(s[mt][2 * np + 1], a[mt], b[2], b[3]);
+          }
         }
       }
     }
 
     const int64_t j0 = static_cast<int64_t>(t) * kBlockN;
-    const bool diagonal = p.causal != Causal::kNone && j0 + kBlockN - 1 > i0 + shift;
-    score_tile_log2<T, kNS, false>(ctx, s, i0 + 16 * warp, j0, diagonal);
-    softmax.update(s, o);
-    if (drop.on) dropout_tile_rows(drop, bh, s, i0 + 16 * warp, j0);
+    const bool diagonal = causal && j0 + kBlockN - 1 > i0 + row_base + shift;
+    const bool check = diagonal || j0 + kBlockN > p.n_k;
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+      const int64_t row0 = i0 + row_base + 16 * mt;
+      if constexpr (kGeneral) {
+        score_tile_log2<T, kNS, false>(ctx, s[mt], row0, j0, diagonal);
+      } else {
+        scale_mask_tile<kNS, false>(s[mt], ctx.scale_log2, check, 1 << 30, clamp_int(p.n_k - j0),
+                                    causal ? clamp_int(row0 + shift - j0) : (1 << 30));
+      }
+      softmax[mt].update(s[mt], o[mt]);
+      if constexpr (kGeneral) {
+        if (drop.on) dropout_tile_rows(drop, bh, s[mt], row0, j0);
+      }
+    }
 
     // O += P V
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      uint32_t a[4];
-      acc_to_a<T>(a, s, kk);
+      uint32_t a[kMT][4];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) acc_to_a<T>(a[mt], s[mt], kk);
 #pragma unroll
       for (int np = 0; np < kNO / 2; ++np) {
-        if (16 * np < dv) {
+        if (!Tr::kGuardDims || 16 * np < dv) {
           uint32_t b[4];
-          ldsm_b_trans<kD>(b, sm.v[stage], np, kk);
-          mma_m16n8k16<T>(o[2 * np], a, b[0], b[1]);
-          mma_m16n8k16<T>(o[2 * np + 1], a, b[2], b[3]);
+          ldmatrix_x4_trans(b, v_addr(kk, np));
+#pragma unroll
+          for (int mt = 0; mt < kMT; ++mt) {
+            mma_m16n8k16<T>(o[mt][2 * np], a[mt], b[0], b[1]);
+            mma_m16n8k16<T>(o[mt][2 * np + 1], a[mt], b[2], b[3]);
+          }
         }
       }
     }
     __syncthreads();  // this stage is refilled by the next iteration's prefetch
   }
+  cp_async_wait_group<0>();  // nothing may be in flight at exit (no key tile: Q was still loading)
 
   // out = O / l (times 1 / (1 - p) for dropout); lse = (m + log2 l) ln 2; empty rows: 0, +inf.
-  softmax.finish();
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int64_t i = i0 + 16 * warp + lane / 4 + 8 * h;
-    if (i >= p.n_q) continue;
-    const float l = softmax.l[h];
-    const float inv = l == 0.f ? 0.f : drop.keep_scale / l;
-    T* og = static_cast<T*>(p.o) + bi * p.o_sb + hi * p.o_sh + i * p.o_sn;
+  for (int mt = 0; mt < kMT; ++mt) {
+    softmax[mt].finish();
 #pragma unroll
-    for (int nt = 0; nt < kNO; ++nt) {
-      const int col = 8 * nt + 2 * (lane % 4);
-      if (col < dv) *reinterpret_cast<uint32_t*>(og + col) = pack2<T>(o[nt][2 * h] * inv, o[nt][2 * h + 1] * inv);
-    }
-    if (lane % 4 == 0) {
-      float* lse = static_cast<float*>(p.lse) + bh * p.n_q + i;
-      *lse = l == 0.f ? __int_as_float(0x7f800000) : (softmax.m[h] + __log2f(l)) * kLn2;
+    for (int h = 0; h < 2; ++h) {
+      const int64_t i = i0 + row_base + 16 * mt + lane / 4 + 8 * h;
+      if (i >= p.n_q) continue;
+      const float l = softmax[mt].l[h];
+      const float inv = l == 0.f ? 0.f : drop.keep_scale / l;
+      T* og = static_cast<T*>(p.o) + bi * p.o_sb + hi * p.o_sh + i * p.o_sn;
+#pragma unroll
+      for (int nt = 0; nt < kNO; ++nt) {
+        const int col = 8 * nt + 2 * (lane % 4);
+        if (col < dv)
+          *reinterpret_cast<uint32_t*>(og + col) = pack2<T>(o[mt][nt][2 * h] * inv, o[mt][nt][2 * h + 1] * inv);
+      }
+      if (lane % 4 == 0) {
+        float* lse = static_cast<float*>(p.lse) + bh * p.n_q + i;
+        *lse = l == 0.f ? __int_as_float(0x7f800000) : (softmax[mt].m[h] + __log2f(l)) * kLn2;
+      }
     }
   }
 }
@@ -155,8 +203,10 @@ void launch(const FwdParams& p, cudaStream_t stream) {
   const int64_t blocks = p.b * p.h * ceil_div(p.n_q, Tr::kBlockM);
   if (blocks == 0) return;
   constexpr int64_t smem = sizeof(typename Tr::Smem);
-  allow_smem(sm80_fwd_kernel<T, Tr>, smem);
-  sm80_fwd_kernel<T, Tr><<<static_cast<unsigned>(blocks), Tr::kThreads, smem, stream>>>(p);
+  const bool general = p.bias || p.mask || p.dropout_p > 0.0;
+  auto kernel = general ? sm80_fwd_kernel<T, Tr, true> : sm80_fwd_kernel<T, Tr, false>;
+  allow_smem(kernel, smem);
+  kernel<<<static_cast<unsigned>(blocks), Tr::kThreads, smem, stream>>>(p);
 }
 
 template <typename T>

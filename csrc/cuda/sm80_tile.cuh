@@ -31,35 +31,63 @@ __device__ __forceinline__ void load_tile_async(T* tile, const T* g, int64_t ld,
   }
 }
 
-// A operand (16x16, rows r0.., columns 16 kk..) of a row-major swizzled tile.
-template <int kCols, typename T>
-__device__ __forceinline__ void ldsm_a(uint32_t (&a)[4], const T* tile, int r0, int kk) {
+// Per-lane ldmatrix addresses into a swizzled [rows, kCols] tile of 16-bit elements. In every
+// pattern below lane l reads row 16 R + rl and chunk 2 c + x, where rl % 8 == l % 8 and x is 0 or 1.
+// Then the stored chunk (2 c + x) ^ (row % 8) = 8 (c / 4) + ((2 (c % 4) | x) ^ (l % 8)): four base
+// addresses per lane, and R, c only add compile-time offsets (so an unrolled loop keeps 4
+// registers per operand instead of one address per (R, c)).
+template <int kCols>
+struct SwzAddr {
+  uint32_t base[4];
+  __device__ __forceinline__ SwzAddr(const void* tile, int rl, int x) {
+    const int lane = threadIdx.x % 32;
+    const uint32_t t = smem_addr(tile) + rl * kCols * 2;
+#pragma unroll
+    for (int m = 0; m < 4; ++m) base[m] = t + ((((2 * m) | x) ^ (lane & 7)) << 4);
+  }
+  __device__ __forceinline__ uint32_t operator()(int R, int c) const {
+    return base[c % 4] + R * 16 * kCols * 2 + (c / 4) * 128;
+  }
+  // The same addresses with chunk pairs counted from c0 (runtime): shifted(c0)(R, c) == (*this)(R, c0 + c).
+  __device__ __forceinline__ SwzAddr shifted(int c0) const {
+    SwzAddr r = *this;
+#pragma unroll
+    for (int m = 0; m < 4; ++m) {
+      const int k = (m + c0) & 3;
+      r.base[m] = (k == 0 ? base[0] : k == 1 ? base[1] : k == 2 ? base[2] : base[3]) + ((m + c0) >> 2) * 128;
+    }
+    return r;
+  }
+};
+
+// A operand (16x16) of a row-major tile: A[m][k] = tile[16 R + m][16 c + k].
+template <int kCols>
+__device__ __forceinline__ SwzAddr<kCols> ldsm_a_addr(const void* tile) {
   const int lane = threadIdx.x % 32;
-  ldmatrix_x4(a, tile + swz<kCols>(r0 + lane % 16, 2 * kk + lane / 16));
+  return SwzAddr<kCols>(tile, lane % 16, lane / 16);
 }
 
-// A operand (16x16) of the transpose of a swizzled tile: A[m][k] = tile[k0 + k][m0 + m], with
-// m0 = 16 * mt and k0 = 16 * kk.
-template <int kCols, typename T>
-__device__ __forceinline__ void ldsm_a_trans(uint32_t (&a)[4], const T* tile, int mt, int kk) {
+// A operand (16x16) of a tile's transpose: A[m][k] = tile[16 R + k][16 c + m].
+template <int kCols>
+__device__ __forceinline__ SwzAddr<kCols> ldsm_a_trans_addr(const void* tile) {
   const int lane = threadIdx.x % 32;
-  ldmatrix_x4_trans(a, tile + swz<kCols>(16 * kk + lane % 8 + (lane / 16) * 8, 2 * mt + (lane / 8) % 2));
+  return SwzAddr<kCols>(tile, lane % 8 + (lane / 16) * 8, (lane / 8) % 2);
 }
 
-// B operands of two n-tiles (n = rows 16 np .. 16 np + 15 of the tile, k = columns 16 kk ..):
-// B[k][n] = tile[n][k], e.g. K for S = Q K^T. b[0..1]: n-tile 2 np, b[2..3]: n-tile 2 np + 1.
-template <int kCols, typename T>
-__device__ __forceinline__ void ldsm_b(uint32_t (&b)[4], const T* tile, int np, int kk) {
+// B operands of two n-tiles, B[k][n] = tile[16 R + n][16 c + k] (e.g. K for S = Q K^T):
+// regs 0..1 n-tile 2R, regs 2..3 n-tile 2R + 1.
+template <int kCols>
+__device__ __forceinline__ SwzAddr<kCols> ldsm_b_addr(const void* tile) {
   const int lane = threadIdx.x % 32;
-  ldmatrix_x4(b, tile + swz<kCols>(16 * np + lane % 8 + (lane / 16) * 8, 2 * kk + (lane / 8) % 2));
+  return SwzAddr<kCols>(tile, lane % 8 + (lane / 16) * 8, (lane / 8) % 2);
 }
 
-// B operands of two n-tiles (n = columns 16 np .., k = rows 16 kk ..): B[k][n] = tile[k][n],
-// e.g. V for O = P V. b[0..1]: n-tile 2 np, b[2..3]: n-tile 2 np + 1.
-template <int kCols, typename T>
-__device__ __forceinline__ void ldsm_b_trans(uint32_t (&b)[4], const T* tile, int np, int kk) {
+// B operands of two n-tiles, B[k][n] = tile[16 R + k][16 c + n] (e.g. V for O = P V), loaded with
+// .trans: regs 0..1 n-tile 2c, regs 2..3 n-tile 2c + 1.
+template <int kCols>
+__device__ __forceinline__ SwzAddr<kCols> ldsm_b_trans_addr(const void* tile) {
   const int lane = threadIdx.x % 32;
-  ldmatrix_x4_trans(b, tile + swz<kCols>(16 * kk + lane % 8 + ((lane / 8) % 2) * 8, 2 * np + lane / 16));
+  return SwzAddr<kCols>(tile, lane % 8 + ((lane / 8) % 2) * 8, lane / 16);
 }
 
 // The A operand of a 16x16 block from an accumulator tile (columns 16 kk ..), rounded to T.

@@ -55,6 +55,35 @@ __device__ __forceinline__ void score_tile_log2(const ScoreCtx& c, float (&acc)[
   }
 }
 
+// Tile-local limits for clamp_tile: int64 distances clamped into int range.
+__device__ __forceinline__ int clamp_int(int64_t x) {
+  return static_cast<int>(x < -(1 << 30) ? -(1 << 30) : (x > (1 << 30) ? (1 << 30) : x));
+}
+
+// The score epilogue without bias or mask: acc -> acc * scale_log2, and when `check` (uniform: a
+// tile on the key/query bound or the causal diagonal) -inf where the tile-local element (r, c) has
+// r >= row_limit, c >= col_limit, or (query - key offset) past the diagonal: visible iff
+// (kKeyRows ? r - c : c - r) <= diag, with diag = (first query + shift) - first key.
+template <int kN, bool kKeyRows>
+__device__ __forceinline__ void scale_mask_tile(float (&acc)[kN][4], float scale_log2, bool check, int row_limit,
+                                                int col_limit, int diag) {
+  const int lane = threadIdx.x % 32;
+  const float neg_inf = -__int_as_float(0x7f800000);
+#pragma unroll
+  for (int nt = 0; nt < kN; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      float s = acc[nt][e] * scale_log2;
+      if (check) {
+        const int r = frag_row(lane, e), c = frag_col(lane, nt, e);
+        const bool vis = r < row_limit && c < col_limit && (kKeyRows ? r - c : c - r) <= diag;
+        s = vis ? s : neg_inf;
+      }
+      acc[nt][e] = s;
+    }
+  }
+}
+
 // Online softmax over key tiles for the two rows a thread holds (lane / 4 and lane / 4 + 8).
 // m: running max of log2-domain scores; l: this thread's partial row sum of 2^(s - m) (the four
 // threads of a row are summed once, at the end).
@@ -70,6 +99,7 @@ struct OnlineSoftmax {
   // (rows as s), rescaled by 2^(m_old - m_new).
   template <int kN, int kNO>
   __device__ __forceinline__ void update(float (&s)[kN][4], float (&o)[kNO][4]) {
+    float alphas[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       float mx = m[h];
@@ -89,10 +119,17 @@ struct OnlineSoftmax {
         sum += s[nt][2 * h] + s[nt][2 * h + 1];
       }
       l[h] = l[h] * alpha + sum;
+      alphas[h] = alpha;
+    }
+    // Once the row maxima settle, alpha is 1 for every row of the warp: skip the 2 kNO multiplies.
+    if (__any_sync(0xffffffffu, alphas[0] != 1.f || alphas[1] != 1.f)) {
 #pragma unroll
-      for (int nt = 0; nt < kNO; ++nt) {
-        o[nt][2 * h] *= alpha;
-        o[nt][2 * h + 1] *= alpha;
+      for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int nt = 0; nt < kNO; ++nt) {
+          o[nt][2 * h] *= alphas[h];
+          o[nt][2 * h + 1] *= alphas[h];
+        }
       }
     }
   }

@@ -1,0 +1,17 @@
+"""One bf16 forward + backward through flash_mha for `ncu` (b4 h16 n2048 d128 by default).
+
+    ncu --clock-control none -k regex:sm80 -c 2 python benchmarks/ncu_case.py [d] [causal]
+"""
+import sys
+
+import torch
+
+import flash_mha
+
+d = int(sys.argv[1]) if len(sys.argv) > 1 else 128
+causal = "top_left" if len(sys.argv) > 2 and sys.argv[2] == "1" else None
+q, k, v = (torch.randn(4, 16, 2048, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+out = flash_mha.attention(q, k, v, causal=causal)
+out.backward(torch.randn_like(out))
+torch.cuda.synchronize()
+print("done", out.shape)
