@@ -58,7 +58,8 @@ void gemm_any(Fn fn, bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha,
               const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
   if (M == 0 || N == 0) return;
   if (fn && fits_int(M) && fits_int(N) && fits_int(K) && fits_int(lda) && fits_int(ldb) && fits_int(ldc) &&
-      K > 0) {
+      K > 0 && lda >= (ta ? M : K) && ldb >= (tb ? K : N) && ldc >= N) {
+    // BLAS rejects a leading dim shorter than a row (stride-0 or size-1 rows); the loop takes any.
     const char ca = ta ? 'T' : 'N', cb = tb ? 'T' : 'N';
     const int m = int(N), n = int(M), k = int(K), la = int(ldb), lb = int(lda), lc = int(ldc);
     fn(&cb, &ca, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
