@@ -16,7 +16,11 @@ def rel(pattern):
 
 cpp_sources = rel("csrc/ops.cpp") + rel("csrc/cpu/*.cpp")
 cuda_sources = rel("csrc/cuda/*.cu")
-cxx_flags = ["-O3", "-std=c++20"]
+# at::parallel_for is a header template that runs `#pragma omp parallel` when torch's parallel
+# backend is OpenMP: without -fopenmp here it silently runs on one thread.
+openmp = torch.__config__.parallel_info().find("parallel backend: OpenMP") >= 0
+cxx_flags = ["-O3", "-std=c++20"] + (["-fopenmp"] if openmp else [])
+link_flags = ["-fopenmp"] if openmp else []
 use_cuda = (
     torch.version.cuda is not None
     and CUDA_HOME is not None
@@ -36,6 +40,7 @@ if use_cuda:
             "cxx": cxx_flags,
             "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", "-Xptxas=-warn-spills"],
         },
+        extra_link_args=link_flags,
         py_limited_api=False,
     )
 else:
@@ -48,6 +53,7 @@ else:
         cpp_sources,
         include_dirs=[os.path.join(HERE, "csrc")],
         extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=link_flags,
     )
 
 setup(

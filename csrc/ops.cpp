@@ -12,6 +12,7 @@
 
 #ifdef FLASH_MHA_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #endif
 
@@ -163,6 +164,7 @@ std::tuple<Tensor, Tensor, Tensor> fwd(const Tensor& q, const Tensor& k, const T
     check_cuda_arch(q);
     const c10::cuda::CUDAGuard guard(q.device());
     cuda_fwd(p, at::cuda::getCurrentCUDAStream().stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
 #else
     TORCH_CHECK(false, "flash_mha was built without CUDA");
 #endif
@@ -221,6 +223,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout_in, const Tens
     const int64_t ws_bytes = cuda_bwd_workspace_bytes(p);
     Tensor ws = at::zeros({std::max<int64_t>(ws_bytes, 1)}, q.options().dtype(at::kByte));
     cuda_bwd(p, ws.data_ptr(), at::cuda::getCurrentCUDAStream().stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
 #else
     TORCH_CHECK(false, "flash_mha was built without CUDA");
 #endif

@@ -64,6 +64,15 @@ def _backward(ctx, dout, _dlse, _drng):
 torch.library.register_autograd("flash_mha::fwd", _backward, setup_context=_setup_context)
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("flash_mha: double backward (a gradient of the attention gradient, e.g. autograd.grad "
+                       "with create_graph=True followed by another backward) is not supported; use "
+                       "flash_mha.reference.attention for higher-order derivatives")
+
+
+torch.library.register_autograd("flash_mha::bwd", _no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
 # ---------------------------------------------------------------------------------------------
 # Functional API.
 
@@ -97,11 +106,12 @@ def _check_qkv(q, k, v):
             raise ValueError(f"flash_mha: {name} must be in [1, 256], got {dim}")
 
 
-def _as_4d(t: torch.Tensor, name: str, full, narrow_expanded: bool) -> torch.Tensor:
+def _as_4d(t: torch.Tensor, name: str, full) -> torch.Tensor:
     """Right-aligns t to 4 dims and checks each dim is 1 or the full size of [b, h, n_q, n_k].
 
-    With narrow_expanded, a full-size dim of stride 0 (an expanded view) is narrowed to size 1:
-    the kernel then returns the gradient summed over it, which is what flows to the expand's base.
+    A full-size dim of stride 0 (an expanded view) is kept as it is: the kernels read it without a
+    copy, and its gradient is per element like any tensor's (autograd sums it into the expand's
+    base). Pass the unexpanded size-1 tensor to get the reduced gradient directly.
     """
     if t.dim() > 4:
         raise ValueError(f"flash_mha: {name} must have at most 4 dims [b, h, n_q, n_k], got shape {tuple(t.shape)}")
@@ -110,8 +120,6 @@ def _as_4d(t: torch.Tensor, name: str, full, narrow_expanded: bool) -> torch.Ten
         if s != 1 and s != f:
             raise ValueError(f"flash_mha: {name} of shape {tuple(t.shape)} is not broadcastable to "
                              f"[b, h, n_q, n_k] = {list(full)} (dim {i} must be 1 or {f})")
-        if narrow_expanded and s > 1 and t.stride(i) == 0:
-            t = t.narrow(i, 0, 1)
     return t
 
 
@@ -143,14 +151,14 @@ def attention_fwd(q, k, v, bias=None, mask=None, scale: Optional[float] = None, 
                             f"{getattr(bias, 'dtype', type(bias))}. Pass boolean masks as mask")
         if bias.device != q.device:
             raise ValueError(f"flash_mha: bias is on {bias.device} but q is on {q.device}")
-        bias = _as_4d(bias.to(q.dtype), "bias", full, narrow_expanded=bias.requires_grad)
+        bias = _as_4d(bias.to(q.dtype), "bias", full)
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             raise TypeError(f"flash_mha: mask must be a bool tensor (True = attend), got "
                             f"{getattr(mask, 'dtype', type(mask))}; pass float masks as bias")
         if mask.device != q.device:
             raise ValueError(f"flash_mha: mask is on {mask.device} but q is on {q.device}")
-        mask = _as_4d(mask, "mask", full, narrow_expanded=False)
+        mask = _as_4d(mask, "mask", full)
     rng = None
     if dropout_p > 0.0:
         # Drawn from torch's generator for q's device: torch.manual_seed fixes it, and on CUDA the

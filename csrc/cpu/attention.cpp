@@ -72,7 +72,14 @@ void fwd_typed(const FwdParams& p) {
         for (int64_t r = 0; r < rows; ++r) {
           A* s = S.data() + r * kFwdBlockK;
           const A mx = max_lanes(s, cols, m[r]);
-          if (mx == -std::numeric_limits<A>::infinity()) {  // nothing visible yet in this row
+          if (mx == -std::numeric_limits<A>::infinity()) {
+            // Either nothing visible yet in this row, or every score so far is NaN (the max skips
+            // NaN): a NaN row must come out NaN, as in the math definition, not as an empty row.
+            if (std::any_of(s, s + cols, [](A x) { return x != x; })) {
+              m[r] = l[r] = alpha[r] = std::numeric_limits<A>::quiet_NaN();
+              scale_row(O.data() + r * p.d_v, p.d_v, alpha[r]);
+              continue;  // the NaN scores stay in S and make this row's O NaN
+            }
             std::fill(s, s + cols, A(0));
             alpha[r] = A(1);
             continue;

@@ -129,8 +129,13 @@ __global__ void __launch_bounds__(kThreads) simt_fwd_kernel(const FwdParams p) {
         rowsum += s[c];
       }
     } else {
+      // Nothing visible yet, or only NaN scores (max skips NaN): a NaN score must make the row
+      // NaN, as in the math definition, so it is kept (and summed into l) rather than zeroed.
 #pragma unroll
-      for (int c = 0; c < 4; ++c) s[c] = A(0);
+      for (int c = 0; c < 4; ++c) {
+        s[c] = s[c] != s[c] ? s[c] : A(0);
+        rowsum += s[c];
+      }
     }
     rowsum = group_sum(rowsum);
     l = l * alpha + rowsum;
