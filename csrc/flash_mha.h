@@ -17,8 +17,14 @@ struct Strided4 {
   int64_t b = 0, h = 0, q = 0, k = 0;
 };
 
+// Which CUDA kernel family runs. kAuto: the fastest one that takes the call (sm90 on Hopper, then
+// sm80, then SIMT). A forced path that does not take a call falls back down that same chain.
+// Set by flash_mha.force_kernel() (benchmarks, tests); kernels never read it.
+enum class CudaPath : int { kAuto = 0, kSimt = 1, kSm80 = 2, kSm90 = 3 };
+
 struct FwdParams {
   Dtype dtype;
+  CudaPath path = CudaPath::kAuto;
   const void* q;   // [b, h,    n_q, d]    last dim contiguous
   const void* k;   // [b, h_kv, n_k, d]    last dim contiguous
   const void* v;   // [b, h_kv, n_k, d_v]  last dim contiguous

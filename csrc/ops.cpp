@@ -4,6 +4,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
 #include <limits>
 
@@ -68,6 +69,9 @@ void check_device(const Tensor& t, const Tensor& q, const char* name) {
               q.device(), "; move all inputs to one device");
 }
 
+// The CUDA kernel path forced by set_cuda_path (CudaPath; 0 = automatic).
+std::atomic<int> g_cuda_path{0};
+
 // Checks the inputs shared by fwd and bwd and fills the forward params.
 FwdParams make_fwd_params(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& bias,
                           const OptTensor& mask, double scale, int64_t causal, double dropout_p,
@@ -77,6 +81,7 @@ FwdParams make_fwd_params(const Tensor& q, const Tensor& k, const Tensor& v, con
               " and ", v.dim(), " dims");
   FwdParams p{};
   p.dtype = to_dtype(q.scalar_type());
+  p.path = static_cast<CudaPath>(g_cuda_path.load(std::memory_order_relaxed));
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
               "flash_mha: q, k, v must share one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
               v.scalar_type());
@@ -233,6 +238,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout_in, const Tens
   return {dq, dk, dv, dbias};
 }
 
+// Forces a CUDA kernel path for later calls (0 auto, 1 simt, 2 sm80, 3 sm90); returns the previous one.
+int64_t set_cuda_path(int64_t path) {
+  TORCH_CHECK(path >= 0 && path <= 3, "flash_mha: kernel path must be 0 (auto), 1 (simt), 2 (sm80) or 3 (sm90), got ",
+              path);
+  return g_cuda_path.exchange(static_cast<int>(path));
+}
+
 bool built_with_cuda() {
 #ifdef FLASH_MHA_WITH_CUDA
   return true;
@@ -252,6 +264,7 @@ TORCH_LIBRARY(flash_mha, m) {
         "float scale, int causal, float dropout_p, Tensor? rng_state, bool bias_requires_grad) "
         "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)");
   m.def("built_with_cuda() -> bool", &built_with_cuda);
+  m.def("set_cuda_path(int path) -> int", &set_cuda_path);
 }
 
 TORCH_LIBRARY_IMPL(flash_mha, CPU, m) {

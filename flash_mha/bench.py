@@ -372,6 +372,7 @@ class NaiveImpl(Impl):
 
 IMPLS = [
     FlashMhaImpl("flash_mha"),
+    FlashMhaImpl("flash_mha_sm80", kernel="sm80", devices=("cuda",)),
     SdpaImpl("sdpa"),
     SdpaImpl("sdpa_flash", backend="FLASH_ATTENTION"),
     SdpaImpl("sdpa_cudnn", backend="CUDNN_ATTENTION", devices=("cuda",)),

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# One use of the GPU machine: build, GPU test suite, sanitizers, benchmark; logs under $OUT.
+#
+#   bash benchmarks/device_run.sh build test sanitize   # first call (about 8 minutes)
+#   bash benchmarks/device_run.sh bench                 # second call, same warm machine
+#
+# Phases run in the order given; each writes $OUT/<phase>.log and prints a short summary last.
+# Wheels for packages the machine lacks (hypothesis, ...) are taken from .whl/ when present.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/flash_mha_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+summary=()
+
+deps() {
+  python3 -c "import hypothesis, expecttest" 2>/dev/null && return
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+}
+
+phase_build() {
+  local t0=$SECONDS
+  # Hopper only on the device (halves the build); the default list is "8.0;9.0a".
+  TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=16 \
+    python3 -m pip install --no-build-isolation --no-deps -v -e . >"$OUT/build.log" 2>&1
+  local rc=$?
+  grep -E "spill|warning C7508|error" "$OUT/build.log" | grep -v "0 bytes spill" | head -20
+  summary+=("build rc=$rc in $((SECONDS - t0)) s")
+  python3 -c "import flash_mha, torch; print('built_with_cuda', flash_mha.built_with_cuda(), torch.cuda.get_device_name())"
+}
+
+phase_test() {
+  local t0=$SECONDS
+  deps
+  timeout "${TEST_TIMEOUT:-330}" python3 -m pytest tests -q -p no:cacheprovider --durations=10 -rfE \
+    >"$OUT/test.log" 2>&1
+  local rc=$?
+  tail -25 "$OUT/test.log"
+  summary+=("tests rc=$rc in $((SECONDS - t0)) s: $(tail -1 "$OUT/test.log")")
+}
+
+phase_sanitize() {
+  local t0=$SECONDS
+  timeout "${SANITIZE_TIMEOUT:-150}" bash benchmarks/sanitize.sh >"$OUT/sanitize.log" 2>&1
+  local rc=$?
+  grep -E "^== |ERROR SUMMARY|RACECHECK SUMMARY|FAIL" "$OUT/sanitize.log" | head -20
+  summary+=("sanitize rc=$rc in $((SECONDS - t0)) s")
+}
+
+phase_bench() {
+  local t0=$SECONDS
+  python3 -m flash_mha.bench --plot --no-progress --budget-s "${BENCH_BUDGET:-430}" \
+    --out-dir "$OUT/results" ${BENCH_ARGS:-} >"$OUT/bench.log" 2>&1
+  local rc=$?
+  tar -C "$OUT" -czf "$OUT/results.tgz" results && rm -rf "$OUT/results"
+  tail -40 "$OUT/bench.log"
+  summary+=("bench rc=$rc in $((SECONDS - t0)) s")
+}
+
+for phase in "$@"; do
+  echo "=== $phase"
+  "phase_$phase"
+done
+nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu --format=csv,noheader
+printf '%s\n' "${summary[@]}"
