@@ -22,6 +22,12 @@ bool sm80_bwd_supported(const BwdParams& p);
 int64_t sm80_bwd_workspace_bytes(const BwdParams& p);
 void sm80_bwd(const BwdParams& p, void* workspace, cudaStream_t stream);
 
+// Hopper forward (sm90_fwd.cu; TMA + wgmma, sm_90a only) for float16 / bfloat16, d == d_v in
+// {64, 128}, no bias / mask / dropout, TMA-describable strides. dispatch.cu calls it only on a
+// compute capability 9.0 device; anything it does not take runs on the sm80 path.
+bool sm90_fwd_supported(const FwdParams& p);
+void sm90_fwd(const FwdParams& p, cudaStream_t stream);
+
 // Sets the dynamic shared-memory limit of `kernel` when it needs more than the default 48 KiB.
 template <typename Kernel>
 inline void allow_smem(Kernel kernel, int64_t bytes) {

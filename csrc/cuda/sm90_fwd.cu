@@ -1,0 +1,607 @@
+// Hopper forward for float16 / bfloat16 (sm_90a): TMA + mbarrier + wgmma + warp specialization.
+//
+// A block is one producer warpgroup and kConsumers (2 for d = 128, 3 for d = 64) consumer
+// warpgroups of 64 query rows each, so a query tile is kBlockM = 64 kConsumers rows:
+//   warpgroup 0 (producer, registers given back with setmaxnreg): one thread issues the TMA loads,
+//     Q once per query tile, then K and V tiles of kBlockN keys into a kStages-deep ring of
+//     shared-memory stages. Each stage has four mbarriers: k_full / v_full (the TMA's byte count
+//     completes them) and k_empty / v_empty (one arrival per consumer warp once its wgmma reading
+//     the stage retired); Q has q_full / q_empty.
+//   consumers: S = Q K^T with wgmma (both operands in shared memory), masking and online softmax in
+//     registers (log2 domain, scale folded into the exponent), P converted to 16 bits in registers
+//     and O += P V with wgmma (A = P from registers, B = V from shared memory read "MN-major": V is
+//     [keys, d] with d contiguous, the transpose bit set).
+// Intra-warpgroup overlap: the S wgmma of key tile t and the P V wgmma of tile t - 1 are in flight
+//   together, and the softmax of tile t runs while P V of tile t - 1 computes.
+// Ping-pong (template flag): the consumer warpgroups take turns (named barriers) issuing their
+//   GEMMs, so one warpgroup's softmax runs while the others' GEMMs keep the tensor cores busy.
+// Persistent grid (template flag): one block per SM walks a static list of work units (a query
+//   tile; for causal problems a pair of query tiles of equal total cost), so loads for the next
+//   tile overlap the end of the current one.
+// The configuration per head dim is chosen in dispatch_dim (measurements: NOTES.md).
+//
+// Shared-memory tiles are [rows, d] stored as d / 64 "panels" of [rows, 64] with the 128-byte
+// swizzle that TMA writes and wgmma reads (sm90.cuh explains the descriptors).
+// Key tiles are visited from the last to the first, so the tiles that need element masks (the
+// key bound n_k, the causal diagonal) come first; causal tiles wholly above the diagonal are never
+// loaded.
+//
+// Output: O / l written from registers (4-byte stores), lse = (m + log2 l) ln 2 in natural log of
+// the scaled scores; a row that sees no key gets zeros and lse = +inf (as sm80_fwd.cu).
+#include <cuda.h>          // CUtensorMap and its enums (types only: nothing links libcuda)
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
+
+#include "kernels.h"
+#include "sm80_tile.cuh"
+#include "sm90.cuh"
+#include "softmax.cuh"
+
+// Unreferenced traits members are expected: the sm_80 pass compiles the kernel body out, and some
+// configurations leave a member unused (kSchedBarrier without ping-pong).
+#pragma nv_diag_suppress 177
+
+namespace flash_mha::cuda {
+namespace {
+
+template <typename T, int kD_, int kBlockN_, int kConsumers_, bool kPingPong_, bool kPersistent_>
+struct Sm90FwdTraits {
+  static constexpr int kD = kD_;                       // d == d_v
+  static constexpr int kConsumers = kConsumers_;       // consumer warpgroups
+  static constexpr int kBlockM = 64 * kConsumers;      // a wgmma is 64 rows: one per warpgroup
+  static constexpr int kBlockN = kBlockN_;             // keys per tile (S: m64 n kBlockN k16)
+  static constexpr int kThreads = 128 * (1 + kConsumers);
+  // Register split. setmaxnreg only moves registers within the block's launch allocation, which
+  // is the per-thread cap of __launch_bounds__(kThreads, 1) (65536 / kThreads rounded down to a
+  // multiple of 8) times kThreads: 168 x 384 = 128 x (24 + 2 x 240) for 2 consumer warpgroups,
+  // 128 x 512 = 128 x (32 + 3 x 160) for 3. Asking for more blocks setmaxnreg.inc forever.
+  static constexpr int kProducerRegs = kConsumers == 2 ? 24 : 32;
+  static constexpr int kConsumerRegs = kConsumers == 2 ? 240 : 160;
+  static constexpr int kEntryRegs = (65536 / kThreads) / 8 * 8;
+  static_assert(kProducerRegs + kConsumers * kConsumerRegs <= (1 + kConsumers) * kEntryRegs,
+                "setmaxnreg split exceeds the block's register allocation");
+  static constexpr int kPanel = 64;                    // elements per 128-byte swizzled row
+  static constexpr int kPanels = kD / kPanel;
+  // K+V ring depth: as many stages as fit next to Q in the 227 KiB of an sm_90 block (up to 4).
+  static constexpr int64_t kSmemLimit = 227 * 1024;
+  static constexpr int kFitStages =
+      static_cast<int>((kSmemLimit - 2048 - int64_t{kBlockM} * kD * 2) / (2 * int64_t{kBlockN} * kD * 2));
+  static constexpr int kStages = kFitStages < 4 ? kFitStages : 4;
+  static_assert(kStages >= 2, "need a double-buffered K/V ring");
+  static_assert(kBlockN % 16 == 0 && kBlockN <= 256, "key tile: a multiple of 16, at most 256 (TMA box)");
+  // Ping-pong: the consumer warpgroups take turns issuing their GEMMs (named barriers
+  // kSchedBarrier + warpgroup), so one's softmax runs while the others' GEMMs run.
+  static constexpr bool kPingPong = kPingPong_;
+  static constexpr int kSchedBarrier = 1;
+  // Persistent: one block per SM walks the work list, so the next tile's Q and K/V loads overlap
+  // the current tile's last GEMMs and output stores.
+  static constexpr bool kPersistent = kPersistent_;
+  static constexpr uint32_t kQBytes = kBlockM * kD * sizeof(T);
+  static constexpr uint32_t kKVBytes = kBlockN * kD * sizeof(T);
+  static_assert(kD % kPanel == 0, "head dim must be whole 64-element panels");
+
+  struct Smem {
+    alignas(1024) T q[kBlockM * kD];             // [kPanels][kBlockM, 64] swizzled
+    alignas(1024) T k[kStages][kBlockN * kD];    // [stage][kPanels][kBlockN, 64] swizzled
+    alignas(1024) T v[kStages][kBlockN * kD];    // [stage][kPanels][kBlockN, 64] swizzled
+  };
+  struct Barriers {
+    uint64_t q_full, q_empty;
+    uint64_t k_full[kStages], k_empty[kStages], v_full[kStages], v_empty[kStages];
+  };
+  // + 1024: the dynamic shared-memory base is only 16-byte aligned; the kernel rounds it up.
+  static constexpr int64_t kSmemBytes = sizeof(Smem) + 1024;
+  static_assert(kSmemBytes + sizeof(Barriers) <= kSmemLimit, "exceeds the sm_90 shared-memory limit");
+};
+
+// ---------------------------------------------------------------------------------------------
+// Work list. A work unit is one query tile, or for causal problems on the persistent grid the pair
+// of query tiles (k, n_qb - 1 - k) of one head: each pair visits n_qb + 1 key tiles in all, so
+// units cost the same and a static round robin stays balanced. (A grid of one block per unit needs
+// no pairs: the hardware hands the next unit to whichever SM frees up, and units go heaviest
+// first.) Units of one head are consecutive, so the blocks running at one time share a few heads'
+// K and V in L2.
+// 32-bit indices throughout (sm90_fwd_supported checks the sizes): 64-bit divisions are long
+// subroutines, and the producer runs on 32 registers.
+struct WorkList {
+  int n_qb;        // query tiles per (batch, head)
+  int per_head;    // units per (batch, head)
+  int units;       // in all
+  bool pairs;
+
+  __host__ __device__ WorkList(const FwdParams& p, int block_m, bool persistent) {
+    n_qb = static_cast<int>((p.n_q + block_m - 1) / block_m);
+    pairs = persistent && p.causal != Causal::kNone;
+    per_head = pairs ? (n_qb + 1) / 2 : n_qb;
+    units = static_cast<int>(p.b * p.h) * per_head;
+  }
+  // Unit u: (batch * h + head) and its query tiles qb_hi, then (when two) qb_lo; returns 1 or 2.
+  __device__ __forceinline__ int tiles(int u, int& bh, int& qb_hi, int& qb_lo) const {
+    bh = u / per_head;
+    const int k = u - bh * per_head;
+    qb_hi = n_qb - 1 - k;
+    qb_lo = k;
+    return pairs && qb_lo != qb_hi ? 2 : 1;
+  }
+};
+
+// One query tile: (batch, head, kv head, first row) and the number of key tiles it visits.
+struct TileCoord {
+  int bi, hi, kvh, i0;
+  int n_tiles;  // 0: every row of the tile sees nothing
+  __device__ __forceinline__ TileCoord(const FwdParams& p, int bh, int qb, int block_m, int block_n) {
+    const int h = static_cast<int>(p.h);
+    bi = bh / h;
+    hi = bh - bi * h;
+    kvh = hi / (h / static_cast<int>(p.h_kv));
+    i0 = qb * block_m;
+    const int64_t rows = imin(block_m, p.n_q - i0);
+    n_tiles = static_cast<int>((visible_key_end(p, i0, rows) + block_n - 1) / block_n);
+  }
+};
+
+// OnlineSoftmax (m in log2 units of the scaled scores) split in two halves so that the output
+// rescale can wait for an in-flight P V: scores() turns raw q.k scores (-inf where invisible) into
+// probabilities and returns the per-row rescale factors, rescale() applies them to O.
+// The scale is folded into the exponent: 2^(s scale log2e - m) is one FFMA + EX2 (scale > 0, so
+// the row maximum of the raw scores gives m). Maxima and sums use 4 independent partials: the
+// softmax sits on each warpgroup's critical path, so short dependency chains matter.
+struct SplitSoftmax : OnlineSoftmax {
+  template <int kN>
+  __device__ __forceinline__ void scores(float (&s)[kN][4], float scale_log2, float (&alpha)[2]) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float mx4[4], sum4[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) mx4[i] = s[0][2 * h];
+#pragma unroll
+      for (int nt = 0; nt < kN; ++nt) mx4[nt % 4] = fmaxf(mx4[nt % 4], fmaxf(s[nt][2 * h], s[nt][2 * h + 1]));
+      float mx = fmaxf(fmaxf(mx4[0], mx4[1]), fmaxf(mx4[2], mx4[3]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      mx = fmaxf(m[h], mx * scale_log2);
+      // Nothing visible yet: m stays -inf; subtract 0 so that 2^(-inf) = 0, not NaN.
+      const float m_use = mx == -__int_as_float(0x7f800000) ? 0.f : mx;
+      alpha[h] = ex2_approx(m[h] - m_use);
+      m[h] = mx;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) sum4[i] = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < kN; ++nt) {
+        s[nt][2 * h] = ex2_approx(fmaf(s[nt][2 * h], scale_log2, -m_use));
+        s[nt][2 * h + 1] = ex2_approx(fmaf(s[nt][2 * h + 1], scale_log2, -m_use));
+        sum4[nt % 4] += s[nt][2 * h] + s[nt][2 * h + 1];
+      }
+      l[h] = l[h] * alpha[h] + ((sum4[0] + sum4[1]) + (sum4[2] + sum4[3]));
+    }
+  }
+  // Once the row maxima settle, alpha is 1 for every row of the warp: skip the multiplies.
+  template <int kNO>
+  __device__ __forceinline__ static void rescale(float (&o)[kNO][4], const float (&alpha)[2]) {
+    if (!__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) return;
+#pragma unroll
+    for (int nt = 0; nt < kNO; ++nt) {
+      o[nt][0] *= alpha[0];
+      o[nt][1] *= alpha[0];
+      o[nt][2] *= alpha[1];
+      o[nt][3] *= alpha[1];
+    }
+  }
+};
+
+// Pipeline position shared by the producer and every consumer thread: each walks the same work
+// list and counts the K/V tiles and Q tiles it has passed. K/V use `it` sits in stage
+// it % kStages, and that stage's barriers complete once per use, so use it waits for parity
+// (it / kStages) & 1 on the full barriers and the opposite parity on the empty ones (the first
+// use of a fresh empty barrier passes at once). Q has one buffer: parity q_it & 1.
+struct PipeState {
+  uint32_t it = 0, q_it = 0;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Producer: one thread. For each query tile: Q once (after the consumers released the previous
+// tile's Q), then its K and V tiles, last key tile first.
+template <typename T, typename Tr>
+__device__ __forceinline__ void produce_tile(typename Tr::Smem& sm, typename Tr::Barriers& bar,
+                                             const CUtensorMap* tm_q, const CUtensorMap* tm_k,
+                                             const CUtensorMap* tm_v, const TileCoord& c, PipeState& ps) {
+  using namespace sm90;
+  if (c.n_tiles == 0) return;
+  const int bi = c.bi, hi = c.hi, kvh = c.kvh;
+  mbarrier_wait(&bar.q_empty, (ps.q_it & 1) ^ 1);
+  mbarrier_arrive_expect_tx(&bar.q_full, Tr::kQBytes);
+#pragma unroll
+  for (int pn = 0; pn < Tr::kPanels; ++pn)
+    tma_load_4d(sm.q + pn * Tr::kBlockM * Tr::kPanel, tm_q, &bar.q_full, pn * Tr::kPanel, c.i0, hi, bi);
+  ++ps.q_it;
+  for (int t = 0; t < c.n_tiles; ++t, ++ps.it) {
+    const int st = ps.it % Tr::kStages;
+    const uint32_t parity = ((ps.it / Tr::kStages) & 1) ^ 1;
+    const int j0 = (c.n_tiles - 1 - t) * Tr::kBlockN;
+    mbarrier_wait(&bar.k_empty[st], parity);
+    mbarrier_arrive_expect_tx(&bar.k_full[st], Tr::kKVBytes);
+#pragma unroll
+    for (int pn = 0; pn < Tr::kPanels; ++pn)
+      tma_load_4d(sm.k[st] + pn * Tr::kBlockN * Tr::kPanel, tm_k, &bar.k_full[st], pn * Tr::kPanel, j0, kvh, bi);
+    mbarrier_wait(&bar.v_empty[st], parity);
+    mbarrier_arrive_expect_tx(&bar.v_full[st], Tr::kKVBytes);
+#pragma unroll
+    for (int pn = 0; pn < Tr::kPanels; ++pn)
+      tma_load_4d(sm.v[st] + pn * Tr::kBlockN * Tr::kPanel, tm_v, &bar.v_full[st], pn * Tr::kPanel, j0, kvh, bi);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Consumer warpgroup `cw`: query rows i0 + 64 cw .. + 63 of the tile; warp w of it rows + 16 w ...
+
+// S[64, kBlockN] = Q[64, kD] K^T for this warpgroup (issue only; the caller commits and waits).
+template <typename T, typename Tr>
+__device__ __forceinline__ void issue_qk(float (&s)[Tr::kBlockN / 8][4], uint32_t q_base, uint32_t k_base) {
+  using namespace sm90;
+#pragma unroll
+  for (int kk = 0; kk < Tr::kD / 16; ++kk) {
+    // k step kk: panel kk / 4, 32-byte column group kk % 4 of the 128-byte swizzled rows.
+    const uint32_t a = q_base + (kk / 4) * Tr::kBlockM * 128 + (kk % 4) * 32;
+    const uint32_t b = k_base + (kk / 4) * Tr::kBlockN * 128 + (kk % 4) * 32;
+    wgmma_ss<T, Tr::kBlockN>(s, desc_kmajor_sw128(a), desc_kmajor_sw128(b), kk > 0);
+  }
+}
+
+// O[64, kD] += P[64, kBlockN] V[kBlockN, kD] (issue only).
+template <typename T, typename Tr>
+__device__ __forceinline__ void issue_pv(float (&o)[Tr::kD / 8][4], const uint32_t (&pa)[Tr::kBlockN / 16][4],
+                                         uint32_t v_base) {
+  using namespace sm90;
+#pragma unroll
+  for (int kk = 0; kk < Tr::kBlockN / 16; ++kk)
+    wgmma_rs<T, Tr::kD>(o, pa[kk], desc_mnmajor_sw128(v_base + kk * 16 * 128, Tr::kBlockN * 128), 1);
+}
+
+// One query tile. Per key tile t (after the first): S_t = Q K_t^T and O += P_{t-1} V_{t-1} are
+// issued together, the softmax of S_t runs while P V computes, then O is rescaled and P_t formed.
+// Ping-pong: the issue of each tile's GEMMs is a turn taken in round robin by the consumer
+// warpgroups (named barriers), so one warpgroup's softmax overlaps the others' GEMMs.
+template <typename T, typename Tr>
+__device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr::Barriers& bar, const FwdParams& p,
+                                             const TileCoord& c, int cw, PipeState& ps) {
+  using namespace sm90;
+  constexpr int kNS = Tr::kBlockN / 8;  // 8-column groups of S
+  constexpr int kNO = Tr::kD / 8;       // 8-column groups of O
+  constexpr int kKP = Tr::kBlockN / 16; // k16 steps of P V
+  const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+  // 32-bit positions (sizes are checked on the host): fewer live registers next to the tiles.
+  const int row0 = c.i0 + 64 * cw + 16 * warp;  // this warp's first query row
+  const int shift = static_cast<int>(causal_shift(p));
+  const int n_k = static_cast<int>(p.n_k);
+  const bool causal = p.causal != Causal::kNone;
+  const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
+  const int n_tiles = c.n_tiles;
+
+  SplitSoftmax softmax;
+  softmax.init();
+  float o[kNO][4];  // O rows of this warp, wgmma accumulator layout
+  zero_acc(o);
+
+  if (n_tiles > 0) {
+    const uint32_t q_base = smem_addr(sm.q) + cw * 64 * 128;  // 64 rows into every Q panel
+    // -inf outside the key bound and past the causal diagonal (raw scores: the scale is applied in
+    // the softmax). Only the first visited tiles (the last key tiles) can need the element test.
+    auto mask = [&](float (&s)[kNS][4], int t) {
+      const int j0 = (n_tiles - 1 - t) * Tr::kBlockN;
+      const bool check = (causal && j0 + Tr::kBlockN - 1 > row0 + shift) || j0 + Tr::kBlockN > n_k;
+      if (check) {
+        const int col_limit = n_k - j0;
+        const int diag = causal ? row0 + shift - j0 : (1 << 30);
+#pragma unroll
+        for (int nt = 0; nt < kNS; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int r = frag_row(lane, e), col = frag_col(lane, nt, e);
+            if (col >= col_limit || col - r > diag) s[nt][e] = -__int_as_float(0x7f800000);
+          }
+      }
+    };
+    // Ping-pong turns: wait for this warpgroup's turn / hand the turn to the next one. Per tile each
+    // warpgroup takes n_tiles + 1 turns; the last warpgroup hands warpgroup 0 its first turn and
+    // skips its own last hand-over, so the named barriers balance within every tile.
+    auto turn_begin = [&] {
+      if constexpr (Tr::kPingPong) named_barrier_sync(Tr::kSchedBarrier + cw, 256);
+    };
+    auto turn_end = [&] {
+      if constexpr (Tr::kPingPong) named_barrier_arrive(Tr::kSchedBarrier + (cw + 1) % Tr::kConsumers, 256);
+    };
+    // The last S of the tile is done: the producer may load the next tile's Q.
+    auto release_q = [&](int t) {
+      if (t == n_tiles - 1 && lane == 0) mbarrier_arrive(&bar.q_empty);
+    };
+    auto stage = [&](uint32_t it) { return static_cast<int>(it % Tr::kStages); };
+    auto parity = [&](uint32_t it) { return (it / Tr::kStages) & 1; };
+
+    if constexpr (Tr::kPingPong) {
+      if (cw == Tr::kConsumers - 1) named_barrier_arrive(Tr::kSchedBarrier, 256);
+    }
+    mbarrier_wait(&bar.q_full, ps.q_it & 1);
+    ++ps.q_it;
+
+    // Prologue: S of the first tile, its softmax, P.
+    float s[kNS][4];
+    uint32_t pa[kKP][4];
+    uint32_t it = ps.it;
+    mbarrier_wait(&bar.k_full[stage(it)], parity(it));
+    turn_begin();
+    wgmma_fence();
+    issue_qk<T, Tr>(s, q_base, smem_addr(sm.k[stage(it)]));
+    wgmma_commit_group();
+    turn_end();
+    wgmma_wait_group<0>();
+    fence_regs(s);
+    if (lane == 0) mbarrier_arrive(&bar.k_empty[stage(it)]);
+    release_q(0);
+    mask(s, 0);
+    {
+      float alpha[2];
+      softmax.scores(s, scale_log2, alpha);  // O is still zero: no rescale
+    }
+#pragma unroll
+    for (int kk = 0; kk < kKP; ++kk) acc_to_a<T>(pa[kk], s, kk);
+
+    for (int t = 1; t < n_tiles; ++t) {
+      const uint32_t cur = it + 1, prev = it;  // K/V uses of tiles t and t - 1
+      mbarrier_wait(&bar.k_full[stage(cur)], parity(cur));
+      mbarrier_wait(&bar.v_full[stage(prev)], parity(prev));
+      turn_begin();
+      wgmma_fence();
+      issue_qk<T, Tr>(s, q_base, smem_addr(sm.k[stage(cur)]));  // S of tile t
+      wgmma_commit_group();
+      issue_pv<T, Tr>(o, pa, smem_addr(sm.v[stage(prev)]));  // O += P V of tile t - 1
+      wgmma_commit_group();
+      turn_end();
+      wgmma_wait_group<1>();  // S done; P V may still run
+      fence_regs(s);
+      if (lane == 0) mbarrier_arrive(&bar.k_empty[stage(cur)]);
+      release_q(t);
+      mask(s, t);
+      float alpha[2];
+      softmax.scores(s, scale_log2, alpha);
+      wgmma_wait_group<0>();  // P V done: O and P may be touched again
+      fence_regs(o);
+      fence_regs(pa);
+      if (lane == 0) mbarrier_arrive(&bar.v_empty[stage(prev)]);
+      SplitSoftmax::rescale(o, alpha);
+#pragma unroll
+      for (int kk = 0; kk < kKP; ++kk) acc_to_a<T>(pa[kk], s, kk);
+      it = cur;
+    }
+    // Epilogue: P V of the last tile.
+    mbarrier_wait(&bar.v_full[stage(it)], parity(it));
+    turn_begin();
+    wgmma_fence();
+    issue_pv<T, Tr>(o, pa, smem_addr(sm.v[stage(it)]));
+    wgmma_commit_group();
+    if (cw != Tr::kConsumers - 1) turn_end();
+    wgmma_wait_group<0>();
+    fence_regs(o);
+    fence_regs(pa);
+    if (lane == 0) mbarrier_arrive(&bar.v_empty[stage(it)]);
+    ps.it = it + 1;
+  }
+
+  // out = O / l; lse = (m + log2 l) ln 2; rows that saw no key: 0 and +inf.
+  softmax.finish();
+  const uint64_t bh = static_cast<uint64_t>(c.bi) * p.h + c.hi;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t i = row0 + lane / 4 + 8 * h;
+    if (i >= p.n_q) continue;  // rows past n_q: TMA read zeros for them
+    const float l = softmax.l[h];
+    const float inv = l == 0.f ? 0.f : 1.f / l;
+    T* og = static_cast<T*>(p.o) + int64_t{c.bi} * p.o_sb + int64_t{c.hi} * p.o_sh + i * p.o_sn;
+#pragma unroll
+    for (int nt = 0; nt < kNO; ++nt) {
+      const int col = 8 * nt + 2 * (lane % 4);
+      *reinterpret_cast<uint32_t*>(og + col) = pack2<T>(o[nt][2 * h] * inv, o[nt][2 * h + 1] * inv);
+    }
+    if (lane % 4 == 0) {
+      float* lse = static_cast<float*>(p.lse) + bh * p.n_q + i;
+      *lse = l == 0.f ? __int_as_float(0x7f800000) : (softmax.m[h] + __log2f(l)) * kLn2;
+    }
+  }
+}
+
+// Grid: one block per SM (persistent) walking the work list with stride gridDim.x, or one block
+// per work unit. Every role walks the same list.
+template <typename T, typename Tr>
+__global__ void __launch_bounds__(Tr::kThreads, 1)
+    sm90_fwd_kernel(const __grid_constant__ CUtensorMap tm_q,  // [b, h, n_q, d] box [kBlockM, 64]
+                    const __grid_constant__ CUtensorMap tm_k,  // [b, h_kv, n_k, d] box [kBlockN, 64]
+                    const __grid_constant__ CUtensorMap tm_v,  // [b, h_kv, n_k, d] box [kBlockN, 64]
+                    const FwdParams p) {
+#if FLASH_MHA_SM90_ENABLED
+  using namespace sm90;
+  // The barriers live in static shared memory, which exists only in the sm_90a body: the host
+  // checks the kernel's static size to know that this body (not an empty stub) was compiled.
+  __shared__ typename Tr::Barriers bar;
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t base = smem_addr(smem_raw);
+  auto& sm = *reinterpret_cast<typename Tr::Smem*>(smem_raw + (((base + 1023) & ~1023u) - base));
+
+  const WorkList work(p, Tr::kBlockM, Tr::kPersistent);
+  const int wg = threadIdx.x / 128;
+  if (threadIdx.x == 0) {
+    mbarrier_init(&bar.q_full, 1);
+    mbarrier_init(&bar.q_empty, 4 * Tr::kConsumers);  // one arrival per consumer warp
+    for (int s = 0; s < Tr::kStages; ++s) {
+      mbarrier_init(&bar.k_full[s], 1);
+      mbarrier_init(&bar.v_full[s], 1);
+      mbarrier_init(&bar.k_empty[s], 4 * Tr::kConsumers);
+      mbarrier_init(&bar.v_empty[s], 4 * Tr::kConsumers);
+    }
+    fence_barrier_init();
+  }
+  __syncthreads();
+
+  PipeState ps;
+  if (wg == 0) {
+    setmaxnreg_dec<Tr::kProducerRegs>();
+    if (threadIdx.x == 0) {
+      tma_prefetch_desc(&tm_q);
+      tma_prefetch_desc(&tm_k);
+      tma_prefetch_desc(&tm_v);
+      for (int u = blockIdx.x; u < work.units; u += gridDim.x) {
+        int bh, qb_hi, qb_lo;
+        const int n = work.tiles(u, bh, qb_hi, qb_lo);
+        for (int i = 0; i < n; ++i)
+          produce_tile<T, Tr>(sm, bar, &tm_q, &tm_k, &tm_v,
+                              TileCoord(p, bh, i == 0 ? qb_hi : qb_lo, Tr::kBlockM, Tr::kBlockN), ps);
+      }
+    }
+  } else {
+    setmaxnreg_inc<Tr::kConsumerRegs>();
+    if constexpr (Tr::kPersistent) {
+      for (int u = blockIdx.x; u < work.units; u += gridDim.x) {
+        int bh, qb_hi, qb_lo;
+        const int n = work.tiles(u, bh, qb_hi, qb_lo);
+        for (int i = 0; i < n; ++i)
+          consume_tile<T, Tr>(sm, bar, p, TileCoord(p, bh, i == 0 ? qb_hi : qb_lo, Tr::kBlockM, Tr::kBlockN), wg - 1,
+                              ps);
+      }
+    } else {
+      // One unit of one tile per block, no loop: the loop's live state costs registers (d = 64 with
+      // 3 consumer warpgroups has 160 each).
+      int bh, qb_hi, qb_lo;
+      work.tiles(blockIdx.x, bh, qb_hi, qb_lo);
+      consume_tile<T, Tr>(sm, bar, p, TileCoord(p, bh, qb_hi, Tr::kBlockM, Tr::kBlockN), wg - 1, ps);
+    }
+  }
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side
+
+PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();
+      f = nullptr;
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// A rank-4 map (d, n, h, b) of a [b, h, n, d] view with the given strides (elements), boxes of
+// [box_rows, 64] elements with the 128-byte swizzle. Rows past n read as zeros.
+bool make_map(CUtensorMap* map, Dtype dt, const void* ptr, int64_t b, int64_t h, int64_t n, int64_t d, int64_t sb,
+              int64_t sh, int64_t sn, int box_rows) {
+  const auto encode = encode_tiled();
+  if (!encode) return false;
+  constexpr int64_t kElem = 2;
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(d), static_cast<cuuint64_t>(n), static_cast<cuuint64_t>(h),
+                              static_cast<cuuint64_t>(b)};
+  // A dim of size 1 is never stepped along: give it a harmless (16-byte multiple) stride.
+  auto st = [&](int64_t size, int64_t s) { return static_cast<cuuint64_t>(size == 1 ? 16 : s * kElem); };
+  const cuuint64_t strides[3] = {st(n, sn), st(h, sh), st(b, sb)};
+  const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(box_rows), 1, 1};
+  const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
+  const auto type = dt == Dtype::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  return encode(map, type, 4, const_cast<void*>(ptr), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// Multiprocessors of the current device (asked once per device).
+int sm_count() {
+  constexpr int kMaxDevices = 64;
+  static int cache[kMaxDevices] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) {
+    cudaGetLastError();
+    return 132;
+  }
+  if (cache[dev] == 0) {
+    int n = 0;
+    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n <= 0) {
+      cudaGetLastError();
+      n = 132;
+    }
+    cache[dev] = n;
+  }
+  return cache[dev];
+}
+
+// Returns false (nothing launched) when a tensor map cannot be built.
+template <typename T, int kD, int kBlockN, int kConsumers, bool kPingPong, bool kPersistent>
+bool launch(const FwdParams& p, cudaStream_t stream) {
+  using Tr = Sm90FwdTraits<T, kD, kBlockN, kConsumers, kPingPong, kPersistent>;
+  CUtensorMap tq, tk, tv;
+  if (!make_map(&tq, p.dtype, p.q, p.b, p.h, p.n_q, p.d, p.q_sb, p.q_sh, p.q_sn, Tr::kBlockM) ||
+      !make_map(&tk, p.dtype, p.k, p.b, p.h_kv, p.n_k, p.d, p.k_sb, p.k_sh, p.k_sn, Tr::kBlockN) ||
+      !make_map(&tv, p.dtype, p.v, p.b, p.h_kv, p.n_k, p.d_v, p.v_sb, p.v_sh, p.v_sn, Tr::kBlockN))
+    return false;
+  const int64_t units = WorkList(p, Tr::kBlockM, kPersistent).units;
+  const int64_t blocks = kPersistent ? imin(units, sm_count()) : units;
+  if (blocks == 0) return true;
+  auto kernel = sm90_fwd_kernel<T, Tr>;
+  allow_smem(kernel, Tr::kSmemBytes);
+  kernel<<<static_cast<unsigned>(blocks), Tr::kThreads, Tr::kSmemBytes, stream>>>(tq, tk, tv, p);
+  return true;
+}
+
+// The configurations sm90_fwd runs (see NOTES.md for the measurements behind them):
+// <T, d, key tile, consumer warpgroups, ping-pong, persistent>.
+template <typename T>
+bool dispatch_dim(const FwdParams& p, cudaStream_t stream) {
+  // d = 64: 3 consumer warpgroups, ping-pong, persistent (76 bytes of spills at 160 registers a
+  // thread, still the fastest: +2-7% over one block per unit). d = 128: persistent without
+  // ping-pong measured 1-3% faster than with it (H200, NOTES.md).
+  if (p.d == 64) return launch<T, 64, 128, 3, true, true>(p, stream);
+  return launch<T, 128, 128, 2, false, true>(p, stream);
+}
+
+bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
+
+// Whether this binary holds the sm_90a body of the kernel (an sm_80-only build, JIT-compiled for a
+// Hopper card, would hold an empty stub): the real body declares static shared memory.
+bool kernel_compiled_for_sm90a() {
+  static const bool ok = [] {
+    cudaFuncAttributes attr{};
+    const bool got =
+        cudaFuncGetAttributes(&attr, sm90_fwd_kernel<__nv_bfloat16, Sm90FwdTraits<__nv_bfloat16, 64, 128, 3, true, true>>) ==
+        cudaSuccess;
+    if (!got) cudaGetLastError();
+    return got && attr.sharedSizeBytes > 0;
+  }();
+  return ok;
+}
+
+}  // namespace
+
+// TMA needs 16-byte aligned bases and strides that are multiples of 16 bytes (8 elements); the
+// kernel takes d == d_v in {64, 128} and no bias, mask or dropout. Everything else goes to sm80.
+bool sm90_fwd_supported(const FwdParams& p) {
+  if (p.dtype != Dtype::kFloat16 && p.dtype != Dtype::kBFloat16) return false;
+  if (p.d != p.d_v || (p.d != 64 && p.d != 128)) return false;
+  if (p.bias || p.mask || p.dropout_p > 0.0) return false;
+  if (!(p.scale > 0.0)) return false;  // the softmax takes the row maximum of the unscaled scores
+  if (p.h_kv <= 0 || p.h % p.h_kv) return false;
+  // TMA coordinates and the kernel's tile indices are 32-bit.
+  constexpr int64_t kMaxCoord = (int64_t{1} << 30);
+  if (p.n_q > kMaxCoord || p.n_k > kMaxCoord || p.b * p.h > kMaxCoord / 2) return false;
+  const int64_t strides[] = {p.q_sb, p.q_sh, p.q_sn, p.k_sb, p.k_sh, p.k_sn, p.v_sb, p.v_sh, p.v_sn};
+  for (int64_t s : strides)
+    if (s % 8 || s < 0 || s >= (int64_t{1} << 38)) return false;
+  if (p.o_sb % 2 || p.o_sh % 2 || p.o_sn % 2) return false;  // 4-byte output stores
+  if (!aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || (reinterpret_cast<uintptr_t>(p.o) & 3)) return false;
+  return encode_tiled() != nullptr && kernel_compiled_for_sm90a();
+}
+
+void sm90_fwd(const FwdParams& p, cudaStream_t stream) {
+  const bool launched = p.dtype == Dtype::kFloat16 ? dispatch_dim<__half>(p, stream)
+                                                   : dispatch_dim<__nv_bfloat16>(p, stream);
+  if (!launched) sm80_fwd(p, stream);  // a view TMA cannot describe (e.g. overlapping strides)
+}
+
+}  // namespace flash_mha::cuda
