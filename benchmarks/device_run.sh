@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One use of the GPU machine: build, GPU test suite, sanitizers, benchmark; logs under $OUT.
 #
-#   bash benchmarks/device_run.sh build test sanitize   # first call (about 8 minutes)
+#   bash benchmarks/device_run.sh build test sanitize   # first call (about 9 minutes)
 #   bash benchmarks/device_run.sh bench                 # second call, same warm machine
 #
 # Phases run in the order given; each writes $OUT/<phase>.log and prints a short summary last.
@@ -35,16 +35,23 @@ phase_build() {
 phase_test() {
   local t0=$SECONDS
   deps
-  timeout "${TEST_TIMEOUT:-330}" python3 -m pytest tests -q -p no:cacheprovider --durations=10 -rfE \
-    >"$OUT/test.log" 2>&1
+  # Everything but the fuzzers, then the fuzzers with their GPU budget (FLASH_MHA_FUZZ_EXAMPLES_CUDA).
+  timeout "${TEST_TIMEOUT:-220}" python3 -m pytest tests -q -p no:cacheprovider --durations=10 -rfE \
+    --ignore=tests/test_fuzz.py >"$OUT/test.log" 2>&1
   local rc=$?
-  tail -25 "$OUT/test.log"
+  tail -15 "$OUT/test.log"
   summary+=("tests rc=$rc in $((SECONDS - t0)) s: $(tail -1 "$OUT/test.log")")
+  t0=$SECONDS
+  FLASH_MHA_FUZZ_EXAMPLES_CUDA=${FLASH_MHA_FUZZ_EXAMPLES_CUDA:-3000} timeout "${FUZZ_TIMEOUT:-150}" \
+    python3 -m pytest tests/test_fuzz.py -q -p no:cacheprovider -rfE --durations=5 >"$OUT/fuzz.log" 2>&1
+  rc=$?
+  tail -12 "$OUT/fuzz.log"
+  summary+=("fuzz rc=$rc in $((SECONDS - t0)) s: $(tail -1 "$OUT/fuzz.log")")
 }
 
 phase_sanitize() {
   local t0=$SECONDS
-  timeout "${SANITIZE_TIMEOUT:-150}" bash benchmarks/sanitize.sh >"$OUT/sanitize.log" 2>&1
+  timeout "${SANITIZE_TIMEOUT:-110}" bash benchmarks/sanitize.sh >"$OUT/sanitize.log" 2>&1
   local rc=$?
   grep -E "^== |ERROR SUMMARY|RACECHECK SUMMARY|FAIL" "$OUT/sanitize.log" | head -20
   summary+=("sanitize rc=$rc in $((SECONDS - t0)) s")
@@ -52,12 +59,18 @@ phase_sanitize() {
 
 phase_bench() {
   local t0=$SECONDS
-  python3 -m flash_mha.bench --plot --no-progress --budget-s "${BENCH_BUDGET:-430}" \
-    --out-dir "$OUT/results" ${BENCH_ARGS:-} >"$OUT/bench.log" 2>&1
+  # The plain grid and the module level without FlexAttention (it compiles per shape), then the
+  # extra cases with every peer. The naive / MATH baselines are left out here to fit the lease.
+  python3 -m flash_mha.bench --plot --no-progress --case plain,module --impl '!flex,!naive,!sdpa_math' \
+    --budget-s "${BENCH_BUDGET_A:-170}" --out-dir "$OUT/results" >"$OUT/bench.log" 2>&1
   local rc=$?
+  python3 -m flash_mha.bench --plot --no-progress --impl '!naive,!sdpa_math' \
+    --case bias,bias_heads,key_padding,gqa,nq_ne_nk,float32,dropout \
+    --budget-s "${BENCH_BUDGET_B:-140}" --out "$OUT/results/cases.json" >>"$OUT/bench.log" 2>&1
+  local rc2=$?
   tar -C "$OUT" -czf "$OUT/results.tgz" results && rm -rf "$OUT/results"
-  tail -40 "$OUT/bench.log"
-  summary+=("bench rc=$rc in $((SECONDS - t0)) s")
+  grep -v "^|" "$OUT/bench.log" | tail -20
+  summary+=("bench rc=$rc/$rc2 in $((SECONDS - t0)) s")
 }
 
 for phase in "$@"; do
