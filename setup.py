@@ -18,7 +18,8 @@ cpp_sources = rel("csrc/ops.cpp") + rel("csrc/cpu/*.cpp")
 cuda_sources = rel("csrc/cuda/*.cu")
 # at::parallel_for is a header template that runs `#pragma omp parallel` when torch's parallel
 # backend is OpenMP: without -fopenmp here it silently runs on one thread.
-openmp = torch.__config__.parallel_info().find("parallel backend: OpenMP") >= 0
+openmp = (torch.__config__.parallel_info().find("parallel backend: OpenMP") >= 0
+          and os.environ.get("FLASH_MHA_OPENMP", "1") != "0")
 cxx_flags = ["-O3", "-std=c++20"] + (["-fopenmp"] if openmp else [])
 link_flags = ["-fopenmp"] if openmp else []
 use_cuda = (

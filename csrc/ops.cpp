@@ -6,7 +6,10 @@
 
 #include <atomic>
 #include <cmath>
+#include <cstdio>
 #include <limits>
+#include <string>
+#include <type_traits>
 
 #include "flash_mha.h"
 #include "philox.h"
@@ -38,20 +41,54 @@ Dtype to_dtype(at::ScalarType t) {
     case at::kHalf: return Dtype::kFloat16;
     case at::kBFloat16: return Dtype::kBFloat16;
     default:
-      TORCH_CHECK(false, "flash_mha: q, k, v must be float64, float32, float16 or bfloat16, got ", t,
-                  "; convert them with .to(torch.float16) or similar");
+      TORCH_CHECK(false, std::string("flash_mha: q, k, v must be float64, float32, float16 or bfloat16, got ") +
+                             c10::toString(t) + "; convert them with .to(torch.float16) or similar");
   }
 }
 
 at::ScalarType lse_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+// Error messages. Every check formats its message here into one std::string (numbers with
+// std::to_string / snprintf) instead of streaming values through TORCH_CHECK's ostream: on the GPU
+// machine's torch 2.11 build, a number streamed into a TORCH_CHECK message from this library
+// crashed the process (segfault instead of the RuntimeError; messages of plain strings and dtype
+// names were fine). FMHA_CHECK(cond, parts...) is TORCH_CHECK with the message built by msg().
+std::string shape_str(at::IntArrayRef a) {
+  std::string s = "[";
+  for (size_t i = 0; i < a.size(); ++i) s += (i ? ", " : "") + std::to_string(a[i]);
+  return s + "]";
+}
+
+inline void msg_part(std::string& s, const char* x) { s += x; }
+inline void msg_part(std::string& s, const std::string& x) { s += x; }
+inline void msg_part(std::string& s, at::ScalarType t) { s += c10::toString(t); }
+inline void msg_part(std::string& s, at::IntArrayRef a) { s += shape_str(a); }
+inline void msg_part(std::string& s, double x) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", x);
+  s += buf;
+}
+template <typename T, std::enable_if_t<std::is_integral_v<T>, int> = 0>
+inline void msg_part(std::string& s, T x) {
+  s += std::to_string(x);
+}
+
+template <typename... Args>
+std::string msg(const Args&... args) {
+  std::string s;
+  (msg_part(s, args), ...);
+  return s;
+}
+
+#define FMHA_CHECK(cond, ...) TORCH_CHECK(cond, ::flash_mha::msg(__VA_ARGS__))
+
 // A bias or mask is 4-d and each dim is 1 (broadcast) or the full size of [b, h, n_q, n_k].
 Strided4 broadcast_strides(const Tensor& t, const char* name, at::IntArrayRef full) {
-  TORCH_CHECK(t.dim() == 4, "flash_mha: ", name, " must be 4-d [b, h, n_q, n_k] at the op level, got ",
+  FMHA_CHECK(t.dim() == 4, "flash_mha: ", name, " must be 4-d [b, h, n_q, n_k] at the op level, got ",
               t.dim(), " dims (the Python API broadcasts fewer dims for you)");
   int64_t s[4];
   for (int i = 0; i < 4; ++i) {
-    TORCH_CHECK(t.size(i) == 1 || t.size(i) == full[i], "flash_mha: ", name, " of shape ", t.sizes(),
+    FMHA_CHECK(t.size(i) == 1 || t.size(i) == full[i], "flash_mha: ", name, " of shape ", t.sizes(),
                 " is not broadcastable to [b, h, n_q, n_k] = ", full, " (dim ", i, " must be 1 or ", full[i], ")");
     s[i] = t.size(i) == 1 ? 0 : t.stride(i);
   }
@@ -59,14 +96,14 @@ Strided4 broadcast_strides(const Tensor& t, const char* name, at::IntArrayRef fu
 }
 
 void check_last_dim(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, "flash_mha: ", name,
+  FMHA_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, "flash_mha: ", name,
               " must have a contiguous last dim (stride 1), got strides ", t.strides(),
               "; call .contiguous() on it");
 }
 
 void check_device(const Tensor& t, const Tensor& q, const char* name) {
-  TORCH_CHECK(t.device() == q.device(), "flash_mha: ", name, " is on ", t.device(), " but q is on ",
-              q.device(), "; move all inputs to one device");
+  FMHA_CHECK(t.device() == q.device(), "flash_mha: ", name, " is on ", t.device().str(), " but q is on ",
+              q.device().str(), "; move all inputs to one device");
 }
 
 // The CUDA kernel path forced by set_cuda_path (CudaPath; 0 = automatic).
@@ -76,30 +113,30 @@ std::atomic<int> g_cuda_path{0};
 FwdParams make_fwd_params(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& bias,
                           const OptTensor& mask, double scale, int64_t causal, double dropout_p,
                           const OptTensor& rng) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
+  FMHA_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
               "flash_mha: q, k, v must be 4-d [batch, heads, seqlen, head_dim], got ", q.dim(), ", ", k.dim(),
               " and ", v.dim(), " dims");
   FwdParams p{};
   p.dtype = to_dtype(q.scalar_type());
   p.path = static_cast<CudaPath>(g_cuda_path.load(std::memory_order_relaxed));
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+  FMHA_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
               "flash_mha: q, k, v must share one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
               v.scalar_type());
   check_device(k, q, "k");
   check_device(v, q, "v");
   p.b = q.size(0), p.h = q.size(1), p.n_q = q.size(2), p.d = q.size(3);
   p.h_kv = k.size(1), p.n_k = k.size(2), p.d_v = v.size(3);
-  TORCH_CHECK(k.size(0) == p.b && v.size(0) == p.b, "flash_mha: batch sizes differ: q ", p.b, ", k ",
+  FMHA_CHECK(k.size(0) == p.b && v.size(0) == p.b, "flash_mha: batch sizes differ: q ", p.b, ", k ",
               k.size(0), ", v ", v.size(0));
-  TORCH_CHECK(v.size(1) == p.h_kv, "flash_mha: k and v must have the same number of heads, got ", p.h_kv,
+  FMHA_CHECK(v.size(1) == p.h_kv, "flash_mha: k and v must have the same number of heads, got ", p.h_kv,
               " and ", v.size(1));
-  TORCH_CHECK(p.h_kv > 0 ? p.h % p.h_kv == 0 : p.h == 0,
+  FMHA_CHECK(p.h_kv > 0 ? p.h % p.h_kv == 0 : p.h == 0,
               "flash_mha: query heads (", p.h, ") must be a multiple of key/value heads (", p.h_kv, ")");
-  TORCH_CHECK(v.size(2) == p.n_k, "flash_mha: k and v must have the same sequence length, got ", p.n_k,
+  FMHA_CHECK(v.size(2) == p.n_k, "flash_mha: k and v must have the same sequence length, got ", p.n_k,
               " and ", v.size(2));
-  TORCH_CHECK(k.size(3) == p.d, "flash_mha: q and k must have the same head dim, got ", p.d, " and ",
+  FMHA_CHECK(k.size(3) == p.d, "flash_mha: q and k must have the same head dim, got ", p.d, " and ",
               k.size(3));
-  TORCH_CHECK(p.d >= 1 && p.d <= kMaxHeadDim && p.d_v >= 1 && p.d_v <= kMaxHeadDim,
+  FMHA_CHECK(p.d >= 1 && p.d <= kMaxHeadDim && p.d_v >= 1 && p.d_v <= kMaxHeadDim,
               "flash_mha: head dims must be in [1, 256], got d = ", p.d, ", d_v = ", p.d_v);
   check_last_dim(q, "q");
   check_last_dim(k, "k");
@@ -111,29 +148,29 @@ FwdParams make_fwd_params(const Tensor& q, const Tensor& k, const Tensor& v, con
 
   const std::vector<int64_t> full{p.b, p.h, p.n_q, p.n_k};
   if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == q.scalar_type(), "flash_mha: bias must have q's dtype ",
+    FMHA_CHECK(bias->scalar_type() == q.scalar_type(), "flash_mha: bias must have q's dtype ",
                 q.scalar_type(), ", got ", bias->scalar_type(), "; convert it with .to(q.dtype)");
     check_device(*bias, q, "bias");
     p.bias_s = broadcast_strides(*bias, "bias", full);
     p.bias = bias->data_ptr();
   }
   if (mask.has_value()) {
-    TORCH_CHECK(mask->scalar_type() == at::kBool, "flash_mha: mask must be bool (True = attend), got ",
+    FMHA_CHECK(mask->scalar_type() == at::kBool, "flash_mha: mask must be bool (True = attend), got ",
                 mask->scalar_type(), "; pass a float tensor as bias instead");
     check_device(*mask, q, "mask");
     p.mask_s = broadcast_strides(*mask, "mask", full);
     p.mask = reinterpret_cast<const uint8_t*>(mask->data_ptr<bool>());
   }
-  TORCH_CHECK(causal >= 0 && causal <= 2, "flash_mha: causal must be 0 (none), 1 (top-left) or 2 (bottom-right), got ",
+  FMHA_CHECK(causal >= 0 && causal <= 2, "flash_mha: causal must be 0 (none), 1 (top-left) or 2 (bottom-right), got ",
               causal);
   p.causal = static_cast<Causal>(causal);
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "flash_mha: dropout_p must be in [0, 1), got ", dropout_p);
-  TORCH_CHECK(std::isfinite(scale), "flash_mha: scale must be finite, got ", scale);
+  FMHA_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "flash_mha: dropout_p must be in [0, 1), got ", dropout_p);
+  FMHA_CHECK(std::isfinite(scale), "flash_mha: scale must be finite, got ", scale);
   p.scale = scale;
   p.dropout_p = dropout_p;
   p.dropout_threshold = dropout_threshold(dropout_p);
   if (dropout_p > 0.0) {
-    TORCH_CHECK(rng.has_value() && rng->scalar_type() == at::kLong && rng->numel() == 2 && rng->is_contiguous(),
+    FMHA_CHECK(rng.has_value() && rng->scalar_type() == at::kLong && rng->numel() == 2 && rng->is_contiguous(),
                 "flash_mha: dropout_p > 0 needs rng_state, a contiguous int64 tensor [seed, offset]");
     check_device(*rng, q, "rng_state");
     p.rng = rng->data_ptr<int64_t>();
@@ -144,7 +181,7 @@ FwdParams make_fwd_params(const Tensor& q, const Tensor& k, const Tensor& v, con
 #ifdef FLASH_MHA_WITH_CUDA
 void check_cuda_arch(const Tensor& q) {
   const auto* prop = at::cuda::getDeviceProperties(q.device().index());
-  TORCH_CHECK(prop->major >= 8, "flash_mha: CUDA kernels need compute capability 8.0 (Ampere) or newer; ",
+  FMHA_CHECK(prop->major >= 8, "flash_mha: CUDA kernels need compute capability 8.0 (Ampere) or newer; ",
               prop->name, " is ", prop->major, ".", prop->minor, ". Move the tensors to the CPU to use the CPU kernel");
 }
 #endif
@@ -171,7 +208,7 @@ std::tuple<Tensor, Tensor, Tensor> fwd(const Tensor& q, const Tensor& k, const T
     cuda_fwd(p, at::cuda::getCurrentCUDAStream().stream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 #else
-    TORCH_CHECK(false, "flash_mha was built without CUDA");
+    FMHA_CHECK(false, "flash_mha was built without CUDA");
 #endif
   } else {
     cpu_fwd(p);
@@ -186,14 +223,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout_in, const Tens
                                                bool bias_requires_grad) {
   BwdParams p{};
   static_cast<FwdParams&>(p) = make_fwd_params(q, k, v, bias, mask, scale, causal, dropout_p, rng_state);
-  TORCH_CHECK(!bias_requires_grad || bias.has_value(), "flash_mha: bias_requires_grad needs a bias");
+  FMHA_CHECK(!bias_requires_grad || bias.has_value(), "flash_mha: bias_requires_grad needs a bias");
   const std::vector<int64_t> o_shape{p.b, p.h, p.n_q, p.d_v};
-  TORCH_CHECK(dout_in.sizes() == at::IntArrayRef(o_shape) && out.sizes() == at::IntArrayRef(o_shape),
+  FMHA_CHECK(dout_in.sizes() == at::IntArrayRef(o_shape) && out.sizes() == at::IntArrayRef(o_shape),
               "flash_mha: dout and out must have shape ", at::IntArrayRef(o_shape), ", got ", dout_in.sizes(),
               " and ", out.sizes());
-  TORCH_CHECK(dout_in.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
+  FMHA_CHECK(dout_in.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
               "flash_mha: dout and out must have q's dtype ", q.scalar_type());
-  TORCH_CHECK(lse.sizes() == at::IntArrayRef({p.b, p.h, p.n_q}) && lse.scalar_type() == lse_dtype(q.scalar_type()),
+  FMHA_CHECK(lse.sizes() == at::IntArrayRef({p.b, p.h, p.n_q}) && lse.scalar_type() == lse_dtype(q.scalar_type()),
               "flash_mha: lse must be the forward's log-sum-exp, [b, h, n_q] ", lse_dtype(q.scalar_type()));
   check_device(dout_in, q, "dout");
   check_device(out, q, "out");
@@ -230,7 +267,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout_in, const Tens
     cuda_bwd(p, ws.data_ptr(), at::cuda::getCurrentCUDAStream().stream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 #else
-    TORCH_CHECK(false, "flash_mha was built without CUDA");
+    FMHA_CHECK(false, "flash_mha was built without CUDA");
 #endif
   } else {
     cpu_bwd(p);
@@ -240,7 +277,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout_in, const Tens
 
 // Forces a CUDA kernel path for later calls (0 auto, 1 simt, 2 sm80, 3 sm90); returns the previous one.
 int64_t set_cuda_path(int64_t path) {
-  TORCH_CHECK(path >= 0 && path <= 3, "flash_mha: kernel path must be 0 (auto), 1 (simt), 2 (sm80) or 3 (sm90), got ",
+  FMHA_CHECK(path >= 0 && path <= 3, "flash_mha: kernel path must be 0 (auto), 1 (simt), 2 (sm80) or 3 (sm90), got ",
               path);
   return g_cuda_path.exchange(static_cast<int>(path));
 }
