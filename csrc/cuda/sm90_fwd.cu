@@ -585,7 +585,10 @@ bool sm90_fwd_supported(const FwdParams& p) {
   if (p.dtype != Dtype::kFloat16 && p.dtype != Dtype::kBFloat16) return false;
   if (p.d != p.d_v || (p.d != 64 && p.d != 128)) return false;
   if (p.bias || p.mask || p.dropout_p > 0.0) return false;
-  if (!(p.scale > 0.0)) return false;  // the softmax takes the row maximum of the unscaled scores
+  // The softmax takes the row maximum of the unscaled scores, then scales it by scale * log2(e) in
+  // float: a scale near float's range could turn a finite maximum into +inf and make the row look
+  // empty (zeros, lse = +inf). Such scales go to the portable path.
+  if (!(p.scale > 0.0) || p.scale > 1e30) return false;
   if (p.h_kv <= 0 || p.h % p.h_kv) return false;
   // TMA coordinates and the kernel's tile indices are 32-bit.
   constexpr int64_t kMaxCoord = (int64_t{1} << 30);
