@@ -57,3 +57,26 @@ def test_force_kernel_rejects_unknown_path():
     with pytest.raises(ValueError, match="kernel path"):
         with flash_mha.force_kernel("sm70"):
             pass
+
+
+@needs_cuda
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+def test_forced_path_nan_propagates_like_reference(path, d, where):
+    """A NaN in q (one row), k (one key: every row that sees it) or v (one key, one column) makes
+    exactly the outputs NaN that are NaN in the math definition, on every kernel family.
+    Non-causal: a NaN in v of a key a row cannot see would poison it tile-dependently on every
+    GPU path (P = 0 times NaN), which the math definition does not do."""
+    b, h, n_q, n_k = 1, 2, 150, 200
+    q = randn(b, h, n_q, d, dtype=torch.bfloat16, device="cuda")
+    k = randn(b, h, n_k, d, dtype=torch.bfloat16, device="cuda")
+    v = randn(b, h, n_k, d, dtype=torch.bfloat16, device="cuda")
+    {"q": q, "k": k, "v": v}[where][0, 1, 7, 5] = float("nan")
+    with flash_mha.force_kernel(path):
+        out = flash_mha.attention(q, k, v)
+    ref = flash_mha.reference.attention(q.double(), k.double(), v.double())
+    assert torch.equal(out.isnan(), ref.isnan()), (
+        f"NaN pattern differs: {int(out.isnan().sum())} NaN outputs vs {int(ref.isnan().sum())} in the reference")
+    ok = ~ref.isnan()
+    assert (out.double()[ok] - ref[ok]).norm() / ref[ok].norm() < 3e-2
