@@ -28,6 +28,7 @@
 //
 // Output: O / l written from registers (4-byte stores), lse = (m + log2 l) ln 2 in natural log of
 // the scaled scores; a row that sees no key gets zeros and lse = +inf (as sm80_fwd.cu).
+#include <atomic>
 #include <cuda.h>          // CUtensorMap and its enums (types only: nothing links libcuda)
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 
@@ -515,21 +516,21 @@ bool make_map(CUtensorMap* map, Dtype dt, const void* ptr, int64_t b, int64_t h,
 // Multiprocessors of the current device (asked once per device).
 int sm_count() {
   constexpr int kMaxDevices = 64;
-  static int cache[kMaxDevices] = {};
+  static std::atomic<int> cache[kMaxDevices];  // 0: not asked yet
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) {
     cudaGetLastError();
     return 132;
   }
-  if (cache[dev] == 0) {
-    int n = 0;
+  int n = cache[dev].load(std::memory_order_relaxed);
+  if (n == 0) {
     if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n <= 0) {
       cudaGetLastError();
       n = 132;
     }
-    cache[dev] = n;
+    cache[dev].store(n, std::memory_order_relaxed);
   }
-  return cache[dev];
+  return n;
 }
 
 // Returns false (nothing launched) when a tensor map cannot be built.
