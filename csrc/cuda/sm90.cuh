@@ -1,7 +1,8 @@
-// One thin wrapper per Hopper (sm_90a) PTX instruction used by sm90_fwd.cu: mbarriers, TMA
-// (cp.async.bulk.tensor) tile loads, wgmma shared-memory descriptors, wgmma fence / commit / wait,
-// wgmma m64nNk16 (f32 accumulators, bf16/f16 operands; SS = both operands in shared memory,
-// RS = A in registers), setmaxnreg, fence.proxy.async.
+// One thin wrapper per Hopper (sm_90a) PTX instruction used by sm90_fwd.cu and sm90_bwd.cu:
+// mbarriers, TMA (cp.async.bulk.tensor) tile loads and 1-d bulk copies, wgmma shared-memory
+// descriptors, wgmma fence / commit / wait, wgmma m64nNk16 (f32 accumulators, bf16/f16 operands;
+// SS = both operands in shared memory, RS = A in registers, SS_TT = both operands MN-major),
+// setmaxnreg, fence.proxy.async.
 //
 // Every body is guarded by FLASH_MHA_SM90_ENABLED: the build compiles each .cu for sm_80 and
 // sm_90a, and on every target but sm_90a these functions compile to nothing (the sm90 kernel is
@@ -93,6 +94,17 @@ __device__ __forceinline__ void tma_load_4d(void* dst, const void* tmap, uint64_
       "[%2];\n" ::"r"(smem_addr(dst)),
       "l"(reinterpret_cast<uint64_t>(tmap)), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
       : "memory");
+#endif
+}
+
+// cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes: `bytes` contiguous bytes
+// (a multiple of 16; both addresses 16-byte aligned) from global `src` into shared memory at
+// `dst`; completion counts the bytes down on `bar` (used by sm90_bwd.cu for lse / D rows).
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+#if FLASH_MHA_SM90_ENABLED
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+               ::"r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar))
+               : "memory");
 #endif
 }
 
@@ -406,6 +418,45 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&
     if constexpr (kBf16) wgmma_m64n128k16_rs_bf16(d, a, desc_b, scale_d);
     else wgmma_m64n128k16_rs_f16(d, a, desc_b, scale_d);
   }
+}
+
+// D[64, 64] (+)= A[64, 16] (smem, MN-major: stored [16, 64], M contiguous) * B[16, 64] (smem,
+// MN-major: stored [16, 64], N contiguous); both transpose bits set.
+__device__ __forceinline__ void wgmma_m64n64k16_ss_tt_bf16(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+#if FLASH_MHA_SM90_ENABLED
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "%32, %33, p, 1, 1, 1, 1;\n}\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+#endif
+}
+
+// D[64, 64] (+)= A[64, 16] (smem, MN-major: stored [16, 64], M contiguous) * B[16, 64] (smem,
+// MN-major: stored [16, 64], N contiguous); both transpose bits set.
+__device__ __forceinline__ void wgmma_m64n64k16_ss_tt_f16(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+#if FLASH_MHA_SM90_ENABLED
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "%32, %33, p, 1, 1, 1, 1;\n}\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+#endif
+}
+
+// Both operands MN-major (transpose bits set): for dQ = dS K in the backward, with dS^T stored
+// [keys, queries] (A: M = queries contiguous) and K stored [keys, d] (B: N = d contiguous).
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_ss_tt(float (&d)[N / 8][4], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+  static_assert(N == 64, "wgmma_ss_tt: N == 64");
+  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  static_assert(kBf16 || std::is_same_v<T, __half>, "wgmma_ss_tt: bf16 or f16");
+  if constexpr (kBf16) wgmma_m64n64k16_ss_tt_bf16(d, desc_a, desc_b, scale_d);
+  else wgmma_m64n64k16_ss_tt_f16(d, desc_a, desc_b, scale_d);
 }
 
 }  // namespace flash_mha::cuda::sm90

@@ -1,0 +1,568 @@
+// Hopper backward for float16 / bfloat16 (sm_90a): TMA + mbarrier + wgmma + warp specialization.
+// WRITTEN, NOT YET RUN ON A GPU, NOT DISPATCHED (see NOTES.md, "Hopper backward"): dispatch.cu
+// still sends every backward to sm80 / SIMT; benchmarks/sm90_bwd_harness.cu checks this file.
+//
+// Semantics follow sm80_bwd.cu: D = rowsum(dO * O), P = exp(scale q.k - lse), dS = P (dP - D),
+// dV = P^T dO, dK = scale dS^T Q, dQ = scale dS K (float32 atomics, then converted).
+//
+// 1. prep kernel: per (batch, head) row padded to a multiple of 128 queries, lse2 = lse log2(e)
+//    (+inf for rows past n_q or with no visible key) and D, into the workspace, so the main kernel
+//    can fetch a tile's rows with one 16-byte-aligned bulk copy each.
+// 2. main kernel: one block per (batch, kv head, 128 keys). Warpgroup 0 is the producer (one
+//    thread, 24 registers): K and V of the block once, then for each query head of the GQA group and
+//    each query tile of kBlockM rows that can see the block (causal: from the diagonal on), Q, dO
+//    (TMA, 128-byte swizzle) and the lse2 / D rows (bulk copies) into a kStages-deep ring (full /
+//    empty mbarriers per stage). Consumer warpgroups 1, 2 own keys 64 (wg - 1) .. + 63 and keep
+//    their dK, dV [64, d] in registers. Per query tile, in the transposed (key-row) layout:
+//      S^T = K Q^T, dP^T = V dO^T            (wgmma SS, both K-major, N = kBlockM)
+//      P^T = 2^(S^T scale log2e - lse2)       (causal mask on diagonal tiles only)
+//      dS^T = P^T (dP^T - D)
+//      dV += P^T dO, dK += dS^T Q             (wgmma RS: A = P^T / dS^T from registers, B MN-major)
+//      dS^T -> shared memory [keys, queries]; named barrier over both consumer warpgroups
+//      dQ[64, 64] = dS K                      (wgmma SS, both operands MN-major (transpose bits))
+//    and dQ is added to the float32 workspace with red.global.add.v2.f32. The warpgroups split dQ:
+//    d = 128 (kBlockM = 64): columns 64 (wg - 1) ..; d = 64 (kBlockM = 128): rows 64 (wg - 1) ...
+//    dS^T is double buffered, so one barrier per tile orders writes and reads.
+// 3. convert kernel: dq = scale * workspace, in the input dtype.
+// GQA: a block walks every query head of its kv head's group, so dK / dV need no atomics.
+// Keys past n_k read as zeros (TMA) and are masked (P = 0) in the last key block; their dK / dV
+// rows are never stored. Queries past n_q read as zeros and have lse2 = +inf, so P = 0.
+#include <cuda.h>          // CUtensorMap and its enums (types only: nothing links libcuda)
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
+
+#include "kernels.h"
+#include "sm80_tile.cuh"
+#include "sm90.cuh"
+#include "softmax.cuh"
+
+// Unreferenced traits members are expected: the sm_80 pass compiles the kernel bodies out.
+#pragma nv_diag_suppress 177
+
+namespace flash_mha::cuda {
+namespace {
+
+constexpr int kRowPad = 128;  // lse2 / D rows per (batch, head) are padded to this multiple
+
+template <typename T, int kD_>
+struct Sm90BwdTraits {
+  static constexpr int kD = kD_;                     // d == d_v
+  static constexpr int kBlockN = 128;                // keys per block: 64 per consumer warpgroup
+  // Query rows per tile: 64 for d = 128 (registers: dK + dV are 128 floats a thread), 128 for
+  // d = 64. Either way the dQ product of a warpgroup is one [64, 64] tile (see the header).
+  static constexpr int kBlockM = kD == 128 ? 64 : 128;
+  static constexpr int kConsumers = 2;
+  static constexpr int kThreads = 128 * (1 + kConsumers);
+  // setmaxnreg only moves registers within the launch allocation: cap 65536 / 384 = 170 -> 168
+  // a thread; 24 + 2 x 240 = 504 = 3 x 168 (NOTES.md: over-asking hangs setmaxnreg.inc).
+  static constexpr int kProducerRegs = 24;
+  static constexpr int kConsumerRegs = 240;
+  static constexpr int kEntryRegs = (65536 / kThreads) / 8 * 8;
+  static_assert(kProducerRegs + kConsumers * kConsumerRegs <= (1 + kConsumers) * kEntryRegs,
+                "setmaxnreg split exceeds the block's register allocation");
+  static constexpr int kPanel = 64;                  // elements per 128-byte swizzled row
+  static constexpr int kPanels = kD / kPanel;
+  static_assert(kD % kPanel == 0 && kBlockM % 64 == 0, "whole 64-element panels");
+  static_assert(kBlockM <= kRowPad && kRowPad % kBlockM == 0, "lse2 / D padding covers every tile");
+  // dQ split between the two consumer warpgroups: one [64 rows, 64 columns] wgmma tile each.
+  static constexpr bool kDqSplitRows = kBlockM == 128;  // else split the columns (kD == 128)
+  static_assert(kDqSplitRows ? kD == 64 : (kBlockM == 64 && kD == 128), "dQ tile split");
+
+  static constexpr uint32_t kKVBytes = kBlockN * kD * sizeof(T);
+  static constexpr uint32_t kQBytes = kBlockM * kD * sizeof(T);
+  static constexpr uint32_t kRowBytes = kBlockM * sizeof(float);
+  static constexpr uint32_t kStageBytes = 2 * kQBytes + 2 * kRowBytes;  // Q, dO, lse2, D
+
+  static constexpr int64_t kSmemLimit = 227 * 1024;
+  static constexpr int64_t kFixedBytes = 2 * int64_t{kKVBytes} + 2 * int64_t{kBlockN} * kBlockM * 2 + 2048;
+  static constexpr int kFitStages = static_cast<int>((kSmemLimit - kFixedBytes) / kStageBytes);
+  static constexpr int kStages = kFitStages < 3 ? kFitStages : 3;
+  static_assert(kStages >= 2, "need a double-buffered Q / dO ring");
+
+  struct Smem {
+    alignas(1024) T k[kBlockN * kD];                 // [kPanels][kBlockN, 64] swizzled
+    alignas(1024) T v[kBlockN * kD];                 // [kPanels][kBlockN, 64] swizzled
+    alignas(1024) T q[kStages][kBlockM * kD];        // [stage][kPanels][kBlockM, 64] swizzled
+    alignas(1024) T dout[kStages][kBlockM * kD];     // [stage][kPanels][kBlockM, 64] swizzled
+    alignas(1024) T ds[2][kBlockN * kBlockM];        // dS^T [buf][kBlockM / 64][kBlockN, 64] swizzled
+    alignas(16) float lse2[kStages][kBlockM];        // [stage][query] lse log2(e), +inf past n_q
+    alignas(16) float dsum[kStages][kBlockM];        // [stage][query] D
+  };
+  struct Barriers {
+    uint64_t kv_full;
+    uint64_t full[kStages], empty[kStages];
+  };
+  static constexpr int64_t kSmemBytes = sizeof(Smem) + 1024;  // + 1024: the kernel aligns the base
+  static_assert(kSmemBytes + sizeof(Barriers) <= kSmemLimit, "exceeds the sm_90 shared-memory limit");
+};
+
+// Workspace: dq_acc [b, h, n_q, d] float32 (zeroed by the caller), lse2 and dsum [b, h, n_q_pad].
+struct Sm90BwdWorkspace {
+  float* dq_acc;
+  float* lse2;
+  float* dsum;
+  int64_t n_q_pad;
+  int64_t bytes;
+  Sm90BwdWorkspace(const BwdParams& p, void* base) {
+    n_q_pad = align_up(p.n_q > 0 ? p.n_q : 1, kRowPad);
+    const int64_t dq_bytes = align_up(p.b * p.h * p.n_q * p.d * 4, 256);
+    const int64_t row_bytes = align_up(p.b * p.h * n_q_pad * 4, 256);
+    char* c = static_cast<char*>(base);
+    dq_acc = reinterpret_cast<float*>(c);
+    lse2 = reinterpret_cast<float*>(c + dq_bytes);
+    dsum = reinterpret_cast<float*>(c + dq_bytes + row_bytes);
+    bytes = dq_bytes + 2 * row_bytes;
+  }
+};
+
+// One warp per padded row: D = sum_c dO[c] O[c] and lse2 = lse log2(e) (+inf and 0 past n_q).
+template <typename T>
+__global__ void __launch_bounds__(128) sm90_bwd_prep_kernel(const BwdParams p, Sm90BwdWorkspace ws) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * 4 + threadIdx.x / 32;  // (bi h + hi) n_q_pad + i
+  if (row >= p.b * p.h * ws.n_q_pad) return;
+  const int lane = threadIdx.x % 32;
+  const int64_t i = row % ws.n_q_pad, bh = row / ws.n_q_pad, hi = bh % p.h, bi = bh / p.h;
+  if (i >= p.n_q) {
+    if (lane == 0) {
+      ws.lse2[row] = __int_as_float(0x7f800000);
+      ws.dsum[row] = 0.f;
+    }
+    return;
+  }
+  const T* o = static_cast<const T*>(p.o) + bi * p.o_sb + hi * p.o_sh + i * p.o_sn;         // [d_v]
+  const T* dout = static_cast<const T*>(p.dout) + bi * p.do_sb + hi * p.do_sh + i * p.do_sn;  // [d_v]
+  float acc = 0.f;
+  for (int64_t c = lane; c < p.d_v; c += 32) acc += to_acc<float>(o[c]) * to_acc<float>(dout[c]);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  if (lane == 0) {
+    ws.dsum[row] = acc;
+    // lse = +inf (no visible key) stays +inf: 2^(s - inf) = 0.
+    ws.lse2[row] = static_cast<const float*>(p.lse)[bh * p.n_q + i] * kLog2e;
+  }
+}
+
+// dq = scale * dq_acc in the input dtype (dq contiguous [b, h, n_q, d], like dq_acc).
+template <typename T>
+__global__ void sm90_bwd_convert_kernel(T* dq, const float* dq_acc, int64_t n, float scale) {
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    dq[e] = from_acc<T>(dq_acc[e] * scale);
+}
+
+// One block's work: (batch, kv head, key block) and its iterations (query head of the group x
+// query tile from first_qt on). 32-bit: sm90_bwd_supported bounds the sizes.
+struct BlockWork {
+  int bi, kvh, kb, j0;
+  int group, first_qt, n_qt, n_iters;
+  __device__ __forceinline__ BlockWork(const BwdParams& p, int block, int block_m, int block_n) {
+    const int n_kb = static_cast<int>((p.n_k + block_n - 1) / block_n);
+    const int heads = static_cast<int>(p.b * p.h_kv);
+    // Causal: key block 0 has the most query tiles; blocks go heaviest first (key block slowest).
+    // Otherwise the key blocks of one head are neighbours, so they share its Q / dO in L2.
+    int bkv;
+    if (p.causal != Causal::kNone) {
+      kb = block / heads;
+      bkv = block - kb * heads;
+    } else {
+      bkv = block / n_kb;
+      kb = block - bkv * n_kb;
+    }
+    bi = bkv / static_cast<int>(p.h_kv);
+    kvh = bkv - bi * static_cast<int>(p.h_kv);
+    j0 = kb * block_n;
+    group = static_cast<int>(p.h / p.h_kv);
+    first_qt = static_cast<int>(first_row_seeing(p, j0) / block_m);
+    const int n_qb = static_cast<int>((p.n_q + block_m - 1) / block_m);
+    n_qt = n_qb - first_qt;
+    n_iters = n_qt > 0 ? group * n_qt : 0;
+  }
+  // Iteration n: query head and first query row.
+  __device__ __forceinline__ void at(int n, int block_m, int& hi, int& i0) const {
+    const int g = n / n_qt;
+    hi = kvh * group + g;
+    i0 = (first_qt + (n - g * n_qt)) * block_m;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Producer: one thread. K and V once, then per iteration Q, dO, lse2, D into stage n % kStages.
+template <typename T, typename Tr>
+__device__ __forceinline__ void produce(typename Tr::Smem& sm, typename Tr::Barriers& bar, const BwdParams& p,
+                                        const Sm90BwdWorkspace& ws, const BlockWork& w, const CUtensorMap* tm_q,
+                                        const CUtensorMap* tm_k, const CUtensorMap* tm_v, const CUtensorMap* tm_do) {
+  using namespace sm90;
+  if (w.n_iters == 0) return;  // nothing loaded: the consumers only write zeros
+  mbarrier_arrive_expect_tx(&bar.kv_full, 2 * Tr::kKVBytes);
+#pragma unroll
+  for (int pn = 0; pn < Tr::kPanels; ++pn) {
+    tma_load_4d(sm.k + pn * Tr::kBlockN * Tr::kPanel, tm_k, &bar.kv_full, pn * Tr::kPanel, w.j0, w.kvh, w.bi);
+    tma_load_4d(sm.v + pn * Tr::kBlockN * Tr::kPanel, tm_v, &bar.kv_full, pn * Tr::kPanel, w.j0, w.kvh, w.bi);
+  }
+  for (int n = 0; n < w.n_iters; ++n) {
+    const int st = n % Tr::kStages;
+    const uint32_t parity = ((n / Tr::kStages) & 1) ^ 1;  // a fresh empty barrier passes at once
+    int hi, i0;
+    w.at(n, Tr::kBlockM, hi, i0);
+    mbarrier_wait(&bar.empty[st], parity);
+    mbarrier_arrive_expect_tx(&bar.full[st], Tr::kStageBytes);
+#pragma unroll
+    for (int pn = 0; pn < Tr::kPanels; ++pn) {
+      tma_load_4d(sm.q[st] + pn * Tr::kBlockM * Tr::kPanel, tm_q, &bar.full[st], pn * Tr::kPanel, i0, hi, w.bi);
+      tma_load_4d(sm.dout[st] + pn * Tr::kBlockM * Tr::kPanel, tm_do, &bar.full[st], pn * Tr::kPanel, i0, hi, w.bi);
+    }
+    const int64_t row = (int64_t{w.bi} * p.h + hi) * ws.n_q_pad + i0;  // 16-byte aligned: n_q_pad % 128 == 0
+    bulk_load(sm.lse2[st], ws.lse2 + row, Tr::kRowBytes, &bar.full[st]);
+    bulk_load(sm.dsum[st], ws.dsum + row, Tr::kRowBytes, &bar.full[st]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Consumer warpgroup cw (0 or 1): keys j0 + 64 cw .. + 63; warp `warp` of it keys + 16 warp ...
+
+// Byte offset of element (row, col) in a tile of `rows` rows stored as 64-column panels of
+// [rows, 64] with the 128-byte swizzle (16-byte chunk c of row r at chunk c ^ (r % 8)).
+__device__ __forceinline__ uint32_t sw128_offset(int row, int col, int rows) {
+  return (col / 64) * rows * 128 + row * 128 + ((((col % 64) / 8) ^ (row % 8)) << 4) + (col % 8) * 2;
+}
+
+// X^T[64 keys, kBlockM] = X_wg[64, kD] Y^T (X = K or V rows of this warpgroup, Y = Q or dO), issue only.
+template <typename T, typename Tr>
+__device__ __forceinline__ void issue_xyt(float (&acc)[Tr::kBlockM / 8][4], uint32_t x_base, uint32_t y_base) {
+  using namespace sm90;
+#pragma unroll
+  for (int kk = 0; kk < Tr::kD / 16; ++kk) {
+    const uint32_t a = x_base + (kk / 4) * Tr::kBlockN * 128 + (kk % 4) * 32;
+    const uint32_t b = y_base + (kk / 4) * Tr::kBlockM * 128 + (kk % 4) * 32;
+    wgmma_ss<T, Tr::kBlockM>(acc, desc_kmajor_sw128(a), desc_kmajor_sw128(b), kk > 0);
+  }
+}
+
+// acc[64 keys, kD] += A[64, kBlockM] (registers) Y[kBlockM, kD] (Y = dO or Q: MN-major B), issue only.
+template <typename T, typename Tr>
+__device__ __forceinline__ void issue_acc_xy(float (&acc)[Tr::kD / 8][4], const uint32_t (&a)[Tr::kBlockM / 16][4],
+                                             uint32_t y_base) {
+  using namespace sm90;
+#pragma unroll
+  for (int kk = 0; kk < Tr::kBlockM / 16; ++kk)
+    wgmma_rs<T, Tr::kD>(acc, a[kk], desc_mnmajor_sw128(y_base + kk * 16 * 128, Tr::kBlockM * 128), 1);
+}
+
+// dQ tile [64, 64] = dS[64 queries, kBlockN] K[kBlockN, 64 columns]; dS from the dS^T tile (MN-major
+// A), K MN-major B. a_base / b_base: the panel of the warpgroup's rows / columns. Issue only.
+template <typename T, typename Tr>
+__device__ __forceinline__ void issue_dq(float (&acc)[8][4], uint32_t a_base, uint32_t b_base) {
+  using namespace sm90;
+#pragma unroll
+  for (int kk = 0; kk < Tr::kBlockN / 16; ++kk)
+    wgmma_ss_tt<T, 64>(acc, desc_mnmajor_sw128(a_base + kk * 16 * 128, Tr::kBlockN * 128),
+                       desc_mnmajor_sw128(b_base + kk * 16 * 128, Tr::kBlockN * 128), kk > 0);
+}
+
+template <typename T, typename Tr>
+__device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barriers& bar, const BwdParams& p,
+                                        const Sm90BwdWorkspace& ws, const BlockWork& w, int cw) {
+  using namespace sm90;
+  constexpr int kNS = Tr::kBlockM / 8;   // 8-column groups of S^T / dP^T (queries)
+  constexpr int kNO = Tr::kD / 8;        // 8-column groups of dK / dV
+  constexpr int kKP = Tr::kBlockM / 16;  // k16 steps of dV / dK (queries)
+  const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+  const int key0 = w.j0 + 64 * cw + 16 * warp;  // this warp's first key
+  const int shift = static_cast<int>(causal_shift(p));
+  const int n_k = static_cast<int>(p.n_k);
+  const bool causal = p.causal != Causal::kNone;
+  const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
+
+  float dk[kNO][4], dv[kNO][4];  // [64 keys of the warpgroup, kD], wgmma accumulator layout
+  zero_acc(dk);
+  zero_acc(dv);
+
+  if (w.n_iters > 0) {
+    const uint32_t k_wg = smem_addr(sm.k) + cw * 64 * 128;  // this warpgroup's 64 rows of every panel
+    const uint32_t v_wg = smem_addr(sm.v) + cw * 64 * 128;
+    // dQ split: rows (d = 64) or columns (d = 128) of the tile, one 64-panel each.
+    const int dq_row0 = Tr::kDqSplitRows ? 64 * cw : 0;
+    const int dq_col0 = Tr::kDqSplitRows ? 0 : 64 * cw;
+    const uint32_t ds_panel = (dq_row0 / 64) * Tr::kBlockN * 128;
+    const uint32_t k_panel = smem_addr(sm.k) + (dq_col0 / 64) * Tr::kBlockN * 128;
+    mbarrier_wait(&bar.kv_full, 0);
+
+    for (int n = 0; n < w.n_iters; ++n) {
+      const int st = n % Tr::kStages;
+      int hi, i0;
+      w.at(n, Tr::kBlockM, hi, i0);
+      mbarrier_wait(&bar.full[st], (n / Tr::kStages) & 1);
+      const uint32_t q_base = smem_addr(sm.q[st]), do_base = smem_addr(sm.dout[st]);
+
+      // S^T and dP^T, two groups: the exponentials of S^T run while dP^T computes.
+      float s[kNS][4], dp[kNS][4];
+      wgmma_fence();
+      issue_xyt<T, Tr>(s, k_wg, q_base);
+      wgmma_commit_group();
+      issue_xyt<T, Tr>(dp, v_wg, do_base);
+      wgmma_commit_group();
+      wgmma_wait_group<1>();
+      fence_regs(s);
+
+      // P^T = 2^(s scale log2e - lse2[query]); -inf past the causal diagonal (key - query > shift)
+      // and for keys >= n_k (their K rows are zeros, but 2^(0 - lse2) could overflow fp16 and turn
+      // dS K into inf x 0). Only warps whose 16 keys reach the diagonal or the key bound test.
+      const bool check = (causal && key0 + 15 > i0 + shift) || key0 + 16 > n_k;
+      const int diag = causal ? i0 + shift - key0 : (1 << 30);  // visible iff key row r - query col c <= diag
+      const int key_limit = n_k - key0;                          // visible iff key row r < key_limit
+#pragma unroll
+      for (int nt = 0; nt < kNS; ++nt) {
+        const int c = 8 * nt + 2 * (lane % 4);
+        const float2 l2 = *reinterpret_cast<const float2*>(&sm.lse2[st][c]);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float x = fmaf(s[nt][e], scale_log2, -(e % 2 ? l2.y : l2.x));
+          const int r = frag_row(lane, e);
+          if (check && (r - (c + e % 2) > diag || r >= key_limit)) x = -__int_as_float(0x7f800000);
+          s[nt][e] = ex2_approx(x);  // 2^-inf = 0 (masked, or lse2 = +inf)
+        }
+      }
+      uint32_t pa[kKP][4];  // P^T as A fragments (16-bit)
+#pragma unroll
+      for (int kk = 0; kk < kKP; ++kk) acc_to_a<T>(pa[kk], s, kk);
+
+      wgmma_wait_group<0>();
+      fence_regs(dp);
+      // dS^T = P^T (dP^T - D[query])
+#pragma unroll
+      for (int nt = 0; nt < kNS; ++nt) {
+        const int c = 8 * nt + 2 * (lane % 4);
+        const float2 dd = *reinterpret_cast<const float2*>(&sm.dsum[st][c]);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dp[nt][e] = s[nt][e] * (dp[nt][e] - (e % 2 ? dd.y : dd.x));
+      }
+      uint32_t dsa[kKP][4];  // dS^T as A fragments
+#pragma unroll
+      for (int kk = 0; kk < kKP; ++kk) acc_to_a<T>(dsa[kk], dp, kk);
+
+      // dS^T -> shared memory buffer n & 1 ([kBlockN keys, kBlockM queries], 64-query panels).
+      // Fragment reg r of step kk: key row 16 warp + lane / 4 + 8 (r % 2), query 16 kk + 8 (r / 2) + 2 (lane % 4).
+      {
+        unsigned char* ds = reinterpret_cast<unsigned char*>(sm.ds[n & 1]);
+#pragma unroll
+        for (int kk = 0; kk < kKP; ++kk)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {
+            const int row = 64 * cw + 16 * warp + lane / 4 + 8 * (r % 2);
+            const int col = 16 * kk + 8 * (r / 2) + 2 * (lane % 4);
+            *reinterpret_cast<uint32_t*>(ds + sw128_offset(row, col, Tr::kBlockN)) = dsa[kk][r];
+          }
+      }
+      fence_proxy_async();  // generic-proxy stores -> wgmma (async proxy) reads
+      // Both warpgroups' halves written. Also: each warpgroup passed its previous tile's
+      // wait_group<0> (dQ read buffer (n - 1) & 1) before arriving, so buffer n & 1, last read at
+      // tile n - 2, is free by the time anyone writes it again at tile n + 2.
+      named_barrier_sync(1, 128 * Tr::kConsumers);
+
+      float dq[8][4];  // [64, 64] dQ tile of this warpgroup
+      wgmma_fence();
+      issue_dq<T, Tr>(dq, smem_addr(sm.ds[n & 1]) + ds_panel, k_panel);
+      wgmma_commit_group();
+      issue_acc_xy<T, Tr>(dv, pa, do_base);   // dV += P^T dO
+      issue_acc_xy<T, Tr>(dk, dsa, q_base);   // dK += dS^T Q
+      wgmma_commit_group();
+      wgmma_wait_group<1>();  // dQ done; dK / dV still running
+      fence_regs(dq);
+      {
+        const int64_t bh = int64_t{w.bi} * p.h + hi;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int64_t i = i0 + dq_row0 + 16 * warp + lane / 4 + 8 * h;
+          if (i >= p.n_q) continue;
+          float* dst = ws.dq_acc + (bh * p.n_q + i) * Tr::kD + dq_col0 + 2 * (lane % 4);
+#pragma unroll
+          for (int nt = 0; nt < 8; ++nt) red_add_v2_f32(dst + 8 * nt, dq[nt][2 * h], dq[nt][2 * h + 1]);
+        }
+      }
+      wgmma_wait_group<0>();
+      fence_regs(dk);
+      fence_regs(dv);
+      fence_regs(pa);
+      fence_regs(dsa);
+      if (lane == 0) mbarrier_arrive(&bar.empty[st]);  // Q, dO, lse2, D of this stage consumed
+    }
+  }
+
+  // dK = scale dS^T Q, dV: rows key0 + lane / 4 (+ 8), dk / dv contiguous [b, h_kv, n_k, d].
+  const float scale = static_cast<float>(p.scale);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t j = key0 + lane / 4 + 8 * h;
+    if (j >= p.n_k) continue;
+    const int64_t off = ((int64_t{w.bi} * p.h_kv + w.kvh) * p.n_k + j) * Tr::kD + 2 * (lane % 4);
+    T* dkg = static_cast<T*>(p.dk) + off;
+    T* dvg = static_cast<T*>(p.dv) + off;
+#pragma unroll
+    for (int nt = 0; nt < kNO; ++nt) {
+      *reinterpret_cast<uint32_t*>(dkg + 8 * nt) = pack2<T>(dk[nt][2 * h] * scale, dk[nt][2 * h + 1] * scale);
+      *reinterpret_cast<uint32_t*>(dvg + 8 * nt) = pack2<T>(dv[nt][2 * h], dv[nt][2 * h + 1]);
+    }
+  }
+}
+
+template <typename T, typename Tr>
+__global__ void __launch_bounds__(Tr::kThreads, 1)
+    sm90_bwd_kernel(const __grid_constant__ CUtensorMap tm_q,   // [b, h, n_q, d] box [kBlockM, 64]
+                    const __grid_constant__ CUtensorMap tm_k,   // [b, h_kv, n_k, d] box [kBlockN, 64]
+                    const __grid_constant__ CUtensorMap tm_v,   // [b, h_kv, n_k, d] box [kBlockN, 64]
+                    const __grid_constant__ CUtensorMap tm_do,  // [b, h, n_q, d] box [kBlockM, 64]
+                    const BwdParams p, const Sm90BwdWorkspace ws) {
+#if FLASH_MHA_SM90_ENABLED
+  using namespace sm90;
+  // Static shared memory exists only in the sm_90a body (the host checks it, as sm90_fwd.cu).
+  __shared__ typename Tr::Barriers bar;
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t base = smem_addr(smem_raw);
+  auto& sm = *reinterpret_cast<typename Tr::Smem*>(smem_raw + (((base + 1023) & ~1023u) - base));
+
+  const BlockWork w(p, blockIdx.x, Tr::kBlockM, Tr::kBlockN);
+  const int wg = threadIdx.x / 128;
+  if (threadIdx.x == 0) {
+    mbarrier_init(&bar.kv_full, 1);
+    for (int s = 0; s < Tr::kStages; ++s) {
+      mbarrier_init(&bar.full[s], 1);
+      mbarrier_init(&bar.empty[s], 4 * Tr::kConsumers);  // one arrival per consumer warp
+    }
+    fence_barrier_init();
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    setmaxnreg_dec<Tr::kProducerRegs>();
+    if (threadIdx.x == 0) {
+      tma_prefetch_desc(&tm_q);
+      tma_prefetch_desc(&tm_k);
+      tma_prefetch_desc(&tm_v);
+      tma_prefetch_desc(&tm_do);
+      produce<T, Tr>(sm, bar, p, ws, w, &tm_q, &tm_k, &tm_v, &tm_do);
+    }
+  } else {
+    setmaxnreg_inc<Tr::kConsumerRegs>();
+    consume<T, Tr>(sm, bar, p, ws, w, wg - 1);
+  }
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side
+
+PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();
+      f = nullptr;
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// A rank-4 map (d, n, h, b) of a [b, h, n, d] view (strides in elements), boxes of [box_rows, 64]
+// with the 128-byte swizzle; rows past n read as zeros. (Same as sm90_fwd.cu's make_map.)
+bool make_map(CUtensorMap* map, Dtype dt, const void* ptr, int64_t b, int64_t h, int64_t n, int64_t d, int64_t sb,
+              int64_t sh, int64_t sn, int box_rows) {
+  const auto encode = encode_tiled();
+  if (!encode) return false;
+  constexpr int64_t kElem = 2;
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(d), static_cast<cuuint64_t>(n), static_cast<cuuint64_t>(h),
+                              static_cast<cuuint64_t>(b)};
+  auto st = [&](int64_t size, int64_t s) { return static_cast<cuuint64_t>(size == 1 ? 16 : s * kElem); };
+  const cuuint64_t strides[3] = {st(n, sn), st(h, sh), st(b, sb)};
+  const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(box_rows), 1, 1};
+  const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
+  const auto type = dt == Dtype::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  return encode(map, type, 4, const_cast<void*>(ptr), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// Returns false (nothing launched) when a tensor map cannot be built.
+template <typename T, int kD>
+bool launch(const BwdParams& p, void* workspace, cudaStream_t stream) {
+  using Tr = Sm90BwdTraits<T, kD>;
+  CUtensorMap tq, tk, tv, tdo;
+  if (!make_map(&tq, p.dtype, p.q, p.b, p.h, p.n_q, p.d, p.q_sb, p.q_sh, p.q_sn, Tr::kBlockM) ||
+      !make_map(&tk, p.dtype, p.k, p.b, p.h_kv, p.n_k, p.d, p.k_sb, p.k_sh, p.k_sn, Tr::kBlockN) ||
+      !make_map(&tv, p.dtype, p.v, p.b, p.h_kv, p.n_k, p.d_v, p.v_sb, p.v_sh, p.v_sn, Tr::kBlockN) ||
+      !make_map(&tdo, p.dtype, p.dout, p.b, p.h, p.n_q, p.d_v, p.do_sb, p.do_sh, p.do_sn, Tr::kBlockM))
+    return false;
+  const Sm90BwdWorkspace ws(p, workspace);
+  const int64_t rows = p.b * p.h * ws.n_q_pad;
+  if (rows > 0) sm90_bwd_prep_kernel<T><<<static_cast<unsigned>(ceil_div(rows, 4)), 128, 0, stream>>>(p, ws);
+  const int64_t blocks = p.b * p.h_kv * ceil_div(p.n_k, Tr::kBlockN);
+  if (blocks > 0) {
+    auto kernel = sm90_bwd_kernel<T, Tr>;
+    allow_smem(kernel, Tr::kSmemBytes);
+    kernel<<<static_cast<unsigned>(blocks), Tr::kThreads, Tr::kSmemBytes, stream>>>(tq, tk, tv, tdo, p, ws);
+  }
+  const int64_t n_dq = p.b * p.h * p.n_q * p.d;
+  if (n_dq > 0)
+    sm90_bwd_convert_kernel<T><<<static_cast<unsigned>(std::min<int64_t>(ceil_div(n_dq, 256), 65536)), 256, 0,
+                                 stream>>>(static_cast<T*>(p.dq), ws.dq_acc, n_dq, static_cast<float>(p.scale));
+  return true;
+}
+
+template <typename T>
+bool dispatch_dim(const BwdParams& p, void* workspace, cudaStream_t stream) {
+  if (p.d == 64) return launch<T, 64>(p, workspace, stream);
+  return launch<T, 128>(p, workspace, stream);
+}
+
+bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
+
+// Whether this binary holds the sm_90a body of the kernel (its static shared memory is non-zero).
+bool kernel_compiled_for_sm90a() {
+  static const bool ok = [] {
+    cudaFuncAttributes attr{};
+    const bool got = cudaFuncGetAttributes(&attr, sm90_bwd_kernel<__nv_bfloat16, Sm90BwdTraits<__nv_bfloat16, 64>>) ==
+                     cudaSuccess;
+    if (!got) cudaGetLastError();
+    return got && attr.sharedSizeBytes > 0;
+  }();
+  return ok;
+}
+
+}  // namespace
+
+// float16 / bfloat16, d == d_v in {64, 128}, no bias / mask / dropout / dbias, atomics allowed,
+// TMA-describable q / k / v / dout (16-byte aligned bases, strides multiples of 8 elements),
+// o readable (any strides), sizes within 32-bit tile indices.
+bool sm90_bwd_supported(const BwdParams& p) {
+  if (p.dtype != Dtype::kFloat16 && p.dtype != Dtype::kBFloat16) return false;
+  if (p.deterministic) return false;
+  if (p.d != p.d_v || (p.d != 64 && p.d != 128)) return false;
+  if (p.bias || p.mask || p.dropout_p > 0.0 || p.dbias) return false;
+  if (p.h_kv <= 0 || p.h % p.h_kv) return false;
+  constexpr int64_t kMaxCoord = (int64_t{1} << 30);
+  if (p.n_q > kMaxCoord || p.n_k > kMaxCoord || p.b * p.h > kMaxCoord / 2 ||
+      p.b * p.h_kv * ceil_div(p.n_k, 128) >= (int64_t{1} << 31))
+    return false;
+  const int64_t strides[] = {p.q_sb, p.q_sh, p.q_sn, p.k_sb, p.k_sh, p.k_sn,
+                             p.v_sb, p.v_sh, p.v_sn, p.do_sb, p.do_sh, p.do_sn};
+  for (int64_t s : strides)
+    if (s % 8 || s < 0 || s >= (int64_t{1} << 38)) return false;
+  if (!aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || !aligned16(p.dout)) return false;
+  // dk / dv get 4-byte stores (contiguous outputs, even d): need 4-byte aligned bases.
+  if ((reinterpret_cast<uintptr_t>(p.dk) & 3) || (reinterpret_cast<uintptr_t>(p.dv) & 3)) return false;
+  return encode_tiled() != nullptr && kernel_compiled_for_sm90a();
+}
+
+int64_t sm90_bwd_workspace_bytes(const BwdParams& p) { return Sm90BwdWorkspace(p, nullptr).bytes; }
+
+void sm90_bwd(const BwdParams& p, void* workspace, cudaStream_t stream) {
+  const bool launched = p.dtype == Dtype::kFloat16 ? dispatch_dim<__half>(p, workspace, stream)
+                                                   : dispatch_dim<__nv_bfloat16>(p, workspace, stream);
+  // A view TMA cannot describe (e.g. overlapping strides): the sm80 backward. Its workspace layout
+  // differs, but it needs dq_acc [b h n_q d] zeroed and dsum [b h n_q] after it, which fits in ours
+  // (ours is larger: padded rows, two of them) and is still zero: nothing was launched.
+  if (!launched) sm80_bwd(p, workspace, stream);
+}
+
+}  // namespace flash_mha::cuda
