@@ -33,6 +33,7 @@
 #include "kernels.h"
 #include "sm80_tile.cuh"
 #include "sm90.cuh"
+#include "sm90_host.h"
 #include "softmax.cuh"
 
 // Unreferenced traits members are expected: the sm_80 pass compiles the kernel bodies out.
@@ -450,39 +451,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 // ---------------------------------------------------------------------------------------------
 // Host side
 
-PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
-  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
-    void* f = nullptr;
-    cudaDriverEntryPointQueryResult q{};
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) != cudaSuccess ||
-        q != cudaDriverEntryPointSuccess) {
-      cudaGetLastError();
-      f = nullptr;
-    }
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
-  }();
-  return fn;
-}
-
-// A rank-4 map (d, n, h, b) of a [b, h, n, d] view (strides in elements), boxes of [box_rows, 64]
-// with the 128-byte swizzle; rows past n read as zeros. (Same as sm90_fwd.cu's make_map.)
-bool make_map(CUtensorMap* map, Dtype dt, const void* ptr, int64_t b, int64_t h, int64_t n, int64_t d, int64_t sb,
-              int64_t sh, int64_t sn, int box_rows) {
-  const auto encode = encode_tiled();
-  if (!encode) return false;
-  constexpr int64_t kElem = 2;
-  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(d), static_cast<cuuint64_t>(n), static_cast<cuuint64_t>(h),
-                              static_cast<cuuint64_t>(b)};
-  auto st = [&](int64_t size, int64_t s) { return static_cast<cuuint64_t>(size == 1 ? 16 : s * kElem); };
-  const cuuint64_t strides[3] = {st(n, sn), st(h, sh), st(b, sb)};
-  const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(box_rows), 1, 1};
-  const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
-  const auto type = dt == Dtype::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-  return encode(map, type, 4, const_cast<void*>(ptr), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
-}
-
 // Returns false (nothing launched) when a tensor map cannot be built.
 template <typename T, int kD>
 bool launch(const BwdParams& p, void* workspace, cudaStream_t stream) {
@@ -515,7 +483,6 @@ bool dispatch_dim(const BwdParams& p, void* workspace, cudaStream_t stream) {
   return launch<T, 128>(p, workspace, stream);
 }
 
-bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
 
 // Whether this binary holds the sm_90a body of the kernel (its static shared memory is non-zero).
 bool kernel_compiled_for_sm90a() {
