@@ -60,8 +60,10 @@ phase_sanitize() {
 phase_bench() {
   local t0=$SECONDS
   # The plain grid and the module level without FlexAttention (it compiles per shape), then the
-  # extra cases with every peer. The naive / MATH baselines are left out here to fit the lease.
-  python3 -m flash_mha.bench --plot --no-progress --case plain,module --impl '!flex,!naive,!sdpa_math' \
+  # extra cases with every peer. The naive / MATH baselines are left out here to fit the lease;
+  # BENCH_IMPL_A='' (and --full via BENCH_EXTRA='--full') runs everything when time allows.
+  python3 -m flash_mha.bench --plot --no-progress --case plain,module ${BENCH_EXTRA:-} \
+    --impl "${BENCH_IMPL_A-!flex,!naive,!sdpa_math}" \
     --budget-s "${BENCH_BUDGET_A:-170}" --out-dir "$OUT/results" >"$OUT/bench.log" 2>&1
   local rc=$?
   python3 -m flash_mha.bench --plot --no-progress --impl '!naive,!sdpa_math' \
