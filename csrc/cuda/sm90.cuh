@@ -459,4 +459,31 @@ __device__ __forceinline__ void wgmma_ss_tt(float (&d)[N / 8][4], uint64_t desc_
   else wgmma_m64n64k16_ss_tt_f16(d, desc_a, desc_b, scale_d);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Whole-tile GEMMs issued as a run of k16 wgmmas (issue only: the caller fences, commits, waits).
+
+// acc[64, N] (+)= A[64, K] B[N, K]^T, A and B both K-major in 128-byte-swizzled panels of 64
+// columns (A panels kARows rows apart in bytes * 128, B panels kBRows). The first step overwrites
+// acc (scale_d 0), the rest accumulate.
+template <typename T, int N, int K, int kARows, int kBRows>
+__device__ __forceinline__ void gemm_ss_kmajor(float (&acc)[N / 8][4], uint32_t a_base, uint32_t b_base) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    // k step kk: panel kk / 4, 32-byte column group kk % 4 of the 128-byte swizzled rows.
+    const uint32_t a = a_base + (kk / 4) * kARows * 128 + (kk % 4) * 32;
+    const uint32_t b = b_base + (kk / 4) * kBRows * 128 + (kk % 4) * 32;
+    wgmma_ss<T, N>(acc, desc_kmajor_sw128(a), desc_kmajor_sw128(b), kk > 0);
+  }
+}
+
+// acc[64, N] += A[64, K] B[K, N], A in registers (K / 16 fragments), B MN-major in 128-byte-swizzled
+// panels of 64 columns, kBRows rows each (panel stride kBRows * 128 bytes).
+template <typename T, int N, int K, int kBRows>
+__device__ __forceinline__ void gemm_rs_mnmajor(float (&acc)[N / 8][4], const uint32_t (&a)[K / 16][4],
+                                                uint32_t b_base) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk)
+    wgmma_rs<T, N>(acc, a[kk], desc_mnmajor_sw128(b_base + kk * 16 * 128, kBRows * 128), 1);
+}
+
 }  // namespace flash_mha::cuda::sm90

@@ -226,28 +226,6 @@ __device__ __forceinline__ uint32_t sw128_offset(int row, int col, int rows) {
   return (col / 64) * rows * 128 + row * 128 + ((((col % 64) / 8) ^ (row % 8)) << 4) + (col % 8) * 2;
 }
 
-// X^T[64 keys, kBlockM] = X_wg[64, kD] Y^T (X = K or V rows of this warpgroup, Y = Q or dO), issue only.
-template <typename T, typename Tr>
-__device__ __forceinline__ void issue_xyt(float (&acc)[Tr::kBlockM / 8][4], uint32_t x_base, uint32_t y_base) {
-  using namespace sm90;
-#pragma unroll
-  for (int kk = 0; kk < Tr::kD / 16; ++kk) {
-    const uint32_t a = x_base + (kk / 4) * Tr::kBlockN * 128 + (kk % 4) * 32;
-    const uint32_t b = y_base + (kk / 4) * Tr::kBlockM * 128 + (kk % 4) * 32;
-    wgmma_ss<T, Tr::kBlockM>(acc, desc_kmajor_sw128(a), desc_kmajor_sw128(b), kk > 0);
-  }
-}
-
-// acc[64 keys, kD] += A[64, kBlockM] (registers) Y[kBlockM, kD] (Y = dO or Q: MN-major B), issue only.
-template <typename T, typename Tr>
-__device__ __forceinline__ void issue_acc_xy(float (&acc)[Tr::kD / 8][4], const uint32_t (&a)[Tr::kBlockM / 16][4],
-                                             uint32_t y_base) {
-  using namespace sm90;
-#pragma unroll
-  for (int kk = 0; kk < Tr::kBlockM / 16; ++kk)
-    wgmma_rs<T, Tr::kD>(acc, a[kk], desc_mnmajor_sw128(y_base + kk * 16 * 128, Tr::kBlockM * 128), 1);
-}
-
 // dQ tile [64, 64] = dS[64 queries, kBlockN] K[kBlockN, 64 columns]; dS from the dS^T tile (MN-major
 // A), K MN-major B. a_base / b_base: the panel of the warpgroup's rows / columns. Issue only.
 template <typename T, typename Tr>
@@ -297,9 +275,9 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
       // S^T and dP^T, two groups: the exponentials of S^T run while dP^T computes.
       float s[kNS][4], dp[kNS][4];
       wgmma_fence();
-      issue_xyt<T, Tr>(s, k_wg, q_base);
+      sm90::gemm_ss_kmajor<T, Tr::kBlockM, Tr::kD, Tr::kBlockN, Tr::kBlockM>(s, k_wg, q_base);
       wgmma_commit_group();
-      issue_xyt<T, Tr>(dp, v_wg, do_base);
+      sm90::gemm_ss_kmajor<T, Tr::kBlockM, Tr::kD, Tr::kBlockN, Tr::kBlockM>(dp, v_wg, do_base);
       wgmma_commit_group();
       wgmma_wait_group<1>();
       fence_regs(s);
@@ -363,8 +341,8 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
       wgmma_fence();
       issue_dq<T, Tr>(dq, smem_addr(sm.ds[n & 1]) + ds_panel, k_panel);
       wgmma_commit_group();
-      issue_acc_xy<T, Tr>(dv, pa, do_base);   // dV += P^T dO
-      issue_acc_xy<T, Tr>(dk, dsa, q_base);   // dK += dS^T Q
+      sm90::gemm_rs_mnmajor<T, Tr::kD, Tr::kBlockM, Tr::kBlockM>(dv, pa, do_base);  // dV += P^T dO
+      sm90::gemm_rs_mnmajor<T, Tr::kD, Tr::kBlockM, Tr::kBlockM>(dk, dsa, q_base);  // dK += dS^T Q
       wgmma_commit_group();
       wgmma_wait_group<1>();  // dQ done; dK / dV still running
       fence_regs(dq);

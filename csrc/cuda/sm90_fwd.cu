@@ -234,29 +234,6 @@ __device__ __forceinline__ void produce_tile(typename Tr::Smem& sm, typename Tr:
 // ---------------------------------------------------------------------------------------------
 // Consumer warpgroup `cw`: query rows i0 + 64 cw .. + 63 of the tile; warp w of it rows + 16 w ...
 
-// S[64, kBlockN] = Q[64, kD] K^T for this warpgroup (issue only; the caller commits and waits).
-template <typename T, typename Tr>
-__device__ __forceinline__ void issue_qk(float (&s)[Tr::kBlockN / 8][4], uint32_t q_base, uint32_t k_base) {
-  using namespace sm90;
-#pragma unroll
-  for (int kk = 0; kk < Tr::kD / 16; ++kk) {
-    // k step kk: panel kk / 4, 32-byte column group kk % 4 of the 128-byte swizzled rows.
-    const uint32_t a = q_base + (kk / 4) * Tr::kBlockM * 128 + (kk % 4) * 32;
-    const uint32_t b = k_base + (kk / 4) * Tr::kBlockN * 128 + (kk % 4) * 32;
-    wgmma_ss<T, Tr::kBlockN>(s, desc_kmajor_sw128(a), desc_kmajor_sw128(b), kk > 0);
-  }
-}
-
-// O[64, kD] += P[64, kBlockN] V[kBlockN, kD] (issue only).
-template <typename T, typename Tr>
-__device__ __forceinline__ void issue_pv(float (&o)[Tr::kD / 8][4], const uint32_t (&pa)[Tr::kBlockN / 16][4],
-                                         uint32_t v_base) {
-  using namespace sm90;
-#pragma unroll
-  for (int kk = 0; kk < Tr::kBlockN / 16; ++kk)
-    wgmma_rs<T, Tr::kD>(o, pa[kk], desc_mnmajor_sw128(v_base + kk * 16 * 128, Tr::kBlockN * 128), 1);
-}
-
 // One query tile. Per key tile t (after the first): S_t = Q K_t^T and O += P_{t-1} V_{t-1} are
 // issued together, the softmax of S_t runs while P V computes, then O is rescaled and P_t formed.
 // Ping-pong: the issue of each tile's GEMMs is a turn taken in round robin by the consumer
@@ -330,7 +307,7 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
     mbarrier_wait(&bar.k_full[stage(it)], parity(it));
     turn_begin();
     wgmma_fence();
-    issue_qk<T, Tr>(s, q_base, smem_addr(sm.k[stage(it)]));
+    sm90::gemm_ss_kmajor<T, Tr::kBlockN, Tr::kD, Tr::kBlockM, Tr::kBlockN>(s, q_base, smem_addr(sm.k[stage(it)]));
     wgmma_commit_group();
     turn_end();
     wgmma_wait_group<0>();
@@ -351,9 +328,10 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
       mbarrier_wait(&bar.v_full[stage(prev)], parity(prev));
       turn_begin();
       wgmma_fence();
-      issue_qk<T, Tr>(s, q_base, smem_addr(sm.k[stage(cur)]));  // S of tile t
+      // S of tile t = Q K^T, then O += P V of tile t - 1 (issue only).
+      sm90::gemm_ss_kmajor<T, Tr::kBlockN, Tr::kD, Tr::kBlockM, Tr::kBlockN>(s, q_base, smem_addr(sm.k[stage(cur)]));
       wgmma_commit_group();
-      issue_pv<T, Tr>(o, pa, smem_addr(sm.v[stage(prev)]));  // O += P V of tile t - 1
+      sm90::gemm_rs_mnmajor<T, Tr::kD, Tr::kBlockN, Tr::kBlockN>(o, pa, smem_addr(sm.v[stage(prev)]));
       wgmma_commit_group();
       turn_end();
       wgmma_wait_group<1>();  // S done; P V may still run
@@ -376,7 +354,7 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
     mbarrier_wait(&bar.v_full[stage(it)], parity(it));
     turn_begin();
     wgmma_fence();
-    issue_pv<T, Tr>(o, pa, smem_addr(sm.v[stage(it)]));
+    sm90::gemm_rs_mnmajor<T, Tr::kD, Tr::kBlockN, Tr::kBlockN>(o, pa, smem_addr(sm.v[stage(it)]));
     wgmma_commit_group();
     if (cw != Tr::kConsumers - 1) turn_end();
     wgmma_wait_group<0>();
