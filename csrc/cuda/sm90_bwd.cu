@@ -462,15 +462,9 @@ bool dispatch_dim(const BwdParams& p, void* workspace, cudaStream_t stream) {
 }
 
 
-// Whether this binary holds the sm_90a body of the kernel (its static shared memory is non-zero).
+// Whether this binary holds the sm_90a body of the kernels (asked once, of one configuration).
 bool kernel_compiled_for_sm90a() {
-  static const bool ok = [] {
-    cudaFuncAttributes attr{};
-    const bool got = cudaFuncGetAttributes(&attr, sm90_bwd_kernel<__nv_bfloat16, Sm90BwdTraits<__nv_bfloat16, 64>>) ==
-                     cudaSuccess;
-    if (!got) cudaGetLastError();
-    return got && attr.sharedSizeBytes > 0;
-  }();
+  static const bool ok = has_sm90a_body(sm90_bwd_kernel<__nv_bfloat16, Sm90BwdTraits<__nv_bfloat16, 64>>);
   return ok;
 }
 

@@ -487,17 +487,10 @@ bool dispatch_dim(const FwdParams& p, cudaStream_t stream) {
 }
 
 
-// Whether this binary holds the sm_90a body of the kernel (an sm_80-only build, JIT-compiled for a
-// Hopper card, would hold an empty stub): the real body declares static shared memory.
+// Whether this binary holds the sm_90a body of the kernels (asked once, of one configuration).
 bool kernel_compiled_for_sm90a() {
-  static const bool ok = [] {
-    cudaFuncAttributes attr{};
-    const bool got =
-        cudaFuncGetAttributes(&attr, sm90_fwd_kernel<__nv_bfloat16, Sm90FwdTraits<__nv_bfloat16, 64, 128, 3, true, true>>) ==
-        cudaSuccess;
-    if (!got) cudaGetLastError();
-    return got && attr.sharedSizeBytes > 0;
-  }();
+  using Tr = Sm90FwdTraits<__nv_bfloat16, 64, 128, 3, true, true>;
+  static const bool ok = has_sm90a_body(sm90_fwd_kernel<__nv_bfloat16, Tr>);
   return ok;
 }
 

@@ -69,4 +69,14 @@ inline int sm_count() {
   return n;
 }
 
+// Whether this binary holds the sm_90a body of `kernel`: an sm_80-only build, JIT-compiled for a
+// Hopper card, would hold an empty stub, while the real body declares static shared memory.
+template <typename Kernel>
+bool has_sm90a_body(Kernel kernel) {
+  cudaFuncAttributes attr{};
+  const bool got = cudaFuncGetAttributes(&attr, kernel) == cudaSuccess;
+  if (!got) cudaGetLastError();
+  return got && attr.sharedSizeBytes > 0;
+}
+
 }  // namespace flash_mha::cuda
