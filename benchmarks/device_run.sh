@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/device_run.sh build test sanitize   # first call (about 9 minutes)
 #   bash benchmarks/device_run.sh bench                 # second call, same warm machine
+#   bash benchmarks/device_run.sh build quick           # after a kernel change: forced paths + smoke
 #
 # Phases run in the order given; each writes $OUT/<phase>.log and prints a short summary last.
 # Wheels for packages the machine lacks (hypothesis, ...) are taken from .whl/ when present.
@@ -47,6 +48,20 @@ phase_test() {
   rc=$?
   tail -12 "$OUT/fuzz.log"
   summary+=("fuzz rc=$rc in $((SECONDS - t0)) s: $(tail -1 "$OUT/fuzz.log")")
+}
+
+# Short check after a kernel change: every kernel family forced against the reference, then the smoke cases.
+phase_quick() {
+  local t0=$SECONDS
+  deps
+  timeout "${QUICK_TIMEOUT:-150}" python3 -m pytest tests/test_cuda_paths.py -q -p no:cacheprovider -rfE -x \
+    >"$OUT/quick.log" 2>&1
+  local rc=$?
+  tail -8 "$OUT/quick.log"
+  python3 benchmarks/gpu_smoke.py >"$OUT/smoke.log" 2>&1
+  local rc2=$?
+  grep -E "FAIL|passed" "$OUT/smoke.log"
+  summary+=("quick rc=$rc smoke rc=$rc2 in $((SECONDS - t0)) s: $(tail -1 "$OUT/quick.log")")
 }
 
 phase_sanitize() {

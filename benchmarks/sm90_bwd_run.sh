@@ -20,15 +20,15 @@ grep -A2 "sm90_bwd_kernel" "$OUT/sm90_bwd_build.log" | grep -E "spill|Used" | so
 for phase in "$@"; do
   case "$phase" in
     small) timeout 60 "$bin" small 2>&1 | tee "$OUT/sm90_bwd_small.log" ;;
-    check) timeout 240 "$bin" check 2>&1 | tee "$OUT/sm90_bwd_check.log" ;;
+    check) timeout 150 "$bin" check 2>&1 | tee "$OUT/sm90_bwd_check.log" ;;
     sanitize)
       for tool in memcheck racecheck synccheck; do
         echo "== compute-sanitizer --tool $tool"
-        timeout 200 compute-sanitizer --tool "$tool" --error-exitcode 99 "$bin" small >"$OUT/sm90_bwd_$tool.log" 2>&1
+        timeout 90 compute-sanitizer --tool "$tool" --error-exitcode 99 "$bin" small >"$OUT/sm90_bwd_$tool.log" 2>&1
         echo "== $tool exit code: $?"
         tail -3 "$OUT/sm90_bwd_$tool.log"
       done ;;
-    time) timeout 300 "$bin" time 2>&1 | tee "$OUT/sm90_bwd_time.log" ;;
+    time) timeout 150 "$bin" time 2>&1 | tee "$OUT/sm90_bwd_time.log" ;;
     *) echo "unknown phase $phase" ;;
   esac
   echo "== $phase exit code: ${PIPESTATUS[0]}"

@@ -1,8 +1,9 @@
 // The CUDA entry points of flash_mha.h: float16/bfloat16 shapes the tensor-core path supports go
 // there; everything else (float32, float64, odd head dims or strides, dbias reductions across
 // blocks, deterministic mode for the backward) runs on the SIMT kernels. On Hopper (compute
-// capability 9.0) the forward prefers the TMA + wgmma kernel where it applies; set
+// capability 9.0) the forward and backward prefer the TMA + wgmma kernels where they apply; set
 // FLASH_MHA_DISABLE_SM90=1 to keep the portable path.
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -58,16 +59,24 @@ void cuda_fwd(const FwdParams& p, void* stream) {
   }
 }
 
-// The backward has no sm90 kernel yet: auto, sm90 and sm80 start at sm80.
+// The backward follows the same chain. sm90_bwd falls back to sm80_bwd by itself when TMA refuses a
+// view, so its workspace is the larger of the two.
+static bool bwd_uses_sm90(const BwdParams& p) {
+  return (p.path == CudaPath::kAuto || p.path == CudaPath::kSm90) && !sm90_disabled() && device_is_sm90() &&
+         cuda::sm90_bwd_supported(p);
+}
 static bool bwd_uses_sm80(const BwdParams& p) { return p.path != CudaPath::kSimt && cuda::sm80_bwd_supported(p); }
 
 int64_t cuda_bwd_workspace_bytes(const BwdParams& p) {
+  if (bwd_uses_sm90(p)) return std::max(cuda::sm90_bwd_workspace_bytes(p), cuda::sm80_bwd_workspace_bytes(p));
   return bwd_uses_sm80(p) ? cuda::sm80_bwd_workspace_bytes(p) : cuda::simt_bwd_workspace_bytes(p);
 }
 
 void cuda_bwd(const BwdParams& p, void* workspace, void* stream) {
   const auto s = static_cast<cudaStream_t>(stream);
-  if (bwd_uses_sm80(p)) {
+  if (bwd_uses_sm90(p)) {
+    cuda::sm90_bwd(p, workspace, s);
+  } else if (bwd_uses_sm80(p)) {
     cuda::sm80_bwd(p, workspace, s);
   } else {
     cuda::simt_bwd(p, workspace, s);
