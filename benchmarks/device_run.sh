@@ -43,7 +43,7 @@ phase_test() {
   tail -15 "$OUT/test.log"
   summary+=("tests rc=$rc in $((SECONDS - t0)) s: $(tail -1 "$OUT/test.log")")
   t0=$SECONDS
-  FLASH_MHA_FUZZ_EXAMPLES_CUDA=${FLASH_MHA_FUZZ_EXAMPLES_CUDA:-3000} timeout "${FUZZ_TIMEOUT:-150}" \
+  FLASH_MHA_FUZZ_EXAMPLES_CUDA=${FLASH_MHA_FUZZ_EXAMPLES_CUDA:-3000} timeout "${FUZZ_TIMEOUT:-260}" \
     python3 -m pytest tests/test_fuzz.py -q -p no:cacheprovider -rfE --durations=5 >"$OUT/fuzz.log" 2>&1
   rc=$?
   tail -12 "$OUT/fuzz.log"
@@ -62,6 +62,16 @@ phase_quick() {
   local rc2=$?
   grep -E "FAIL|passed" "$OUT/smoke.log"
   summary+=("quick rc=$rc smoke rc=$rc2 in $((SECONDS - t0)) s: $(tail -1 "$OUT/quick.log")")
+}
+
+# Random shapes through the Hopper kernels against the portable path (a hang names its case).
+phase_stress() {
+  local t0=$SECONDS
+  timeout "${STRESS_TIMEOUT:-120}" python3 benchmarks/sm90_stress.py --n "${STRESS_N:-400}" >"$OUT/stress.log" 2>&1
+  local rc=$?
+  grep -B1 FAIL "$OUT/stress.log" | head -20
+  tail -1 "$OUT/stress.log"
+  summary+=("stress rc=$rc in $((SECONDS - t0)) s: $(tail -1 "$OUT/stress.log")")
 }
 
 phase_sanitize() {

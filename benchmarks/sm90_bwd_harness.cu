@@ -409,10 +409,11 @@ int main(int argc, char** argv) {
   int fails = 0, checks = 0;
   if (do_check) {
     const Causal N = Causal::kNone, TL = Causal::kTopLeft, BR = Causal::kBottomRight;
-    // small: the first two (one key block, one or two query tiles), so a hang shows in seconds.
+    // small: the first three (one key block; the third reuses every ring stage), so a hang shows in seconds.
     const std::vector<Case> cases = {
         {"tiny d64", true, 1, 1, 1, 128, 128, 64, N, false},
         {"tiny d128", true, 1, 1, 1, 128, 128, 128, N, false},
+        {"stage reuse GQA 4/1 TL", false, 1, 4, 1, 300, 129, 128, TL, false},
         {"one block causal d128", true, 1, 2, 2, 128, 128, 128, TL, false},
         {"one block causal d64", true, 1, 2, 2, 128, 128, 64, TL, false},
         {"1k d128", true, 2, 4, 4, 1024, 1024, 128, N, false},
@@ -441,12 +442,22 @@ int main(int argc, char** argv) {
     // `check N`: case N only (debugging one failure).
     const int only = argc >= 3 ? std::atoi(argv[2]) : -1;
     for (size_t ci = 0; ci < cases.size(); ++ci) {
-      if (small && ci >= 2) break;
+      if (small && ci >= 3) break;
       if (only >= 0 && static_cast<int>(ci) != only) continue;
       ++checks;
       if (!check(cases[ci], 1234 + checks)) ++fails;
     }
     std::printf("correctness (sm90): %d / %d passed\n", checks - fails, checks);
+  }
+  if (std::strcmp(mode, "prof") == 0 && argc >= 5) {  // `prof d n causal`: three sm90 runs of one grid point (ncu)
+    const int d = std::atoi(argv[2]);
+    const int64_t n = std::atoll(argv[3]), b = 16384 / n, h = 2048 / d;
+    const Case c{"prof", true, b, h, h, n, n, d, std::atoi(argv[4]) ? Causal::kTopLeft : Causal::kNone, false};
+    Buffers bu = alloc(c, 7, false);
+    const BwdParams p = make_params(c, bu);
+    for (int r = 0; r < 3; ++r) run_variant(0, p, bu, 0);
+    wait_or_die("prof");
+    release(bu);
   }
   if (do_time) {
     std::printf("\n%-5s %-6s %6s %7s | %8s %8s  (bwd TFLOP/s = 2.5 x 4 b h n^2 d [/2 causal] / median time, incl. workspace memset)\n",

@@ -1,5 +1,5 @@
 // One thin wrapper per Hopper (sm_90a) PTX instruction used by sm90_fwd.cu and sm90_bwd.cu:
-// mbarriers, TMA (cp.async.bulk.tensor) tile loads and 1-d bulk copies, wgmma shared-memory
+// mbarriers, TMA (cp.async.bulk.tensor) tile loads, 1-d bulk copies and bulk reduce-adds, wgmma shared-memory
 // descriptors, wgmma fence / commit / wait, wgmma m64nNk16 (f32 accumulators, bf16/f16 operands;
 // SS = both operands in shared memory, RS = A in registers, SS_TT = both operands MN-major),
 // setmaxnreg, fence.proxy.async.
@@ -105,6 +105,42 @@ __device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t b
   asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
                ::"r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar))
                : "memory");
+#endif
+}
+
+// cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32: adds `bytes` contiguous float32 (a
+// multiple of 16; both addresses 16-byte aligned) from shared memory at `src` to global `dst`,
+// element by element, as one bulk operation of this thread's current bulk group (sm90_bwd.cu: dQ).
+__device__ __forceinline__ void bulk_reduce_add_f32(float* dst, const void* src, uint32_t bytes) {
+#if FLASH_MHA_SM90_ENABLED
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
+               ::"l"(dst), "r"(smem_addr(src)), "r"(bytes)
+               : "memory");
+#endif
+}
+
+// cp.async.bulk.commit_group: closes this thread's current bulk group.
+__device__ __forceinline__ void bulk_commit_group() {
+#if FLASH_MHA_SM90_ENABLED
+  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+#endif
+}
+
+// cp.async.bulk.wait_group.read N: waits until at most N of this thread's bulk groups still read
+// their shared-memory source (the source may then be overwritten).
+template <int N>
+__device__ __forceinline__ void bulk_wait_group_read() {
+#if FLASH_MHA_SM90_ENABLED
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+// cp.async.bulk.wait_group N: waits until at most N of this thread's bulk groups are incomplete
+// (their global writes performed).
+template <int N>
+__device__ __forceinline__ void bulk_wait_group() {
+#if FLASH_MHA_SM90_ENABLED
+  asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
 #endif
 }
 

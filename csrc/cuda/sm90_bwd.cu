@@ -43,6 +43,8 @@ namespace flash_mha::cuda {
 namespace {
 
 constexpr int kRowPad = 128;  // lse2 / D rows per (batch, head) are padded to this multiple
+constexpr int kDqTileFloats = 8192;  // one query tile of dQ: kBlockM x d = 64 x 128 or 128 x 64
+constexpr int kBarDs = 1, kBarDqFull = 2, kBarDqEmpty = 3;  // named barrier ids (0: __syncthreads)
 
 template <typename T, int kD_>
 struct Sm90BwdTraits {
@@ -67,6 +69,9 @@ struct Sm90BwdTraits {
   // dQ split between the two consumer warpgroups: one [64 rows, 64 columns] wgmma tile each.
   static constexpr bool kDqSplitRows = kBlockM == 128;  // else split the columns (kD == 128)
   static_assert(kDqSplitRows ? kD == 64 : (kBlockM == 64 && kD == 128), "dQ tile split");
+  static_assert(kBlockM * kD == kDqTileFloats && kDqTileFloats == 8 * 4 * 128 * kConsumers,
+                "a dQ tile is 8 float4 per consumer thread");
+  static constexpr int kDqSyncThreads = 128 * kConsumers + 32;  // consumers + the dQ writer warp
 
   static constexpr uint32_t kKVBytes = kBlockN * kD * sizeof(T);
   static constexpr uint32_t kQBytes = kBlockM * kD * sizeof(T);
@@ -74,7 +79,8 @@ struct Sm90BwdTraits {
   static constexpr uint32_t kStageBytes = 2 * kQBytes + 2 * kRowBytes;  // Q, dO, lse2, D
 
   static constexpr int64_t kSmemLimit = 227 * 1024;
-  static constexpr int64_t kFixedBytes = 2 * int64_t{kKVBytes} + 2 * int64_t{kBlockN} * kBlockM * 2 + 2048;
+  static constexpr int64_t kFixedBytes =
+      2 * int64_t{kKVBytes} + 2 * int64_t{kBlockN} * kBlockM * 2 + int64_t{kDqTileFloats} * 4 + 2048;
   static constexpr int kFitStages = static_cast<int>((kSmemLimit - kFixedBytes) / kStageBytes);
   static constexpr int kStages = kFitStages < 3 ? kFitStages : 3;
   static_assert(kStages >= 2, "need a double-buffered Q / dO ring");
@@ -87,6 +93,7 @@ struct Sm90BwdTraits {
     alignas(1024) T ds[2][kBlockN * kBlockM];        // dS^T [buf][kBlockM / 64][kBlockN, 64] swizzled
     alignas(16) float lse2[kStages][kBlockM];        // [stage][query] lse log2(e), +inf past n_q
     alignas(16) float dsum[kStages][kBlockM];        // [stage][query] D
+    alignas(128) float dq[kDqTileFloats];            // dQ tile staging, fragment order (convert kernel)
   };
   struct Barriers {
     uint64_t kv_full;
@@ -96,16 +103,20 @@ struct Sm90BwdTraits {
   static_assert(kSmemBytes + sizeof(Barriers) <= kSmemLimit, "exceeds the sm_90 shared-memory limit");
 };
 
-// Workspace: dq_acc [b, h, n_q, d] float32 (zeroed by the caller), lse2 and dsum [b, h, n_q_pad].
+// Workspace: dq_acc [b, h, n_qt, kDqTileFloats] float32 (zeroed by the caller; each query tile in
+// the consumers' fragment order, see sm90_bwd_convert_kernel), lse2 and dsum [b, h, n_q_pad].
 struct Sm90BwdWorkspace {
   float* dq_acc;
   float* lse2;
   float* dsum;
   int64_t n_q_pad;
+  int64_t n_qt;  // query tiles per (batch, head)
   int64_t bytes;
   Sm90BwdWorkspace(const BwdParams& p, void* base) {
     n_q_pad = align_up(p.n_q > 0 ? p.n_q : 1, kRowPad);
-    const int64_t dq_bytes = align_up(p.b * p.h * p.n_q * p.d * 4, 256);
+    const int64_t block_m = kDqTileFloats / (p.d == 128 ? 128 : 64);  // Sm90BwdTraits::kBlockM
+    n_qt = ceil_div(p.n_q > 0 ? p.n_q : 1, block_m);
+    const int64_t dq_bytes = align_up(p.b * p.h * n_qt * kDqTileFloats * 4, 256);
     const int64_t row_bytes = align_up(p.b * p.h * n_q_pad * 4, 256);
     char* c = static_cast<char*>(base);
     dq_acc = reinterpret_cast<float*>(c);
@@ -142,12 +153,28 @@ __global__ void __launch_bounds__(128) sm90_bwd_prep_kernel(const BwdParams p, S
   }
 }
 
-// dq = scale * dq_acc in the input dtype (dq contiguous [b, h, n_q, d], like dq_acc).
-template <typename T>
-__global__ void sm90_bwd_convert_kernel(T* dq, const float* dq_acc, int64_t n, float scale) {
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    dq[e] = from_acc<T>(dq_acc[e] * scale);
+// dq = scale * dq_acc in the input dtype (dq contiguous [b, h, n_q, d]). A query tile of dq_acc
+// holds float4 `nt` of consumer thread t at [nt][t]: rows r, r + 8 and columns c, c + 1 of the tile,
+// r = row0 + 16 warp + lane / 4, c = col0 + 8 nt + 2 (lane % 4) (warpgroup cw = t / 128: row0 or
+// col0 = 64 cw, as the consumers split dQ). One thread per float4; rows past n_q are dropped.
+template <typename T, typename Tr>
+__global__ void sm90_bwd_convert_kernel(const BwdParams p, const Sm90BwdWorkspace ws) {
+  constexpr int kTile4 = kDqTileFloats / 4, kThreadsC = 128 * Tr::kConsumers;
+  const int64_t n4 = p.b * p.h * ws.n_qt * kTile4;
+  const float scale = static_cast<float>(p.scale);
+  for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < n4;
+       g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t tile = g / kTile4, bh = tile / ws.n_qt;
+    const int q = static_cast<int>(g - tile * kTile4), nt = q / kThreadsC, t = q % kThreadsC;
+    const int cw = t / 128, warp = (t % 128) / 32, lane = t % 32;
+    const int row = (Tr::kDqSplitRows ? 64 * cw : 0) + 16 * warp + lane / 4;
+    const int col = (Tr::kDqSplitRows ? 0 : 64 * cw) + 8 * nt + 2 * (lane % 4);
+    const int64_t i = (tile - bh * ws.n_qt) * Tr::kBlockM + row;
+    const float4 v = reinterpret_cast<const float4*>(ws.dq_acc)[g];
+    T* dst = static_cast<T*>(p.dq) + (bh * p.n_q + i) * Tr::kD + col;
+    if (i < p.n_q) *reinterpret_cast<uint32_t*>(dst) = pack2<T>(v.x * scale, v.y * scale);
+    if (i + 8 < p.n_q) *reinterpret_cast<uint32_t*>(dst + 8 * Tr::kD) = pack2<T>(v.z * scale, v.w * scale);
+  }
 }
 
 // One block's work: (batch, kv head, key block) and its iterations (query head of the group x
@@ -215,6 +242,32 @@ __device__ __forceinline__ void produce(typename Tr::Smem& sm, typename Tr::Barr
     bulk_load(sm.lse2[st], ws.lse2 + row, Tr::kRowBytes, &bar.full[st]);
     bulk_load(sm.dsum[st], ws.dsum + row, Tr::kRowBytes, &bar.full[st]);
   }
+}
+
+// dQ writer: warp 1 of the producer warpgroup. Per iteration, once the consumers have staged the
+// tile, one bulk reduce-add of it into its block of dq_acc; the staging buffer is handed back as
+// soon as the bulk operation has read it.
+template <typename Tr>
+__device__ __forceinline__ void write_dq(typename Tr::Smem& sm, const BwdParams& p, const Sm90BwdWorkspace& ws,
+                                         const BlockWork& w) {
+  using namespace sm90;
+  if (w.n_iters == 0) return;
+  const bool leader = threadIdx.x % 32 == 0;
+  named_barrier_arrive(kBarDqEmpty, Tr::kDqSyncThreads);  // the staging buffer starts free
+  for (int n = 0; n < w.n_iters; ++n) {
+    int hi, i0;
+    w.at(n, Tr::kBlockM, hi, i0);
+    named_barrier_sync(kBarDqFull, Tr::kDqSyncThreads);  // the consumers staged tile n
+    if (leader) {
+      const int64_t tile = (int64_t{w.bi} * p.h + hi) * ws.n_qt + i0 / Tr::kBlockM;
+      bulk_reduce_add_f32(ws.dq_acc + tile * kDqTileFloats, sm.dq, kDqTileFloats * 4);
+      bulk_commit_group();
+      bulk_wait_group_read<0>();
+    }
+    __syncwarp();
+    if (n + 1 < w.n_iters) named_barrier_arrive(kBarDqEmpty, Tr::kDqSyncThreads);
+  }
+  if (leader) bulk_wait_group<0>();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -335,7 +388,7 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
       // Both warpgroups' halves written. Also: each warpgroup passed its previous tile's
       // wait_group<0> (dQ read buffer (n - 1) & 1) before arriving, so buffer n & 1, last read at
       // tile n - 2, is free by the time anyone writes it again at tile n + 2.
-      named_barrier_sync(1, 128 * Tr::kConsumers);
+      named_barrier_sync(kBarDs, 128 * Tr::kConsumers);
 
       float dq[8][4];  // [64, 64] dQ tile of this warpgroup
       wgmma_fence();
@@ -346,23 +399,26 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
       wgmma_commit_group();
       wgmma_wait_group<1>();  // dQ done; dK / dV still running
       fence_regs(dq);
+      // dQ tile -> the staging buffer in fragment order (float4 nt of consumer thread t at [nt][t]:
+      // conflict-free 16-byte stores), the order of its block in dq_acc too; the dQ writer warp adds
+      // the whole tile with one bulk reduction while dK / dV compute.
+      named_barrier_sync(kBarDqEmpty, Tr::kDqSyncThreads);  // the writer has read the previous tile
       {
-        const int64_t bh = int64_t{w.bi} * p.h + hi;
+        float4* stage = reinterpret_cast<float4*>(sm.dq) + 128 * cw + threadIdx.x % 128;
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int64_t i = i0 + dq_row0 + 16 * warp + lane / 4 + 8 * h;
-          if (i >= p.n_q) continue;
-          float* dst = ws.dq_acc + (bh * p.n_q + i) * Tr::kD + dq_col0 + 2 * (lane % 4);
-#pragma unroll
-          for (int nt = 0; nt < 8; ++nt) red_add_v2_f32(dst + 8 * nt, dq[nt][2 * h], dq[nt][2 * h + 1]);
-        }
+        for (int nt = 0; nt < 8; ++nt)
+          stage[nt * 128 * Tr::kConsumers] = make_float4(dq[nt][0], dq[nt][1], dq[nt][2], dq[nt][3]);
       }
+      fence_proxy_async();  // generic-proxy stores -> the bulk reduction (async proxy) reads
+      named_barrier_arrive(kBarDqFull, Tr::kDqSyncThreads);
       wgmma_wait_group<0>();
       fence_regs(dk);
       fence_regs(dv);
       fence_regs(pa);
       fence_regs(dsa);
-      if (lane == 0) mbarrier_arrive(&bar.empty[st]);  // Q, dO, lse2, D of this stage consumed
+      // Q, dO, lse2, D of this stage consumed. Every thread arrives: each releases its own reads of
+      // lse2 / D (one arrival per warp would order only lane 0's reads before the next bulk copy).
+      mbarrier_arrive(&bar.empty[st]);
     }
   }
 
@@ -404,7 +460,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     mbarrier_init(&bar.kv_full, 1);
     for (int s = 0; s < Tr::kStages; ++s) {
       mbarrier_init(&bar.full[s], 1);
-      mbarrier_init(&bar.empty[s], 4 * Tr::kConsumers);  // one arrival per consumer warp
+      mbarrier_init(&bar.empty[s], 128 * Tr::kConsumers);  // one arrival per consumer thread
     }
     fence_barrier_init();
   }
@@ -418,6 +474,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       tma_prefetch_desc(&tm_v);
       tma_prefetch_desc(&tm_do);
       produce<T, Tr>(sm, bar, p, ws, w, &tm_q, &tm_k, &tm_v, &tm_do);
+    } else if (threadIdx.x / 32 == 1) {
+      write_dq<Tr>(sm, p, ws, w);
     }
   } else {
     setmaxnreg_inc<Tr::kConsumerRegs>();
@@ -448,10 +506,10 @@ bool launch(const BwdParams& p, void* workspace, cudaStream_t stream) {
     allow_smem(kernel, Tr::kSmemBytes);
     kernel<<<static_cast<unsigned>(blocks), Tr::kThreads, Tr::kSmemBytes, stream>>>(tq, tk, tv, tdo, p, ws);
   }
-  const int64_t n_dq = p.b * p.h * p.n_q * p.d;
-  if (n_dq > 0)
-    sm90_bwd_convert_kernel<T><<<static_cast<unsigned>(std::min<int64_t>(ceil_div(n_dq, 256), 65536)), 256, 0,
-                                 stream>>>(static_cast<T*>(p.dq), ws.dq_acc, n_dq, static_cast<float>(p.scale));
+  const int64_t n4 = p.b * p.h * ws.n_qt * (kDqTileFloats / 4);
+  if (p.b * p.h * p.n_q > 0)
+    sm90_bwd_convert_kernel<T, Tr>
+        <<<static_cast<unsigned>(std::min<int64_t>(ceil_div(n4, 256), 65536)), 256, 0, stream>>>(p, ws);
   return true;
 }
 
@@ -488,8 +546,10 @@ bool sm90_bwd_supported(const BwdParams& p) {
   for (int64_t s : strides)
     if (s % 8 || s < 0 || s >= (int64_t{1} << 38)) return false;
   if (!aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || !aligned16(p.dout)) return false;
-  // dk / dv get 4-byte stores (contiguous outputs, even d): need 4-byte aligned bases.
-  if ((reinterpret_cast<uintptr_t>(p.dk) & 3) || (reinterpret_cast<uintptr_t>(p.dv) & 3)) return false;
+  // dq / dk / dv get 4-byte stores (contiguous outputs, even d): need 4-byte aligned bases.
+  if ((reinterpret_cast<uintptr_t>(p.dq) & 3) || (reinterpret_cast<uintptr_t>(p.dk) & 3) ||
+      (reinterpret_cast<uintptr_t>(p.dv) & 3))
+    return false;
   return encode_tiled() != nullptr && kernel_compiled_for_sm90a();
 }
 
