@@ -52,6 +52,9 @@ def main():
         (torch.bfloat16, 2, 4, 2, 200, 333, 64, 64, "bottom_right", None, None, 0.0),
         (torch.float16, 1, 4, 1, 300, 129, 128, 128, "top_left", None, None, 0.0),
         (torch.bfloat16, 1, 2, 2, 257, 257, 128, 128, None, None, None, 0.0),
+        # sm80 forward with the bias / mask staged in shared memory (n_k a multiple of 16).
+        (torch.bfloat16, 2, 4, 2, 200, 256, 64, 64, "top_left", (1, 4, 200, 256), (2, 1, 1, 256), 0.0),
+        (torch.float16, 2, 2, 2, 100, 160, 128, 128, None, (2, 2, 100, 160), (1, 1, 100, 160), 0.1),
     ]
     results = []
     for c in cases:

@@ -80,3 +80,48 @@ def test_forced_path_nan_propagates_like_reference(path, d, where):
         f"NaN pattern differs: {int(out.isnan().sum())} NaN outputs vs {int(ref.isnan().sum())} in the reference")
     ok = ~ref.isnan()
     assert (out.double()[ok] - ref[ok]).norm() / ref[ok].norm() < 3e-2
+
+
+# The sm80 forward stages a bias / mask in shared memory when its rows come in whole 16-byte chunks
+# (unit key stride, n_k and the other strides multiples of 8 elements for the bias, 16 for the
+# mask); otherwise it reads them per element. Both ways, with every broadcast that matters.
+STAGED_CONFIGS = {
+    # name: (n_k, bias shape or None, mask shape or None, bias as a view of a wider tensor)
+    "full-bias": (256, "bhqk", None, False),
+    "head-bias+keypad": (256, "1hqk", "b11k", False),
+    "row-bias+full-mask": (256, "b11k", "bhqk", False),
+    "bias-view": (256, "11qk", None, True),
+    "nk%16!=0 (bias staged, mask not)": (264, "bhqk", "b11k", False),
+    "odd nk (per element)": (250, "1hqk", "b1qk", False),
+}
+
+
+@needs_cuda
+@pytest.mark.parametrize("path", ["auto", "sm80"])
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [None, "bottom_right"])
+@pytest.mark.parametrize("config", list(STAGED_CONFIGS), ids=str)
+def test_bias_and_mask_staged_or_not(path, dtype, d, causal, config):
+    n_k, bias_dims, mask_dims, as_view = STAGED_CONFIGS[config]
+    b, h, h_kv, n_q = 2, 4, 2, 200
+    full = {"b": b, "h": h, "q": n_q, "k": n_k}
+    shape = lambda dims: tuple(full[c] if c in "bhqk" else 1 for c in dims)  # noqa: E731
+    q = randn(b, h, n_q, d, dtype=dtype, device="cuda", requires_grad=True)
+    k = randn(b, h_kv, n_k, d, dtype=dtype, device="cuda", requires_grad=True)
+    v = randn(b, h_kv, n_k, d, dtype=dtype, device="cuda", requires_grad=True)
+    bias = None
+    if bias_dims:
+        s = shape(bias_dims)
+        if as_view:  # rows of n_k inside rows of n_k + 24: a real query stride != n_k
+            bias = randn(*s[:-1], n_k + 24, dtype=dtype, device="cuda")[..., 8:8 + n_k]
+            bias = bias.detach().requires_grad_(True)
+        else:
+            bias = randn(*s, dtype=dtype, device="cuda", requires_grad=True)
+    mask = None
+    if mask_dims:
+        mask = torch.rand(shape(mask_dims), device="cuda") > 0.3
+        mask[..., :1] = True  # no row without a visible key under bottom-right causal
+    with flash_mha.force_kernel(path):
+        res = run_both(q, k, v, bias=bias, mask=mask, causal=causal)
+    check_both(res, dtype)

@@ -38,11 +38,50 @@ struct FwdTraits {
     T v[2][kBlockN * kD];  // [stage][kBlockN, kD] swizzled
   };
   static_assert(sizeof(Smem) <= 110 * 1024, "two forward blocks should fit an H100 SM");
+  // The general kernel's bias / mask tiles, double buffered with K / V (cp.async, 16-byte chunks),
+  // placed after Smem and allocated for that kernel only. Rows padded by 16 bytes: the fragment
+  // reads of 8 rows x 4 lanes hit 32 distinct banks. d = 256 reads per element instead (smem).
+  static constexpr bool kStage = kD <= 128;
+  static constexpr int kBiasLd = kBlockN + 8, kMaskLd = kBlockN + 16;
+  struct Staged {
+    T bias[2][kBlockM * kBiasLd];
+    uint8_t mask[2][kBlockM * kMaskLd];
+  };
+  static constexpr int64_t kStagedOffset = (sizeof(Smem) + 127) / 128 * 128;
+  static constexpr int64_t kGeneralSmem = kStagedOffset + sizeof(Staged);  // used when kStage only
+  static_assert(!kStage || kGeneralSmem <= 110 * 1024, "two staged forward blocks should fit an H100 SM");
 };
 
-// kGeneral: bias, mask or dropout present (per-element loads and Philox); otherwise the score
-// epilogue is a multiply plus, on bound / diagonal tiles only, an integer visibility test.
-template <typename T, typename Tr, bool kGeneral>
+// Whether the general kernel can stage the bias and mask (those present) in shared memory: 16-byte
+// chunks of a row must be whole and aligned (unit key stride; batch / head / query strides, n_k and
+// the base in multiples of 16 bytes). Otherwise both are read per element from global memory.
+template <typename T, typename Tr>
+bool scores_stageable(const FwdParams& p) {
+  auto fits = [&](const void* ptr, const Strided4& st, int64_t chunk) {
+    return !ptr || ((reinterpret_cast<uintptr_t>(ptr) & 15) == 0 && st.k == 1 && st.b % chunk == 0 &&
+                    st.h % chunk == 0 && st.q % chunk == 0 && p.n_k % chunk == 0);
+  };
+  return Tr::kStage && (p.bias || p.mask) && fits(p.bias, p.bias_s, 16 / sizeof(T)) && fits(p.mask, p.mask_s, 16);
+}
+
+// Rows [i0, i0 + rows) x keys [j0, j0 + cols) of a bias (T) or mask (uint8), src at (bi, hi, i0, j0),
+// into a shared tile [kBlockM][kLd] by 16-byte cp.async chunks; keys past cols are zero-filled.
+// A tensor broadcast over queries (row stride 0) loads its one row.
+template <typename E, int kBlockN, int kLd, int kThreads>
+__device__ __forceinline__ void load_score_tile(E* dst, const E* src, int64_t row_stride, int rows, int cols) {
+  constexpr int kChunk = 16 / sizeof(E), kChunks = kBlockN / kChunk;
+  const int n = (row_stride == 0 ? 1 : rows) * kChunks;
+  for (int c = threadIdx.x; c < n; c += kThreads) {
+    const int r = c / kChunks, k = (c % kChunks) * kChunk;
+    const bool ok = k < cols;
+    cp_async_16(dst + r * kLd + k, ok ? src + r * row_stride + k : src, ok);
+  }
+}
+
+// kGeneral: bias, mask or dropout present (Philox, and the bias / mask staged in shared memory when
+// kStaged, else loaded per element); otherwise the score epilogue is a multiply plus, on bound /
+// diagonal tiles only, an integer visibility test.
+template <typename T, typename Tr, bool kGeneral, bool kStaged>
 __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(const FwdParams p) {
   constexpr int kD = Tr::kD, kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kThreads = Tr::kThreads;
   constexpr int kMT = Tr::kMT;
@@ -71,10 +110,28 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(
   const int64_t shift = causal_shift(p);
   const bool causal = p.causal != Causal::kNone;
 
+  // Staged bias / mask tiles of key tile t into buffer t & 1 (general kernel).
+  auto& stg = *reinterpret_cast<typename Tr::Staged*>(smem_raw + Tr::kStagedOffset);
+  const T* bias_g = nullptr;
+  const uint8_t* mask_g = nullptr;
+  if constexpr (kStaged) {
+    if (p.bias) bias_g = static_cast<const T*>(p.bias) + bi * p.bias_s.b + hi * p.bias_s.h + i0 * p.bias_s.q;
+    if (p.mask) mask_g = p.mask + bi * p.mask_s.b + hi * p.mask_s.h + i0 * p.mask_s.q;
+  }
+  auto load_scores = [&](int buf, int64_t j, int valid) {
+    if constexpr (kStaged) {
+      if (bias_g)
+        load_score_tile<T, kBlockN, Tr::kBiasLd, kThreads>(stg.bias[buf], bias_g + j, p.bias_s.q, rows, valid);
+      if (mask_g)
+        load_score_tile<uint8_t, kBlockN, Tr::kMaskLd, kThreads>(stg.mask[buf], mask_g + j, p.mask_s.q, rows, valid);
+    }
+  };
+
   load_tile_async<kBlockM, kD, kThreads>(sm.q, qg, p.q_sn, rows, d);
   if (n_tiles > 0) {
     load_tile_async<kBlockN, kD, kThreads>(sm.k[0], kg, p.k_sn, static_cast<int>(imin(kBlockN, p.n_k)), d);
     load_tile_async<kBlockN, kD, kThreads>(sm.v[0], vg, p.v_sn, static_cast<int>(imin(kBlockN, p.n_k)), dv);
+    load_scores(0, 0, static_cast<int>(imin(kBlockN, p.n_k)));
   }
   cp_async_commit_group();
 
@@ -99,6 +156,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(
       const int valid = static_cast<int>(imin(kBlockN, p.n_k - jn));
       load_tile_async<kBlockN, kD, kThreads>(sm.k[stage ^ 1], kg + jn * p.k_sn, p.k_sn, valid, d);
       load_tile_async<kBlockN, kD, kThreads>(sm.v[stage ^ 1], vg + jn * p.v_sn, p.v_sn, valid, dv);
+      load_scores(stage ^ 1, jn, valid);
       cp_async_commit_group();
       cp_async_wait_group<1>();
     } else {
@@ -137,7 +195,15 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt) {
       const int64_t row0 = i0 + row_base + 16 * mt;
-      if constexpr (kGeneral) {
+      if constexpr (kStaged) {
+        StagedScores<T> st;
+        const int r0 = row_base + 16 * mt;  // the m-tile's first row within the block
+        st.bias_ld = p.bias_s.q == 0 ? 0 : Tr::kBiasLd;
+        st.bias = stg.bias[stage] + r0 * st.bias_ld;
+        st.mask_ld = p.mask_s.q == 0 ? 0 : Tr::kMaskLd;
+        st.mask = stg.mask[stage] + r0 * st.mask_ld;
+        score_tile_log2<T, kNS, false, true>(ctx, s[mt], row0, j0, diagonal, st);
+      } else if constexpr (kGeneral) {
         score_tile_log2<T, kNS, false>(ctx, s[mt], row0, j0, diagonal);
       } else {
         scale_mask_tile<kNS, false>(s[mt], ctx.scale_log2, check, 1 << 30, clamp_int(p.n_k - j0),
@@ -202,9 +268,13 @@ void launch(const FwdParams& p, cudaStream_t stream) {
   using Tr = FwdTraits<T, kD>;
   const int64_t blocks = p.b * p.h * ceil_div(p.n_q, Tr::kBlockM);
   if (blocks == 0) return;
-  constexpr int64_t smem = sizeof(typename Tr::Smem);
   const bool general = p.bias || p.mask || p.dropout_p > 0.0;
-  auto kernel = general ? sm80_fwd_kernel<T, Tr, true> : sm80_fwd_kernel<T, Tr, false>;
+  const bool staged = general && scores_stageable<T, Tr>(p);
+  const int64_t smem = staged ? Tr::kGeneralSmem : sizeof(typename Tr::Smem);
+  auto kernel = general ? sm80_fwd_kernel<T, Tr, true, false> : sm80_fwd_kernel<T, Tr, false, false>;
+  if constexpr (Tr::kStage) {
+    if (staged) kernel = sm80_fwd_kernel<T, Tr, true, true>;
+  }
   allow_smem(kernel, smem);
   kernel<<<static_cast<unsigned>(blocks), Tr::kThreads, smem, stream>>>(p);
 }

@@ -31,25 +31,42 @@ struct ScoreCtx {
         scale_log2(static_cast<float>(p.scale) * kLog2e) {}
 };
 
+// The bias / mask tiles the forward staged in shared memory for one m16 row tile: the value of
+// tile-local element (r, c) is at bias[r * bias_ld + c] (ld 0: one row broadcast over the queries).
+template <typename T>
+struct StagedScores {
+  const T* bias = nullptr;
+  const uint8_t* mask = nullptr;
+  int bias_ld = 0, mask_ld = 0;
+};
+
 // In place: acc (raw q.k) -> log2-domain score s * log2(e), -inf where (i, j) is invisible.
 // kKeyRows: the tile's rows are keys and its columns queries (the backward's S^T).
 // check: apply the causal rule per element (tiles on the causal diagonal); bounds always apply.
-template <typename T, int kN, bool kKeyRows>
+// kStaged: every bias / mask present is read from st (shared memory; query-row tiles only).
+template <typename T, int kN, bool kKeyRows, bool kStaged = false>
 __device__ __forceinline__ void score_tile_log2(const ScoreCtx& c, float (&acc)[kN][4], int64_t row0, int64_t col0,
-                                                bool check) {
+                                                bool check, const StagedScores<T>& st = {}) {
+  static_assert(!(kStaged && kKeyRows), "staged tiles have query rows");
   const int lane = threadIdx.x % 32;
   const float neg_inf = -__int_as_float(0x7f800000);
 #pragma unroll
   for (int nt = 0; nt < kN; ++nt) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const int64_t r = row0 + frag_row(lane, e), col = col0 + frag_col(lane, nt, e);
+      const int rr = frag_row(lane, e), cc = frag_col(lane, nt, e);
+      const int64_t r = row0 + rr, col = col0 + cc;
       const int64_t i = kKeyRows ? col : r, j = kKeyRows ? r : col;
       float s = acc[nt][e] * c.scale_log2;
       bool vis = i < c.n_q && j < c.n_k;
       if (check) vis = vis && causal_visible(c.causal, i, j, c.shift);
-      if (c.mask && vis) vis = c.mask[offset4(c.mask_s, c.bi, c.hi, i, j)] != 0;
-      if (c.bias && vis) s += to_acc<float>(static_cast<const T*>(c.bias)[offset4(c.bias_s, c.bi, c.hi, i, j)]) * kLog2e;
+      if (c.mask && vis)
+        vis = (kStaged ? st.mask[rr * st.mask_ld + cc] : c.mask[offset4(c.mask_s, c.bi, c.hi, i, j)]) != 0;
+      if (c.bias && vis) {
+        const T b = kStaged ? st.bias[rr * st.bias_ld + cc]
+                            : static_cast<const T*>(c.bias)[offset4(c.bias_s, c.bi, c.hi, i, j)];
+        s += to_acc<float>(b) * kLog2e;
+      }
       acc[nt][e] = vis ? s : neg_inf;
     }
   }
