@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU call for the Hopper backward (csrc/cuda/sm90_bwd.cu, not yet dispatched): build the
+# One GPU call for the Hopper backward alone (csrc/cuda/sm90_bwd.cu, without torch): build the
 # standalone harness, then run the phases given, each under its own timeout, logs in $OUT.
 #
 #   bash benchmarks/sm90_bwd_run.sh small check sanitize time

@@ -28,12 +28,10 @@ void sm80_bwd(const BwdParams& p, void* workspace, cudaStream_t stream);
 bool sm90_fwd_supported(const FwdParams& p);
 void sm90_fwd(const FwdParams& p, cudaStream_t stream);
 
-// Hopper backward (sm90_bwd.cu; TMA + wgmma, sm_90a only). NOT YET VERIFIED ON A GPU AND NOT
-// DISPATCHED: dispatch.cu keeps the backward on sm80 / SIMT until benchmarks/sm90_bwd_harness.cu
-// passes on an H100/H200 (csrc/cuda/NOTES.md, "Hopper backward"). Scope: float16 / bfloat16,
-// d == d_v in {64, 128}, no bias / mask / dropout / dbias, not deterministic mode, any causal mode,
-// GQA, any n_q / n_k, TMA-describable strides. The workspace (sm90_bwd_workspace_bytes) must be
-// zeroed: float32 dQ accumulator plus padded lse2 / D rows.
+// Hopper backward (sm90_bwd.cu; TMA + wgmma, sm_90a only), dispatched like the forward. Scope:
+// float16 / bfloat16, d == d_v in {64, 128}, no bias / mask / dropout / dbias, not deterministic
+// mode, any causal mode, GQA, any n_q / n_k, TMA-describable strides. The workspace
+// (sm90_bwd_workspace_bytes) must be zeroed: float32 dQ accumulator plus padded lse2 / D rows.
 bool sm90_bwd_supported(const BwdParams& p);
 int64_t sm90_bwd_workspace_bytes(const BwdParams& p);
 void sm90_bwd(const BwdParams& p, void* workspace, cudaStream_t stream);

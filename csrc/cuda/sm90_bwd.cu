@@ -1,29 +1,32 @@
 // Hopper backward for float16 / bfloat16 (sm_90a): TMA + mbarrier + wgmma + warp specialization.
-// WRITTEN, NOT YET RUN ON A GPU, NOT DISPATCHED (see NOTES.md, "Hopper backward"): dispatch.cu
-// still sends every backward to sm80 / SIMT; benchmarks/sm90_bwd_harness.cu checks this file.
+// The default backward on sm_90 for the shapes sm90_bwd_supported takes (dispatch.cu); verified and
+// measured on an H200 (NOTES.md, "Hopper backward"); benchmarks/sm90_bwd_harness.cu checks it alone.
 //
 // Semantics follow sm80_bwd.cu: D = rowsum(dO * O), P = exp(scale q.k - lse), dS = P (dP - D),
-// dV = P^T dO, dK = scale dS^T Q, dQ = scale dS K (float32 atomics, then converted).
+// dV = P^T dO, dK = scale dS^T Q, dQ = scale dS K (float32 bulk reduce-adds, then converted).
 //
 // 1. prep kernel: per (batch, head) row padded to a multiple of 128 queries, lse2 = lse log2(e)
 //    (+inf for rows past n_q or with no visible key) and D, into the workspace, so the main kernel
 //    can fetch a tile's rows with one 16-byte-aligned bulk copy each.
-// 2. main kernel: one block per (batch, kv head, 128 keys). Warpgroup 0 is the producer (one
-//    thread, 24 registers): K and V of the block once, then for each query head of the GQA group and
-//    each query tile of kBlockM rows that can see the block (causal: from the diagonal on), Q, dO
-//    (TMA, 128-byte swizzle) and the lse2 / D rows (bulk copies) into a kStages-deep ring (full /
-//    empty mbarriers per stage). Consumer warpgroups 1, 2 own keys 64 (wg - 1) .. + 63 and keep
-//    their dK, dV [64, d] in registers. Per query tile, in the transposed (key-row) layout:
+// 2. main kernel: one block per (batch, kv head, 128 keys). Warpgroup 0 (24 registers) holds the
+//    producer thread and the dQ writer warp. The producer loads K and V of the block once, then
+//    for each query head of the GQA group and each query tile of kBlockM rows that can see the
+//    block (causal: from the diagonal on), Q, dO (TMA, 128-byte swizzle) and the lse2 / D rows
+//    (bulk copies) into a kStages-deep ring (full / empty mbarriers per stage). Consumer
+//    warpgroups 1, 2 own keys 64 (wg - 1) .. + 63 and keep their dK, dV [64, d] in registers.
+//    Per query tile, in the transposed (key-row) layout:
 //      S^T = K Q^T, dP^T = V dO^T            (wgmma SS, both K-major, N = kBlockM)
 //      P^T = 2^(S^T scale log2e - lse2)       (causal mask on diagonal tiles only)
 //      dS^T = P^T (dP^T - D)
 //      dV += P^T dO, dK += dS^T Q             (wgmma RS: A = P^T / dS^T from registers, B MN-major)
 //      dS^T -> shared memory [keys, queries]; named barrier over both consumer warpgroups
 //      dQ[64, 64] = dS K                      (wgmma SS, both operands MN-major (transpose bits))
-//    and dQ is added to the float32 workspace with red.global.add.v2.f32. The warpgroups split dQ:
-//    d = 128 (kBlockM = 64): columns 64 (wg - 1) ..; d = 64 (kBlockM = 128): rows 64 (wg - 1) ...
+//    The warpgroups split dQ: d = 128 (kBlockM = 64): columns 64 (wg - 1) ..; d = 64
+//    (kBlockM = 128): rows 64 (wg - 1) ... Both store their part to a shared-memory staging tile
+//    (fragment order) and the dQ writer warp adds the whole tile to the float32 workspace with one
+//    cp.reduce.async.bulk (named barriers "full" / "empty" hand the staging tile back and forth).
 //    dS^T is double buffered, so one barrier per tile orders writes and reads.
-// 3. convert kernel: dq = scale * workspace, in the input dtype.
+// 3. convert kernel: dq = scale * workspace (undoing the fragment order), in the input dtype.
 // GQA: a block walks every query head of its kv head's group, so dK / dV need no atomics.
 // Keys past n_k read as zeros (TMA) and are masked (P = 0) in the last key block; their dK / dV
 // rows are never stored. Queries past n_q read as zeros and have lse2 = +inf, so P = 0.
