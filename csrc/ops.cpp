@@ -4,6 +4,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdio>
@@ -95,6 +97,17 @@ Strided4 broadcast_strides(const Tensor& t, const char* name, at::IntArrayRef fu
   return Strided4{s[0], s[1], s[2], s[3]};
 }
 
+// The batch, head and row strides of a [b, h, n, d] tensor. A size-1 dim's stride never enters an
+// address, so it is replaced by the stride that dim would have if laid out right after the next one
+// (a single row: d rounded up to 8): views with odd strides on size-1 dims (a sliced batch or head,
+// one query) then still meet the tensor-core paths' 16-byte rules instead of going to SIMT.
+std::array<int64_t, 3> bhn_strides(const Tensor& t) {
+  const int64_t sn = t.size(2) == 1 ? (t.size(3) + 7) / 8 * 8 : t.stride(2);
+  const int64_t sh = t.size(1) == 1 ? sn * std::max<int64_t>(t.size(2), 1) : t.stride(1);
+  const int64_t sb = t.size(0) == 1 ? sh * std::max<int64_t>(t.size(1), 1) : t.stride(0);
+  return {sb, sh, sn};
+}
+
 void check_last_dim(const Tensor& t, const char* name) {
   FMHA_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, "flash_mha: ", name,
               " must have a contiguous last dim (stride 1), got strides ", t.strides(),
@@ -142,9 +155,12 @@ FwdParams make_fwd_params(const Tensor& q, const Tensor& k, const Tensor& v, con
   check_last_dim(k, "k");
   check_last_dim(v, "v");
   p.q = q.data_ptr(), p.k = k.data_ptr(), p.v = v.data_ptr();
-  p.q_sb = q.stride(0), p.q_sh = q.stride(1), p.q_sn = q.stride(2);
-  p.k_sb = k.stride(0), p.k_sh = k.stride(1), p.k_sn = k.stride(2);
-  p.v_sb = v.stride(0), p.v_sh = v.stride(1), p.v_sn = v.stride(2);
+  const auto q_s = bhn_strides(q);
+  p.q_sb = q_s[0], p.q_sh = q_s[1], p.q_sn = q_s[2];
+  const auto k_s = bhn_strides(k);
+  p.k_sb = k_s[0], p.k_sh = k_s[1], p.k_sn = k_s[2];
+  const auto v_s = bhn_strides(v);
+  p.v_sb = v_s[0], p.v_sh = v_s[1], p.v_sn = v_s[2];
 
   const std::vector<int64_t> full{p.b, p.h, p.n_q, p.n_k};
   if (bias.has_value()) {
@@ -250,7 +266,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout_in, const Tens
   p.o = const_cast<void*>(out_c.data_ptr()), p.lse = const_cast<void*>(lse_c.data_ptr());
   p.o_sb = out_c.stride(0), p.o_sh = out_c.stride(1), p.o_sn = out_c.stride(2);
   p.dout = dout.data_ptr();
-  p.do_sb = dout.stride(0), p.do_sh = dout.stride(1), p.do_sn = dout.stride(2);
+  const auto do_s = bhn_strides(dout);
+  p.do_sb = do_s[0], p.do_sh = do_s[1], p.do_sn = do_s[2];
   p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
   if (bias_requires_grad) {
     p.dbias = dbias.data_ptr();

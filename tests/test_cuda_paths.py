@@ -125,3 +125,21 @@ def test_bias_and_mask_staged_or_not(path, dtype, d, causal, config):
     with flash_mha.force_kernel(path):
         res = run_both(q, k, v, bias=bias, mask=mask, causal=causal)
     check_both(res, dtype)
+
+
+@needs_cuda
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [None, "bottom_right"])
+def test_size1_dims_with_odd_strides(path, d, causal):
+    """A single query of one batch and head whose size-1 dims carry odd strides (any stride is legal
+    there): ops.cpp gives those dims regular strides, so every family may take the call."""
+    dtype = torch.bfloat16
+    q = torch.empty(4 * d, dtype=dtype, device="cuda").as_strided((1, 1, 1, d), (7, 5, 3, 1))
+    q.copy_(randn(1, 1, 1, d, dtype=dtype, device="cuda"))
+    q.requires_grad_(True)
+    k = randn(1, 1, 300, d, dtype=dtype, device="cuda", requires_grad=True)
+    v = randn(1, 1, 300, d, dtype=dtype, device="cuda", requires_grad=True)
+    with flash_mha.force_kernel(path):
+        res = run_both(q, k, v, causal=causal)
+    check_both(res, dtype)
