@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import fnmatch
+import hashlib
 import json
 import math
 import os
@@ -562,6 +563,19 @@ def _git(*cmd) -> Optional[str]:
         return None
 
 
+def source_digest() -> str:
+    """sha256 (16 hex digits) over the sources a build is made of: csrc/ (C++ / CUDA), flash_mha/*.py,
+    setup.py. It names the code of a run even where the checkout's .git is missing or stale (the GPU
+    machine's copy); `python -m flash_mha.bench --source-digest` prints it for the checkout at hand."""
+    h = hashlib.sha256()
+    files = sorted(p for p in (REPO / "csrc").rglob("*") if p.suffix in {".cpp", ".h", ".cu", ".cuh"})
+    files += sorted((REPO / "flash_mha").glob("*.py")) + [REPO / "setup.py"]
+    for f in files:
+        if f.is_file():
+            h.update(f.relative_to(REPO).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def header(device: torch.device, args, timer: Timer) -> dict:
     commit = _git("rev-parse", "HEAD") or "none"
     if _git("status", "--porcelain", "--untracked-files=no"):
@@ -581,7 +595,7 @@ def header(device: torch.device, args, timer: Timer) -> dict:
         "record": "header", "card": card_name(device), "card_short": card_short(device), "device": device.type,
         "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_version,
         "cudnn": torch.backends.cudnn.version() if cuda else None, "flash_mha": fm_version,
-        "git_commit": commit, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": commit, "sources_sha256": source_digest(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(), "threads": torch.get_num_threads(), "argv": args.argv,
         "loadavg_at_start": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "timing": timer.method, "warmup_ms": timer.warmup_ms, "rep_ms": timer.rep_ms,
@@ -739,6 +753,8 @@ def parse_args(argv=None):
     ap.add_argument("--quick", action="store_true", help="a few points of each section")
     ap.add_argument("--tiny", action="store_true", help="tiny sizes (the smoke test)")
     ap.add_argument("--full", action="store_true", help="also fp16 and head dim 256 on the plain grid")
+    ap.add_argument("--source-digest", action="store_true",
+                    help="print the digest of the sources (the header's sources_sha256) and exit")
     ap.add_argument("--cpu-check", action="store_true",
                     help="issue 2's CPU ratios vs torch SDPA (float32 d64, --seqlen default 1k,4k), then exit")
     ap.add_argument("--rounds", type=int, default=3, help="--cpu-check: alternating passes (median)")
@@ -782,6 +798,9 @@ def main(argv=None) -> int:
         print("case module       FlashMHA / flash_mha.MultiheadAttention vs nn.MultiheadAttention, training step")
         for i in IMPLS + MODULE_IMPLS:
             print(f"impl {i.name:22s} {type(i).__name__} devices={','.join(i.devices)}")
+        return 0
+    if args.source_digest:
+        print(source_digest())
         return 0
     if args.cpu_check:
         return cpu_check(args)

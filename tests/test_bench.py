@@ -7,6 +7,7 @@ No timing assertions.
 """
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ TINY = ["--tiny", "--device", "cpu", "--no-progress"]
 # every other implementation on the whole tiny grid, and flex on plain attention and dropout.
 RUNS = (TINY + ["--impl", "!flex"],
         TINY + ["--impl", "flex", "--case", "plain,dropout", "--seqlen", "64", "--causal", "0"])
-HEADER_KEYS = ("card", "card_short", "torch", "cuda", "git_commit", "date", "timing")
+HEADER_KEYS = ("card", "card_short", "torch", "cuda", "git_commit", "sources_sha256", "date", "timing")
 NUMBER_OR_NONE = ("fwd_ms", "bwd_ms", "fwdbwd_ms", "fwd_tflops", "bwd_tflops", "fwdbwd_tflops", "peak_mib",
                   "fwd_err", "grad_err")
 
@@ -49,6 +50,7 @@ def test_header(results):
         assert key in head, key
     assert head["device"] == "cpu" and head["torch"] == torch.__version__
     assert head["complete"] is True
+    assert head["sources_sha256"] == bench.source_digest() and re.fullmatch(r"[0-9a-f]{16}", head["sources_sha256"])
 
 
 def test_row_schema(results):
