@@ -143,3 +143,24 @@ def test_size1_dims_with_odd_strides(path, d, causal):
     with flash_mha.force_kernel(path):
         res = run_both(q, k, v, causal=causal)
     check_both(res, dtype)
+
+
+@needs_cuda
+@pytest.mark.parametrize("path", ["auto", "sm80"])
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("bias_dims", ["bhqk", "1hqk", "b1qk", "11qk", "bh1k", "bhq1", "1h11"])
+def test_half_bias_gradient_every_broadcast(path, dtype, d, bias_dims):
+    """dbias of a float16 / bfloat16 bias with every kind of broadcast (reduced over the broadcast
+    dims): elements reached by one thread, or by many blocks / threads (the sm80 backward adds those
+    with atomics when kAtomicSharedDbias is on, else they take the SIMT backward)."""
+    b, h, h_kv, n_q, n_k = 2, 4, 2, 130, 200
+    full = {"b": b, "h": h, "q": n_q, "k": n_k}
+    q = randn(b, h, n_q, d, dtype=dtype, device="cuda", requires_grad=True)
+    k = randn(b, h_kv, n_k, d, dtype=dtype, device="cuda", requires_grad=True)
+    v = randn(b, h_kv, n_k, d, dtype=dtype, device="cuda", requires_grad=True)
+    bias = randn(*(full[c] if c in full else 1 for c in bias_dims), dtype=dtype, device="cuda", requires_grad=True)
+    with flash_mha.force_kernel(path):
+        res = run_both(q, k, v, bias=bias, causal="top_left")
+    assert res["grads"]["dbias"].shape == bias.shape
+    check_both(res, dtype)
