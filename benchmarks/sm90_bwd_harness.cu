@@ -3,9 +3,9 @@
 //   mkdir -p .bin && nvcc -O3 -std=c++17 --expt-relaxed-constexpr -DFLASH_MHA_WITH_CUDA -Icsrc \
 //        -gencode arch=compute_90a,code=sm_90a -lineinfo -Xptxas -v -o .bin/sm90_bwd_harness \
 //        benchmarks/sm90_bwd_harness.cu csrc/cuda/sm90_bwd.cu csrc/cuda/sm80_bwd.cu
-//   ./.bin/sm90_bwd_harness small   # one tiny case per head dim first (a hang costs 20 s, not minutes)
+//   ./.bin/sm90_bwd_harness small   # the five small cases first (a hang costs 20 s, not minutes)
 //   ./.bin/sm90_bwd_harness check   # every correctness case (`check 4`: case 4 only)
-//   ./.bin/sm90_bwd_harness time    # the standard grid: sm90 vs sm80 backward, TFLOP/s
+//   ./.bin/sm90_bwd_harness time    # the standard grid: sm90 vs sm80 vs sm90 persistent, TFLOP/s
 //   ./.bin/sm90_bwd_harness         # check, then time
 //
 // Inputs: random bf16 / fp16 q, k, v, dO from a hash (never zeros). A naive fp32 reference
@@ -14,8 +14,10 @@
 // query row, dK / dV one thread per key row (walking the query heads of its GQA group).
 // dq / dk / dv are poisoned with NaN before each checked run and scanned for NaN (unwritten
 // elements); rel-L2 error per tensor against the reference. The sm80 backward runs on the same
-// inputs as a yardstick for the error level. Timing: CUDA events, median of interleaved runs
-// (sm90, sm80), each including the workspace memset (ops.cpp zeroes it per call too);
+// inputs as a yardstick for the error level. Every case also runs the persistent sm90 kernel
+// (sm90_bwd_variant) on one block per SM ("sm90p") and on 2 blocks ("sm90p2": every block walks
+// many work items, whatever the card), under the same tolerances. Timing: CUDA events, median of
+// interleaved runs (sm90, sm80, sm90p), each including the workspace memset (ops.cpp zeroes it too);
 // TFLOP/s = 2.5 x 4 b h n_q n_k d (halved for causal) / time.
 #include <algorithm>
 #include <chrono>
@@ -242,13 +244,17 @@ void release(Buffers& bu) {
   for (void* x : {bu.q, bu.k, bu.v, bu.o, bu.dout, bu.dq, bu.dk, bu.dv, (void*)bu.lse, bu.ws}) cudaFree(x);
 }
 
-// variant 0: sm90_bwd, 1: sm80_bwd. Zeroes the workspace first (as ops.cpp does).
+// variant 0: sm90_bwd, 1: sm80_bwd, 2: the persistent sm90 kernel on one block per SM, 3: the same
+// on 2 blocks. Zeroes the workspace first (as ops.cpp does).
+constexpr int kVariants = 4;
+const char* const kVariantNames[kVariants] = {"sm90", "sm80", "sm90p", "sm90p2"};
+bool is_sm90(int variant) { return variant != 1; }
 void run_variant(int variant, const BwdParams& p, const Buffers& bu, cudaStream_t s) {
   CK(cudaMemsetAsync(bu.ws, 0, bu.ws_bytes, s));
   if (variant == 0) sm90_bwd(p, bu.ws, s);
-  else sm80_bwd(p, bu.ws, s);
+  else if (variant == 1) sm80_bwd(p, bu.ws, s);
+  else sm90_bwd_variant(p, bu.ws, s, variant == 2 ? 1 << 30 : 2);
 }
-const char* const kVariantNames[2] = {"sm90", "sm80"};
 
 const char* causal_name(Causal c) { return c == Causal::kNone ? "none" : c == Causal::kTopLeft ? "TL" : "BR"; }
 
@@ -309,7 +315,7 @@ Err compare(const void* x, const float* ref, int64_t n, bool bf16, double tol = 
   return e;
 }
 
-// Returns true when sm90 is within tolerance (and no NaN).
+// Returns true when every sm90 variant is within tolerance (and no NaN).
 bool check(const Case& c, uint32_t seed) {
   Buffers bu = alloc(c, seed);
   const BwdParams p = make_params(c, bu);
@@ -333,7 +339,7 @@ bool check(const Case& c, uint32_t seed) {
   wait_or_die("reference backward");
   const bool supported = sm90_bwd_supported(p);
   bool ok = supported;
-  for (int variant : {0, 1}) {
+  for (int variant = 0; variant < kVariants; ++variant) {
     if (c.bf16) {
       poison_kernel<<<1024, 256>>>((__nv_bfloat16*)bu.dq, nq);
       poison_kernel<<<1024, 256>>>((__nv_bfloat16*)bu.dk, nk);
@@ -350,36 +356,37 @@ bool check(const Case& c, uint32_t seed) {
     CK(cudaDeviceSynchronize());
     // bf16 / fp16 operands (and P, dS rounded to them) against an fp32 reference.
     const double tol = c.bf16 ? 3e-2 : 1e-2;
-    const int64_t dd = variant == 0 ? c.d : 0;  // error maps for sm90 only
+    const int64_t dd = is_sm90(variant) ? c.d : 0;  // error maps for sm90 only
     const Err eq = compare(bu.dq, rdq, nq, c.bf16, tol, dd, "dq"), ek = compare(bu.dk, rdk, nk, c.bf16, tol, dd, "dk"),
               ev = compare(bu.dv, rdv, nk, c.bf16, tol, dd, "dv");
     const bool v_ok = eq.nan + ek.nan + ev.nan == 0 && eq.rel < tol && ek.rel < tol && ev.rel < tol;
-    if (variant == 0) ok = ok && v_ok;
-    std::printf("  %-4s %-24s %s b%ld h%ld/%ld nq%ld nk%ld d%ld %-4s%s: rel_l2 dq %.2e dk %.2e dv %.2e  nan %ld,%ld,%ld  %s%s\n",
+    if (is_sm90(variant)) ok = ok && v_ok;
+    std::printf("  %-6s %-26s %s b%ld h%ld/%ld nq%ld nk%ld d%ld %-4s%s: rel_l2 dq %.2e dk %.2e dv %.2e  nan %ld,%ld,%ld  %s%s\n",
                 kVariantNames[variant], c.name, c.bf16 ? "bf16" : "fp16", c.b, c.h, c.h_kv, c.n_q, c.n_k, c.d,
                 causal_name(c.causal), c.bnhd ? " bnhd" : "", eq.rel, ek.rel, ev.rel, eq.nan, ek.nan, ev.nan,
-                v_ok ? "OK" : "FAIL", variant == 0 && !supported ? " (sm90_bwd_supported = false)" : "");
+                v_ok ? "OK" : "FAIL", is_sm90(variant) && !supported ? " (sm90_bwd_supported = false)" : "");
   }
   cudaFree(dsum); cudaFree(rdq); cudaFree(rdk); cudaFree(rdv);
   release(bu);
   return ok;
 }
 
-// Median ms of each variant, interleaved launch by launch after a warm-up.
-void time_all(const Case& c, double (&ms)[2]) {
+// Median ms of each timed variant (sm90, sm80, sm90p), interleaved launch by launch after a warm-up.
+constexpr int kTimed = 3;
+void time_all(const Case& c, double (&ms)[kTimed]) {
   Buffers bu = alloc(c, 7, false);
   const BwdParams p = make_params(c, bu);
   cudaEvent_t e0, e1;
   CK(cudaEventCreate(&e0)); CK(cudaEventCreate(&e1));
   for (int w = 0; w < 2; ++w)
-    for (int v = 0; v < 2; ++v) {
+    for (int v = 0; v < kTimed; ++v) {
       run_variant(v, p, bu, 0);
       wait_or_die(w == 0 && v == 0 ? "first timed sm90 launch" : "warm-up");
     }
   CK(cudaGetLastError());
-  std::vector<float> ts[2];
+  std::vector<float> ts[kTimed];
   for (int r = 0; r < 10; ++r) {
-    for (int v = 0; v < 2; ++v) {
+    for (int v = 0; v < kTimed; ++v) {
       CK(cudaEventRecord(e0));
       run_variant(v, p, bu, 0);
       CK(cudaEventRecord(e1));
@@ -389,7 +396,7 @@ void time_all(const Case& c, double (&ms)[2]) {
     }
   }
   CK(cudaGetLastError());
-  for (int v = 0; v < 2; ++v) {
+  for (int v = 0; v < kTimed; ++v) {
     std::sort(ts[v].begin(), ts[v].end());
     ms[v] = ts[v][ts[v].size() / 2];
   }
@@ -409,11 +416,15 @@ int main(int argc, char** argv) {
   int fails = 0, checks = 0;
   if (do_check) {
     const Causal N = Causal::kNone, TL = Causal::kTopLeft, BR = Causal::kBottomRight;
-    // small: the first three (one key block; the third reuses every ring stage), so a hang shows in seconds.
+    // small: the first five, so a hang shows in seconds. The third reuses every ring stage; the
+    // fourth and fifth give each sm90p2 block several items (d64: 9, 3, 0 and 6, 0, 0 iterations;
+    // d128: 3, 1, 0, 0, 0 twice): odd counts carry the ring and the dS^T buffer across items.
     const std::vector<Case> cases = {
         {"tiny d64", true, 1, 1, 1, 128, 128, 64, N, false},
         {"tiny d128", true, 1, 1, 1, 128, 128, 128, N, false},
         {"stage reuse GQA 4/1 TL", false, 1, 4, 1, 300, 129, 128, TL, false},
+        {"items GQA 3/1 TL d64", false, 1, 3, 1, 384, 700, 64, TL, false},
+        {"items TL d128", true, 1, 2, 2, 192, 640, 128, TL, false},
         {"one block causal d128", true, 1, 2, 2, 128, 128, 128, TL, false},
         {"one block causal d64", true, 1, 2, 2, 128, 128, 64, TL, false},
         {"1k d128", true, 2, 4, 4, 1024, 1024, 128, N, false},
@@ -438,16 +449,24 @@ int main(int argc, char** argv) {
         {"n=1 d64", true, 1, 1, 1, 1, 1, 64, N, false},
         {"n_q=1 n_k=300 BR", true, 1, 2, 2, 1, 300, 64, BR, false},
         {"2k d128 causal", true, 1, 4, 4, 2048, 2048, 128, TL, false},
+        // More work items than a 132-SM card has SMs, so sm90p blocks loop too. TL with n_q a
+        // multiple of kBlockM and n_k > n_q: key blocks past n_q have no iterations. 396 items,
+        // (d128) 15, 7, 0 / 13, 5, 0 / 11, 3, 0 / 9, 1, 0 iterations per block (33 heads apart).
+        {"persist odd tiles TL d128", true, 3, 11, 11, 960, 1500, 128, TL, false},
+        {"persist odd tiles TL d64", false, 3, 11, 11, 896, 1500, 64, TL, false},
+        {"persist 1k d128 causal", true, 4, 16, 16, 1024, 1024, 128, TL, false},
+        {"persist GQA 3/1 BR d64", true, 2, 36, 12, 500, 700, 64, BR, false},
+        {"persist GQA 2/1 d128", true, 4, 16, 8, 640, 1000, 128, N, false},
     };
     // `check N`: case N only (debugging one failure).
     const int only = argc >= 3 ? std::atoi(argv[2]) : -1;
     for (size_t ci = 0; ci < cases.size(); ++ci) {
-      if (small && ci >= 3) break;
+      if (small && ci >= 5) break;
       if (only >= 0 && static_cast<int>(ci) != only) continue;
       ++checks;
       if (!check(cases[ci], 1234 + checks)) ++fails;
     }
-    std::printf("correctness (sm90): %d / %d passed\n", checks - fails, checks);
+    std::printf("correctness (sm90, sm90p, sm90p2): %d / %d passed\n", checks - fails, checks);
   }
   if (std::strcmp(mode, "prof") == 0 && argc >= 5) {  // `prof d n causal`: three sm90 runs of one grid point (ncu)
     const int d = std::atoi(argv[2]);
@@ -460,18 +479,19 @@ int main(int argc, char** argv) {
     release(bu);
   }
   if (do_time) {
-    std::printf("\n%-5s %-6s %6s %7s | %8s %8s  (bwd TFLOP/s = 2.5 x 4 b h n^2 d [/2 causal] / median time, incl. workspace memset)\n",
-                "d", "causal", "n", "b x h", kVariantNames[0], kVariantNames[1]);
+    std::printf("\n%-5s %-6s %6s %7s | %8s %8s %8s  (bwd TFLOP/s = 2.5 x 4 b h n^2 d [/2 causal] / median time, incl. workspace memset)\n",
+                "d", "causal", "n", "b x h", kVariantNames[0], kVariantNames[1], kVariantNames[2]);
     for (int d : {64, 128}) {
       for (bool causal : {false, true}) {
         for (int64_t n : {1024, 2048, 4096, 8192, 16384}) {
           const int64_t b = 16384 / n, h = 2048 / d;
           const Case c{"grid", true, b, h, h, n, n, d, causal ? Causal::kTopLeft : Causal::kNone, false};
           const double flop = 2.5 * 4.0 * b * h * n * n * d / (causal ? 2.0 : 1.0);
-          double ms[2];
+          double ms[kTimed];
           time_all(c, ms);
-          std::printf("%-5d %-6s %6ld %3ldx%-3ld | %8.1f %8.1f   (%.3f / %.3f ms)\n", d, causal ? "yes" : "no", n, b, h,
-                      flop / (ms[0] * 1e-3) / 1e12, flop / (ms[1] * 1e-3) / 1e12, ms[0], ms[1]);
+          std::printf("%-5d %-6s %6ld %3ldx%-3ld | %8.1f %8.1f %8.1f   (%.3f / %.3f / %.3f ms)\n", d,
+                      causal ? "yes" : "no", n, b, h, flop / (ms[0] * 1e-3) / 1e12, flop / (ms[1] * 1e-3) / 1e12,
+                      flop / (ms[2] * 1e-3) / 1e12, ms[0], ms[1], ms[2]);
         }
       }
     }

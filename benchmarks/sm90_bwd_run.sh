@@ -4,10 +4,11 @@
 #
 #   bash benchmarks/sm90_bwd_run.sh small check sanitize time
 #
-#   small     two tiny cases (d 64, 128): a hang shows as "HANG" after 20 s (the harness watchdog)
-#   check     every correctness case (sm90 and the sm80 yardstick side by side)
-#   sanitize  compute-sanitizer memcheck + racecheck + synccheck on the small cases
-#   time      the standard grid, sm90 vs sm80 backward, TFLOP/s
+#   small     the five small cases: a hang shows as "HANG" after 20 s (the harness watchdog)
+#   check     every correctness case (sm90, the sm80 yardstick, the persistent sm90p / sm90p2)
+#   sanitize  compute-sanitizer memcheck + racecheck + synccheck on the small cases (all variants;
+#             sm90p2 walks several items per block there)
+#   time      the standard grid, sm90 vs sm80 vs sm90p (persistent) backward, TFLOP/s
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/flash_mha_out}
@@ -16,19 +17,20 @@ bin=.bin/sm90_bwd_harness
 nvcc -O3 -std=c++17 --expt-relaxed-constexpr -DFLASH_MHA_WITH_CUDA -Icsrc -gencode arch=compute_90a,code=sm_90a \
   -lineinfo -Xptxas -v -o "$bin" benchmarks/sm90_bwd_harness.cu csrc/cuda/sm90_bwd.cu csrc/cuda/sm80_bwd.cu \
   >"$OUT/sm90_bwd_build.log" 2>&1 || { echo "build FAILED"; tail -20 "$OUT/sm90_bwd_build.log"; exit 1; }
-grep -A2 "sm90_bwd_kernel" "$OUT/sm90_bwd_build.log" | grep -E "spill|Used" | sort | uniq -c
+awk '/Compiling entry function .*sm90_bwd_kernel/ {k = ($0 ~ /nv_bfloat16/ ? "bf16" : "fp16") ($0 ~ /Li128E/ ? " d128" : " d64") ($0 ~ /Lb1E/ ? " persistent" : " default"); next}
+     k && /spill stores/ {sub(/^ +/, ""); print k ": " $0; k = ""}' "$OUT/sm90_bwd_build.log"
 for phase in "$@"; do
   case "$phase" in
     small) timeout 60 "$bin" small 2>&1 | tee "$OUT/sm90_bwd_small.log" ;;
-    check) timeout 150 "$bin" check 2>&1 | tee "$OUT/sm90_bwd_check.log" ;;
+    check) timeout 240 "$bin" check 2>&1 | tee "$OUT/sm90_bwd_check.log" ;;
     sanitize)
       for tool in memcheck racecheck synccheck; do
         echo "== compute-sanitizer --tool $tool"
-        timeout 90 compute-sanitizer --tool "$tool" --error-exitcode 99 "$bin" small >"$OUT/sm90_bwd_$tool.log" 2>&1
+        timeout 120 compute-sanitizer --tool "$tool" --error-exitcode 99 "$bin" small >"$OUT/sm90_bwd_$tool.log" 2>&1
         echo "== $tool exit code: $?"
         tail -3 "$OUT/sm90_bwd_$tool.log"
       done ;;
-    time) timeout 150 "$bin" time 2>&1 | tee "$OUT/sm90_bwd_time.log" ;;
+    time) timeout 200 "$bin" time 2>&1 | tee "$OUT/sm90_bwd_time.log" ;;
     *) echo "unknown phase $phase" ;;
   esac
   echo "== $phase exit code: ${PIPESTATUS[0]}"

@@ -28,6 +28,10 @@
 //    dS^T is double buffered, so one barrier per tile orders writes and reads.
 // 3. convert kernel: dq = scale * workspace (undoing the fragment order), in the input dtype.
 // GQA: a block walks every query head of its kv head's group, so dK / dV need no atomics.
+// Persistent variant (kSm90BwdPersistent; unverified on a GPU): min(#SMs, #items) blocks, each
+// walking the work items blockIdx.x + k gridDim.x. The producer loads the next item's K / V as
+// soon as the consumers' last wgmma of the current item has read them (kv_empty), so the loads
+// overlap the dK / dV epilogue; the ring, the dS^T buffers and the dQ hand-off run on across items.
 // Keys past n_k read as zeros (TMA) and are masked (P = 0) in the last key block; their dK / dV
 // rows are never stored. Queries past n_q read as zeros and have lse2 = +inf, so P = 0.
 #include <cuda.h>          // CUtensorMap and its enums (types only: nothing links libcuda)
@@ -48,6 +52,8 @@ namespace {
 constexpr int kRowPad = 128;  // lse2 / D rows per (batch, head) are padded to this multiple
 constexpr int kDqTileFloats = 8192;  // one query tile of dQ: kBlockM x d = 64 x 128 or 128 x 64
 constexpr int kBarDs = 1, kBarDqFull = 2, kBarDqEmpty = 3;  // named barrier ids (0: __syncthreads)
+// The main kernel sm90_bwd launches: false, one block per work item; true, the persistent grid.
+constexpr bool kSm90BwdPersistent = false;
 
 template <typename T, int kD_>
 struct Sm90BwdTraits {
@@ -101,6 +107,7 @@ struct Sm90BwdTraits {
   struct Barriers {
     uint64_t kv_full;
     uint64_t full[kStages], empty[kStages];
+    uint64_t kv_empty;  // persistent kernel only: the consumers are done with K / V
   };
   static constexpr int64_t kSmemBytes = sizeof(Smem) + 1024;  // + 1024: the kernel aligns the base
   static_assert(kSmemBytes + sizeof(Barriers) <= kSmemLimit, "exceeds the sm_90 shared-memory limit");
@@ -180,30 +187,51 @@ __global__ void sm90_bwd_convert_kernel(const BwdParams p, const Sm90BwdWorkspac
   }
 }
 
-// One block's work: (batch, kv head, key block) and its iterations (query head of the group x
+// Sizes that place the work items. The persistent kernel reads them from the host (a kernel
+// parameter): constant-bank operands cost its 24-register producer nothing, where copies derived in
+// the kernel are held, and spilled, across its items. The one-item kernel derives them in place.
+struct ItemGrid {
+  int n_kb, heads, items, group, n_qb;
+  int64_t shift;  // causal_shift
+  ItemGrid(const BwdParams& p, int block_m, int block_n)
+      : n_kb(static_cast<int>(ceil_div(p.n_k, block_n))),
+        heads(static_cast<int>(p.b * p.h_kv)),
+        items(n_kb * heads),
+        group(static_cast<int>(p.h / p.h_kv)),
+        n_qb(static_cast<int>(ceil_div(p.n_q, block_m))),
+        shift(causal_shift(p)) {}
+};
+
+// One item's work: (batch, kv head, key block) and its iterations (query head of the group x
 // query tile from first_qt on). 32-bit: sm90_bwd_supported bounds the sizes.
 struct BlockWork {
   int bi, kvh, kb, j0;
   int group, first_qt, n_qt, n_iters;
-  __device__ __forceinline__ BlockWork(const BwdParams& p, int block, int block_m, int block_n) {
-    const int n_kb = static_cast<int>((p.n_k + block_n - 1) / block_n);
-    const int heads = static_cast<int>(p.b * p.h_kv);
-    // Causal: key block 0 has the most query tiles; blocks go heaviest first (key block slowest).
+  // g: the sizes from the host (persistent kernel), or nullptr: derived from p here.
+  __device__ __forceinline__ BlockWork(const BwdParams& p, const ItemGrid* g, int item, int block_m, int block_n) {
+    const int n_kb = g ? g->n_kb : static_cast<int>((p.n_k + block_n - 1) / block_n);
+    const int heads = g ? g->heads : static_cast<int>(p.b * p.h_kv);
+    // Causal: key block 0 has the most query tiles; items go heaviest first (key block slowest).
     // Otherwise the key blocks of one head are neighbours, so they share its Q / dO in L2.
     int bkv;
     if (p.causal != Causal::kNone) {
-      kb = block / heads;
-      bkv = block - kb * heads;
+      kb = item / heads;
+      bkv = item - kb * heads;
     } else {
-      bkv = block / n_kb;
-      kb = block - bkv * n_kb;
+      bkv = item / n_kb;
+      kb = item - bkv * n_kb;
     }
     bi = bkv / static_cast<int>(p.h_kv);
     kvh = bkv - bi * static_cast<int>(p.h_kv);
     j0 = kb * block_n;
-    group = static_cast<int>(p.h / p.h_kv);
-    first_qt = static_cast<int>(first_row_seeing(p, j0) / block_m);
-    const int n_qb = static_cast<int>((p.n_q + block_m - 1) / block_m);
+    group = g ? g->group : static_cast<int>(p.h / p.h_kv);
+    int64_t first_row = 0;  // first_row_seeing(p, j0)
+    if (p.causal != Causal::kNone) {
+      const int64_t r = j0 - (g ? g->shift : causal_shift(p));
+      first_row = r < 0 ? 0 : (r > p.n_q ? p.n_q : r);
+    }
+    first_qt = static_cast<int>(first_row / block_m);
+    const int n_qb = g ? g->n_qb : static_cast<int>((p.n_q + block_m - 1) / block_m);
     n_qt = n_qb - first_qt;
     n_iters = n_qt > 0 ? group * n_qt : 0;
   }
@@ -215,14 +243,48 @@ struct BlockWork {
   }
 };
 
+// Calls f(w, tile, kv) for each work item of this block in order: `first` (item blockIdx.x)
+// alone, or (persistent) items blockIdx.x + k gridDim.x, so causal grids still go heaviest first.
+// tile: iterations of the block's earlier items; kv: its earlier items with iterations. Every role
+// walks the same items, so all agree on both, and the barrier phases run on across items:
+//  - Ring: iteration t = tile + n uses stage t % kStages; full / empty complete one phase per use
+//    of their stage, so the consumers wait full parity (t / kStages) & 1 and the producer waits
+//    empty parity ((t / kStages) & 1) ^ 1 (the release of iteration t - kStages; a fresh barrier
+//    passes it at once). dS^T buffer t & 1 (see consume).
+//  - K / V (persistent): item number kv with iterations loads on kv_full phase kv (consumers wait
+//    parity kv & 1) once kv_empty phase kv - 1 has completed (all 256 consumer threads are done
+//    with the previous load; parity (kv & 1) ^ 1, passed at once by the fresh barrier for kv = 0).
+//    Each phase of one barrier needs the other's previous phase, so no waiter is two phases behind.
+//  - dQ staging: one "empty" / "full" handshake per iteration, in iteration order (see write_dq).
+//  - Items without iterations touch no barrier and advance neither count.
+template <bool kPersistent, typename F>
+__device__ __forceinline__ void for_each_item(const BwdParams& p, const ItemGrid& g, const BlockWork& first,
+                                              int block_m, int block_n, F&& f) {
+  if constexpr (!kPersistent) {
+    f(first, 0, 0);
+  } else {
+    int tile = 0, kv = 0;
+    for (int item = blockIdx.x; item < g.items; item += gridDim.x) {
+      const BlockWork w(p, &g, item, block_m, block_n);
+      f(w, tile, kv);
+      tile += w.n_iters;
+      kv += w.n_iters > 0;
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
-// Producer: one thread. K and V once, then per iteration Q, dO, lse2, D into stage n % kStages.
-template <typename T, typename Tr>
+// Producer: one thread. Per work item K and V once, then per iteration Q, dO, lse2, D into ring
+// stage t % kStages, t = tile + n counting the iterations of the block's items (see for_each_item).
+template <typename T, typename Tr, bool kPersistent>
 __device__ __forceinline__ void produce(typename Tr::Smem& sm, typename Tr::Barriers& bar, const BwdParams& p,
-                                        const Sm90BwdWorkspace& ws, const BlockWork& w, const CUtensorMap* tm_q,
-                                        const CUtensorMap* tm_k, const CUtensorMap* tm_v, const CUtensorMap* tm_do) {
+                                        const Sm90BwdWorkspace& ws, const BlockWork& w, int tile, int kv,
+                                        const CUtensorMap* tm_q, const CUtensorMap* tm_k, const CUtensorMap* tm_v,
+                                        const CUtensorMap* tm_do) {
   using namespace sm90;
   if (w.n_iters == 0) return;  // nothing loaded: the consumers only write zeros
+  // The consumers are done with the previous item's K / V (for_each_item: kv_empty phase kv - 1).
+  if constexpr (kPersistent) mbarrier_wait(&bar.kv_empty, (kv & 1) ^ 1);
   mbarrier_arrive_expect_tx(&bar.kv_full, 2 * Tr::kKVBytes);
 #pragma unroll
   for (int pn = 0; pn < Tr::kPanels; ++pn) {
@@ -230,8 +292,9 @@ __device__ __forceinline__ void produce(typename Tr::Smem& sm, typename Tr::Barr
     tma_load_4d(sm.v + pn * Tr::kBlockN * Tr::kPanel, tm_v, &bar.kv_full, pn * Tr::kPanel, w.j0, w.kvh, w.bi);
   }
   for (int n = 0; n < w.n_iters; ++n) {
-    const int st = n % Tr::kStages;
-    const uint32_t parity = ((n / Tr::kStages) & 1) ^ 1;  // a fresh empty barrier passes at once
+    const int t = tile + n;
+    const int st = t % Tr::kStages;
+    const uint32_t parity = ((t / Tr::kStages) & 1) ^ 1;  // a fresh empty barrier passes at once
     int hi, i0;
     w.at(n, Tr::kBlockM, hi, i0);
     mbarrier_wait(&bar.empty[st], parity);
@@ -249,15 +312,19 @@ __device__ __forceinline__ void produce(typename Tr::Smem& sm, typename Tr::Barr
 
 // dQ writer: warp 1 of the producer warpgroup. Per iteration, once the consumers have staged the
 // tile, one bulk reduce-add of it into its block of dq_acc; the staging buffer is handed back as
-// soon as the bulk operation has read it.
-template <typename Tr>
+// soon as the bulk operation has read it. Each consumer tile syncs "empty" once and arrives "full"
+// once, so the writer arrives "empty" once per tile of the block (the first: the buffer starts
+// free) and never after its last. Persistent: the arrival opens each tile instead of closing the
+// previous one (same order), so the block's last tile needs no look-ahead over later items.
+template <typename Tr, bool kPersistent>
 __device__ __forceinline__ void write_dq(typename Tr::Smem& sm, const BwdParams& p, const Sm90BwdWorkspace& ws,
                                          const BlockWork& w) {
   using namespace sm90;
   if (w.n_iters == 0) return;
   const bool leader = threadIdx.x % 32 == 0;
-  named_barrier_arrive(kBarDqEmpty, Tr::kDqSyncThreads);  // the staging buffer starts free
+  if constexpr (!kPersistent) named_barrier_arrive(kBarDqEmpty, Tr::kDqSyncThreads);  // the buffer starts free
   for (int n = 0; n < w.n_iters; ++n) {
+    if constexpr (kPersistent) named_barrier_arrive(kBarDqEmpty, Tr::kDqSyncThreads);
     int hi, i0;
     w.at(n, Tr::kBlockM, hi, i0);
     named_barrier_sync(kBarDqFull, Tr::kDqSyncThreads);  // the consumers staged tile n
@@ -268,9 +335,9 @@ __device__ __forceinline__ void write_dq(typename Tr::Smem& sm, const BwdParams&
       bulk_wait_group_read<0>();
     }
     __syncwarp();
-    if (n + 1 < w.n_iters) named_barrier_arrive(kBarDqEmpty, Tr::kDqSyncThreads);
+    if (!kPersistent && n + 1 < w.n_iters) named_barrier_arrive(kBarDqEmpty, Tr::kDqSyncThreads);
   }
-  if (leader) bulk_wait_group<0>();
+  if (leader && !kPersistent) bulk_wait_group<0>();  // persistent: once, after the block's last item
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -293,9 +360,10 @@ __device__ __forceinline__ void issue_dq(float (&acc)[8][4], uint32_t a_base, ui
                        desc_mnmajor_sw128(b_base + kk * 16 * 128, Tr::kBlockN * 128), kk > 0);
 }
 
-template <typename T, typename Tr>
+// tile, kv: as for the producer (for_each_item). dK / dV start from zero per work item.
+template <typename T, typename Tr, bool kPersistent>
 __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barriers& bar, const BwdParams& p,
-                                        const Sm90BwdWorkspace& ws, const BlockWork& w, int cw) {
+                                        const Sm90BwdWorkspace& ws, const BlockWork& w, int cw, int tile, int kv) {
   using namespace sm90;
   constexpr int kNS = Tr::kBlockM / 8;   // 8-column groups of S^T / dP^T (queries)
   constexpr int kNO = Tr::kD / 8;        // 8-column groups of dK / dV
@@ -319,13 +387,14 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
     const int dq_col0 = Tr::kDqSplitRows ? 0 : 64 * cw;
     const uint32_t ds_panel = (dq_row0 / 64) * Tr::kBlockN * 128;
     const uint32_t k_panel = smem_addr(sm.k) + (dq_col0 / 64) * Tr::kBlockN * 128;
-    mbarrier_wait(&bar.kv_full, 0);
+    mbarrier_wait(&bar.kv_full, kv & 1);  // phase kv: the block's K / V load number kv
 
     for (int n = 0; n < w.n_iters; ++n) {
-      const int st = n % Tr::kStages;
+      const int t = tile + n;  // ring position and dS^T buffer, counted across the block's items
+      const int st = t % Tr::kStages;
       int hi, i0;
       w.at(n, Tr::kBlockM, hi, i0);
-      mbarrier_wait(&bar.full[st], (n / Tr::kStages) & 1);
+      mbarrier_wait(&bar.full[st], (t / Tr::kStages) & 1);
       const uint32_t q_base = smem_addr(sm.q[st]), do_base = smem_addr(sm.dout[st]);
 
       // S^T and dP^T, two groups: the exponentials of S^T run while dP^T computes.
@@ -374,10 +443,10 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
 #pragma unroll
       for (int kk = 0; kk < kKP; ++kk) acc_to_a<T>(dsa[kk], dp, kk);
 
-      // dS^T -> shared memory buffer n & 1 ([kBlockN keys, kBlockM queries], 64-query panels).
+      // dS^T -> shared memory buffer t & 1 ([kBlockN keys, kBlockM queries], 64-query panels).
       // Fragment reg r of step kk: key row 16 warp + lane / 4 + 8 (r % 2), query 16 kk + 8 (r / 2) + 2 (lane % 4).
       {
-        unsigned char* ds = reinterpret_cast<unsigned char*>(sm.ds[n & 1]);
+        unsigned char* ds = reinterpret_cast<unsigned char*>(sm.ds[t & 1]);
 #pragma unroll
         for (int kk = 0; kk < kKP; ++kk)
 #pragma unroll
@@ -389,13 +458,14 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
       }
       fence_proxy_async();  // generic-proxy stores -> wgmma (async proxy) reads
       // Both warpgroups' halves written. Also: each warpgroup passed its previous tile's
-      // wait_group<0> (dQ read buffer (n - 1) & 1) before arriving, so buffer n & 1, last read at
-      // tile n - 2, is free by the time anyone writes it again at tile n + 2.
+      // wait_group<0> (dQ read buffer (t - 1) & 1) before arriving, so buffer t & 1, last read at
+      // tile t - 2, is free by the time anyone writes it again at tile t + 2 (t runs on across
+      // items, so this holds at item boundaries too).
       named_barrier_sync(kBarDs, 128 * Tr::kConsumers);
 
       float dq[8][4];  // [64, 64] dQ tile of this warpgroup
       wgmma_fence();
-      issue_dq<T, Tr>(dq, smem_addr(sm.ds[n & 1]) + ds_panel, k_panel);
+      issue_dq<T, Tr>(dq, smem_addr(sm.ds[t & 1]) + ds_panel, k_panel);
       wgmma_commit_group();
       sm90::gemm_rs_mnmajor<T, Tr::kD, Tr::kBlockM, Tr::kBlockM>(dv, pa, do_base);  // dV += P^T dO
       sm90::gemm_rs_mnmajor<T, Tr::kD, Tr::kBlockM, Tr::kBlockM>(dk, dsa, q_base);  // dK += dS^T Q
@@ -423,6 +493,9 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
       // lse2 / D (one arrival per warp would order only lane 0's reads before the next bulk copy).
       mbarrier_arrive(&bar.empty[st]);
     }
+    // This thread's wgmma reads of K / V are over (the last wait_group<0>): the producer may load
+    // the next item's while this one's dK / dV are stored.
+    if constexpr (kPersistent) mbarrier_arrive(&bar.kv_empty);
   }
 
   // dK = scale dS^T Q, dV: rows key0 + lane / 4 (+ 8), dk / dv contiguous [b, h_kv, n_k, d].
@@ -442,13 +515,14 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
   }
 }
 
-template <typename T, typename Tr>
+template <typename T, typename Tr, bool kPersistent>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
     sm90_bwd_kernel(const __grid_constant__ CUtensorMap tm_q,   // [b, h, n_q, d] box [kBlockM, 64]
                     const __grid_constant__ CUtensorMap tm_k,   // [b, h_kv, n_k, d] box [kBlockN, 64]
                     const __grid_constant__ CUtensorMap tm_v,   // [b, h_kv, n_k, d] box [kBlockN, 64]
                     const __grid_constant__ CUtensorMap tm_do,  // [b, h, n_q, d] box [kBlockM, 64]
-                    const BwdParams p, const Sm90BwdWorkspace ws) {
+                    const BwdParams p, const Sm90BwdWorkspace ws,
+                    const __grid_constant__ ItemGrid grid) {  // persistent kernel only
 #if FLASH_MHA_SM90_ENABLED
   using namespace sm90;
   // Static shared memory exists only in the sm_90a body (the host checks it, as sm90_fwd.cu).
@@ -457,10 +531,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const uint32_t base = smem_addr(smem_raw);
   auto& sm = *reinterpret_cast<typename Tr::Smem*>(smem_raw + (((base + 1023) & ~1023u) - base));
 
-  const BlockWork w(p, blockIdx.x, Tr::kBlockM, Tr::kBlockN);
+  const BlockWork first(p, nullptr, blockIdx.x, Tr::kBlockM, Tr::kBlockN);  // persistent: recomputed per item
   const int wg = threadIdx.x / 128;
   if (threadIdx.x == 0) {
     mbarrier_init(&bar.kv_full, 1);
+    if constexpr (kPersistent) mbarrier_init(&bar.kv_empty, 128 * Tr::kConsumers);  // every consumer thread
     for (int s = 0; s < Tr::kStages; ++s) {
       mbarrier_init(&bar.full[s], 1);
       mbarrier_init(&bar.empty[s], 128 * Tr::kConsumers);  // one arrival per consumer thread
@@ -476,13 +551,19 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       tma_prefetch_desc(&tm_k);
       tma_prefetch_desc(&tm_v);
       tma_prefetch_desc(&tm_do);
-      produce<T, Tr>(sm, bar, p, ws, w, &tm_q, &tm_k, &tm_v, &tm_do);
+      for_each_item<kPersistent>(p, grid, first, Tr::kBlockM, Tr::kBlockN, [&](const BlockWork& w, int tile, int kv) {
+        produce<T, Tr, kPersistent>(sm, bar, p, ws, w, tile, kv, &tm_q, &tm_k, &tm_v, &tm_do);
+      });
     } else if (threadIdx.x / 32 == 1) {
-      write_dq<Tr>(sm, p, ws, w);
+      for_each_item<kPersistent>(p, grid, first, Tr::kBlockM, Tr::kBlockN,
+                                 [&](const BlockWork& w, int, int) { write_dq<Tr, kPersistent>(sm, p, ws, w); });
+      if (kPersistent && threadIdx.x % 32 == 0) bulk_wait_group<0>();
     }
   } else {
     setmaxnreg_inc<Tr::kConsumerRegs>();
-    consume<T, Tr>(sm, bar, p, ws, w, wg - 1);
+    for_each_item<kPersistent>(p, grid, first, Tr::kBlockM, Tr::kBlockN, [&](const BlockWork& w, int tile, int kv) {
+      consume<T, Tr, kPersistent>(sm, bar, p, ws, w, wg - 1, tile, kv);
+    });
   }
 #endif
 }
@@ -490,9 +571,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 // ---------------------------------------------------------------------------------------------
 // Host side
 
-// Returns false (nothing launched) when a tensor map cannot be built.
+// Returns false (nothing launched) when a tensor map cannot be built. persistent_ctas: see
+// sm90_bwd_variant.
 template <typename T, int kD>
-bool launch(const BwdParams& p, void* workspace, cudaStream_t stream) {
+bool launch(const BwdParams& p, void* workspace, cudaStream_t stream, int persistent_ctas) {
   using Tr = Sm90BwdTraits<T, kD>;
   CUtensorMap tq, tk, tv, tdo;
   if (!make_map(&tq, p.dtype, p.q, p.b, p.h, p.n_q, p.d, p.q_sb, p.q_sh, p.q_sn, Tr::kBlockM) ||
@@ -503,11 +585,17 @@ bool launch(const BwdParams& p, void* workspace, cudaStream_t stream) {
   const Sm90BwdWorkspace ws(p, workspace);
   const int64_t rows = p.b * p.h * ws.n_q_pad;
   if (rows > 0) sm90_bwd_prep_kernel<T><<<static_cast<unsigned>(ceil_div(rows, 4)), 128, 0, stream>>>(p, ws);
-  const int64_t blocks = p.b * p.h_kv * ceil_div(p.n_k, Tr::kBlockN);
+  const int64_t blocks = p.b * p.h_kv * ceil_div(p.n_k, Tr::kBlockN);  // work items
   if (blocks > 0) {
-    auto kernel = sm90_bwd_kernel<T, Tr>;
-    allow_smem(kernel, Tr::kSmemBytes);
-    kernel<<<static_cast<unsigned>(blocks), Tr::kThreads, Tr::kSmemBytes, stream>>>(tq, tk, tv, tdo, p, ws);
+    const ItemGrid grid(p, Tr::kBlockM, Tr::kBlockN);
+    auto run = [&](auto kernel, int64_t n_blocks) {
+      allow_smem(kernel, Tr::kSmemBytes);
+      kernel<<<static_cast<unsigned>(n_blocks), Tr::kThreads, Tr::kSmemBytes, stream>>>(tq, tk, tv, tdo, p, ws, grid);
+    };
+    if (persistent_ctas > 0)
+      run(sm90_bwd_kernel<T, Tr, true>, std::min<int64_t>(blocks, std::min(sm_count(), persistent_ctas)));
+    else
+      run(sm90_bwd_kernel<T, Tr, false>, blocks);
   }
   const int64_t n4 = p.b * p.h * ws.n_qt * (kDqTileFloats / 4);
   if (p.b * p.h * p.n_q > 0)
@@ -517,15 +605,15 @@ bool launch(const BwdParams& p, void* workspace, cudaStream_t stream) {
 }
 
 template <typename T>
-bool dispatch_dim(const BwdParams& p, void* workspace, cudaStream_t stream) {
-  if (p.d == 64) return launch<T, 64>(p, workspace, stream);
-  return launch<T, 128>(p, workspace, stream);
+bool dispatch_dim(const BwdParams& p, void* workspace, cudaStream_t stream, int persistent_ctas) {
+  if (p.d == 64) return launch<T, 64>(p, workspace, stream, persistent_ctas);
+  return launch<T, 128>(p, workspace, stream, persistent_ctas);
 }
 
 
 // Whether this binary holds the sm_90a body of the kernels (asked once, of one configuration).
 bool kernel_compiled_for_sm90a() {
-  static const bool ok = has_sm90a_body(sm90_bwd_kernel<__nv_bfloat16, Sm90BwdTraits<__nv_bfloat16, 64>>);
+  static const bool ok = has_sm90a_body(sm90_bwd_kernel<__nv_bfloat16, Sm90BwdTraits<__nv_bfloat16, 64>, false>);
   return ok;
 }
 
@@ -558,13 +646,18 @@ bool sm90_bwd_supported(const BwdParams& p) {
 
 int64_t sm90_bwd_workspace_bytes(const BwdParams& p) { return Sm90BwdWorkspace(p, nullptr).bytes; }
 
-void sm90_bwd(const BwdParams& p, void* workspace, cudaStream_t stream) {
-  const bool launched = p.dtype == Dtype::kFloat16 ? dispatch_dim<__half>(p, workspace, stream)
-                                                   : dispatch_dim<__nv_bfloat16>(p, workspace, stream);
+void sm90_bwd_variant(const BwdParams& p, void* workspace, cudaStream_t stream, int persistent_ctas) {
+  const bool launched = p.dtype == Dtype::kFloat16
+                            ? dispatch_dim<__half>(p, workspace, stream, persistent_ctas)
+                            : dispatch_dim<__nv_bfloat16>(p, workspace, stream, persistent_ctas);
   // A view TMA cannot describe (e.g. overlapping strides): the sm80 backward. Its workspace layout
   // differs, but it needs dq_acc [b h n_q d] zeroed and dsum [b h n_q] after it, which fits in ours
   // (ours is larger: padded rows, two of them) and is still zero: nothing was launched.
   if (!launched) sm80_bwd(p, workspace, stream);
+}
+
+void sm90_bwd(const BwdParams& p, void* workspace, cudaStream_t stream) {
+  sm90_bwd_variant(p, workspace, stream, kSm90BwdPersistent ? sm_count() : 0);
 }
 
 }  // namespace flash_mha::cuda
