@@ -15,6 +15,7 @@ import json
 import sys
 from collections import defaultdict
 from pathlib import Path
+from typing import Optional
 
 POINT_KEYS = ("case", "dtype", "hdim", "causal", "seqlen_q", "seqlen_k", "batch", "heads", "heads_kv", "embed_dim")
 METRICS = (("fwd", "fwd"), ("bwd", "bwd"), ("fwdbwd", "fwd+bwd"))
@@ -183,6 +184,14 @@ def _working_impls(rows) -> list:
     return [i for i in dict.fromkeys(r["impl"] for r in rows) if any(not r["refused"] for r in rows if r["impl"] == i)]
 
 
+def _main_dtype(attn_rows) -> Optional[str]:
+    """The dtype the case figures show (float32 rows are shown too): the plain grid's most common
+    one, or, in a run of extra cases only, the most common one of the cases other than float32."""
+    dtypes = ([r["dtype"] for r in attn_rows if r["case"] == "plain"] or
+              [r["dtype"] for r in attn_rows if r["case"] != "float32"])
+    return max(set(dtypes), key=dtypes.count) if dtypes else None
+
+
 def _plot_attention(rows, head, out_dir: Path, stem: str) -> list:
     import matplotlib.pyplot as plt
     paths = []
@@ -217,8 +226,7 @@ def _plot_attention(rows, head, out_dir: Path, stem: str) -> list:
     for r in attn:
         if not r["causal"]:
             extra[(r["hdim"], r["seqlen_k"])].append(r)
-    dtypes = [r["dtype"] for r in attn if r["case"] == "plain"]
-    main_dtype = max(set(dtypes), key=dtypes.count) if dtypes else None
+    main_dtype = _main_dtype(attn)
     for (hdim, n), prs in sorted(extra.items()):
         cases = list(dict.fromkeys(r["case"] for r in prs))
         if len(cases) < 2:

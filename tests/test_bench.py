@@ -166,3 +166,12 @@ def test_cpu_check_writes_both_implementations(tmp_path, capsys):
                                                                 ("sdpa", 128), ("sdpa", 256)]
     assert all(r["check"] == "ok" and r["fwdbwd_ms"] is not None for r in rows)
     assert "fwd+bwd ratio" in capsys.readouterr().out
+
+
+def test_case_figures_pick_the_cases_dtype_without_a_plain_grid():
+    """A run of extra cases only (no plain rows) still plots its bf16 cases, not float32 alone."""
+    rows = [{"case": c, "dtype": dt} for c, dt in
+            (("bias", "bf16"), ("gqa", "bf16"), ("float32", "fp32"), ("float32", "fp32"), ("float32", "fp32"))]
+    assert bench_plot._main_dtype(rows) == "bf16"
+    assert bench_plot._main_dtype(rows + [{"case": "plain", "dtype": "fp16"}]) == "fp16"
+    assert bench_plot._main_dtype([]) is None
