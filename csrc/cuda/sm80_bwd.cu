@@ -26,11 +26,23 @@ namespace {
 // with it on (csrc/cuda/NOTES.md, "Next"); the kernel code below is compiled either way.
 constexpr bool kAtomicSharedDbias = false;
 
+// A dbias whose every element is produced exactly once (no broadcast at all) is stored straight
+// into dbias in the input dtype: no float workspace of the bias's size (4 GiB for a full bf16 bias
+// at b h n^2 = 2^30), no read-modify-write, no conversion pass. Written 2026-11-27 without GPU
+// time: OFF until the GPU suite passes with it on (csrc/cuda/NOTES.md).
+constexpr bool kDirectDbias = false;
+
 // Whether some dbias element is reached by more than one (block, iteration, thread).
 inline bool dbias_shared(const BwdParams& p) {
   const Strided4& s = p.dbias_s;
   return p.dbias && ((s.b == 0 && p.b > 1) || (s.q == 0 && p.n_q > 1) || (s.k == 0 && p.n_k > 1) ||
                      (s.h == 0 && p.h_kv > 1));
+}
+
+// Whether every dbias element is produced once: not shared, and not broadcast over the query heads
+// of a GQA group (one block walks them all and adds them up).
+inline bool dbias_once(const BwdParams& p) {
+  return p.dbias && !dbias_shared(p) && !(p.dbias_s.h == 0 && p.h > 1);
 }
 
 template <typename T, int kD_>
@@ -64,10 +76,12 @@ struct BwdWorkspace {
   float* dsum;       // [b, h, n_q]  D = rowsum(dO * O)
   float* dbias_acc;  // dbias's shape, or nullptr
   bool dbias_shared;  // dbias_shared(p): add with atomics
+  bool dbias_direct;  // kDirectDbias and dbias_once(p): store into p.dbias, dbias_acc == nullptr
   int64_t bytes;
   int64_t dbias_elems;
   BwdWorkspace(const BwdParams& p, void* base) {
-    dbias_elems = p.dbias ? (p.dbias_s.b ? p.b : 1) * (p.dbias_s.h ? p.h : 1) * (p.dbias_s.q ? p.n_q : 1) *
+    dbias_direct = kDirectDbias && dbias_once(p);
+    dbias_elems = p.dbias && !dbias_direct ? (p.dbias_s.b ? p.b : 1) * (p.dbias_s.h ? p.h : 1) * (p.dbias_s.q ? p.n_q : 1) *
                                 (p.dbias_s.k ? p.n_k : 1)
                           : 0;
     const int64_t dq_bytes = align_up(p.b * p.h * p.n_q * p.d * 4, 256);
@@ -75,7 +89,7 @@ struct BwdWorkspace {
     char* c = static_cast<char*>(base);
     dq_acc = reinterpret_cast<float*>(c);
     dsum = reinterpret_cast<float*>(c + dq_bytes);
-    dbias_acc = p.dbias ? reinterpret_cast<float*>(c + dq_bytes + d_bytes) : nullptr;
+    dbias_acc = p.dbias && !dbias_direct ? reinterpret_cast<float*>(c + dq_bytes + d_bytes) : nullptr;
     dbias_shared = flash_mha::cuda::dbias_shared(p);
     bytes = dq_bytes + d_bytes + align_up(dbias_elems * 4, 256);
   }
@@ -266,16 +280,20 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
         }
       }
     }
-    // dbias: a plain add where each element belongs to this thread alone, else float atomics.
-    if (kGeneral && ws.dbias_acc) {
+    // dbias: stored once in the input dtype (kDirectDbias), a plain add where each element belongs
+    // to this thread alone, else float atomics.
+    if (kGeneral && (ws.dbias_acc || (kDirectDbias && ws.dbias_direct))) {
 #pragma unroll
       for (int nt = 0; nt < kNS; ++nt) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int64_t j = key0 + frag_row(lane, e), i = i0 + frag_col(lane, nt, e);
           if (i < p.n_q && j < p.n_k) {
-            float* dst = ws.dbias_acc + offset4(p.dbias_s, bi, hi, i, j);
-            if (kAtomicSharedDbias && ws.dbias_shared) {
+            const int64_t off = offset4(p.dbias_s, bi, hi, i, j);
+            float* dst = ws.dbias_acc + off;
+            if (kDirectDbias && ws.dbias_direct) {
+              static_cast<T*>(p.dbias)[off] = from_acc<T>(dp[nt][e]);
+            } else if (kAtomicSharedDbias && ws.dbias_shared) {
               red_add_f32(dst, dp[nt][e]);
             } else {
               *dst += dp[nt][e];
