@@ -373,6 +373,10 @@ void launch(const BwdParams& p, void* workspace, cudaStream_t stream) {
   BwdWorkspace ws(p, workspace);
   const int64_t rows = p.b * p.h * p.n_q;
   if (rows > 0) dot_do_o_kernel<T><<<static_cast<unsigned>(ceil_div(rows, 4)), 128, 0, stream>>>(p, ws.dsum);
+  // Direct dbias: the elements no iteration reaches (causal tiles that are skipped) must read 0.
+  // dbias is the contiguous [b, h, n_q, n_k] tensor ops.cpp allocates (no broadcast dims).
+  if (kDirectDbias && ws.dbias_direct)
+    cudaMemsetAsync(p.dbias, 0, static_cast<size_t>(p.b * p.h * p.n_q * p.n_k) * sizeof(T), stream);
   const int64_t blocks = p.b * p.h_kv * ceil_div(p.n_k, Tr::kBlockN);
   if (blocks > 0) {
     constexpr int64_t smem = sizeof(typename Tr::Smem);
