@@ -290,13 +290,12 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
           const int64_t j = key0 + frag_row(lane, e), i = i0 + frag_col(lane, nt, e);
           if (i < p.n_q && j < p.n_k) {
             const int64_t off = offset4(p.dbias_s, bi, hi, i, j);
-            float* dst = ws.dbias_acc + off;
             if (kDirectDbias && ws.dbias_direct) {
               static_cast<T*>(p.dbias)[off] = from_acc<T>(dp[nt][e]);
             } else if (kAtomicSharedDbias && ws.dbias_shared) {
-              red_add_f32(dst, dp[nt][e]);
+              red_add_f32(ws.dbias_acc + off, dp[nt][e]);
             } else {
-              *dst += dp[nt][e];
+              ws.dbias_acc[off] += dp[nt][e];
             }
           }
         }
