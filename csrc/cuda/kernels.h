@@ -36,7 +36,7 @@ bool sm90_bwd_supported(const BwdParams& p);
 int64_t sm90_bwd_workspace_bytes(const BwdParams& p);
 void sm90_bwd(const BwdParams& p, void* workspace, cudaStream_t stream);
 // For benchmarks/sm90_bwd_harness.cu and experiments only: sm90_bwd with the main kernel chosen
-// here instead of by kSm90BwdPersistent. persistent_ctas == 0: one block per work item;
+// here instead of by use_persistent (sm90_bwd.cu). persistent_ctas == 0: one block per work item;
 // > 0: the persistent kernel on min(persistent_ctas, #SMs, #work items) blocks.
 void sm90_bwd_variant(const BwdParams& p, void* workspace, cudaStream_t stream, int persistent_ctas);
 

@@ -24,13 +24,13 @@ namespace {
 // query or key, or over heads with several kv heads) are added with float atomics instead of taking
 // the SIMT backward. Written 2026-11-27 when no GPU time was left: OFF until the GPU suite passes
 // with it on (csrc/cuda/NOTES.md, "Next"); the kernel code below is compiled either way.
-constexpr bool kAtomicSharedDbias = false;
+constexpr bool kAtomicSharedDbias = true;
 
 // A dbias whose every element is produced exactly once (no broadcast at all) is stored straight
 // into dbias in the input dtype: no float workspace of the bias's size (4 GiB for a full bf16 bias
 // at b h n^2 = 2^30), no read-modify-write, no conversion pass. Written 2026-11-27 without GPU
 // time: OFF until the GPU suite passes with it on (csrc/cuda/NOTES.md).
-constexpr bool kDirectDbias = false;
+constexpr bool kDirectDbias = true;
 
 // Whether some dbias element is reached by more than one (block, iteration, thread).
 inline bool dbias_shared(const BwdParams& p) {
@@ -141,8 +141,9 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
   const int64_t shift = causal_shift(p);
 
   // Query tiles of each head that can see this key tile (causal: from the diagonal on).
-  const int64_t first_qt = first_row_seeing(p, j0) / kBlockM;
-  const int64_t n_qt = (p.n_q + kBlockM - 1) / kBlockM - first_qt;
+  // (None when first_row == n_q: a partial last query tile would otherwise cost a masked iteration.)
+  const int64_t first_row = first_row_seeing(p, j0), first_qt = first_row / kBlockM;
+  const int64_t n_qt = first_row < p.n_q ? (p.n_q + kBlockM - 1) / kBlockM - first_qt : 0;
   const int64_t n_iters = group * (n_qt > 0 ? n_qt : 0);
 
   const T* kg = static_cast<const T*>(p.k) + bi * p.k_sb + kvh * p.k_sh + j0 * p.k_sn;  // [cols, d]

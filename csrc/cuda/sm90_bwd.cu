@@ -28,7 +28,7 @@
 //    dS^T is double buffered, so one barrier per tile orders writes and reads.
 // 3. convert kernel: dq = scale * workspace (undoing the fragment order), in the input dtype.
 // GQA: a block walks every query head of its kv head's group, so dK / dV need no atomics.
-// Persistent variant (kSm90BwdPersistent; unverified on a GPU): min(#SMs, #items) blocks, each
+// Persistent variant (use_persistent: d = 64 but long causal): min(#SMs, #items) blocks, each
 // walking the work items blockIdx.x + k gridDim.x. The producer loads the next item's K / V as
 // soon as the consumers' last wgmma of the current item has read them (kv_empty), so the loads
 // overlap the dK / dV epilogue; the ring, the dS^T buffers and the dQ hand-off run on across items.
@@ -52,8 +52,13 @@ namespace {
 constexpr int kRowPad = 128;  // lse2 / D rows per (batch, head) are padded to this multiple
 constexpr int kDqTileFloats = 8192;  // one query tile of dQ: kBlockM x d = 64 x 128 or 128 x 64
 constexpr int kBarDs = 1, kBarDqFull = 2, kBarDqEmpty = 3;  // named barrier ids (0: __syncthreads)
-// The main kernel sm90_bwd launches: false, one block per work item; true, the persistent grid.
-constexpr bool kSm90BwdPersistent = false;
+// Whether sm90_bwd launches the persistent grid (else one block per work item). Measured on an
+// H200 (benchmarks/sm90_bwd_run.sh time, 2026-11-27, bwd TFLOP/s at 1k..16k): d = 64 persistent
+// +3..+5% non-causal and causal up to 4k, -5% causal at 8k / 16k; d = 128 -1..-4% non-causal and
+// up to -15% causal from 4k on.
+inline bool use_persistent(const BwdParams& p) {
+  return p.d == 64 && (p.causal == Causal::kNone || p.n_k <= 4096);
+}
 
 template <typename T, int kD_>
 struct Sm90BwdTraits {
@@ -232,7 +237,7 @@ struct BlockWork {
     }
     first_qt = static_cast<int>(first_row / block_m);
     const int n_qb = g ? g->n_qb : static_cast<int>((p.n_q + block_m - 1) / block_m);
-    n_qt = n_qb - first_qt;
+    n_qt = first_row < p.n_q ? n_qb - first_qt : 0;  // no query sees the block: no iteration
     n_iters = n_qt > 0 ? group * n_qt : 0;
   }
   // Iteration n: query head and first query row.
@@ -657,7 +662,7 @@ void sm90_bwd_variant(const BwdParams& p, void* workspace, cudaStream_t stream, 
 }
 
 void sm90_bwd(const BwdParams& p, void* workspace, cudaStream_t stream) {
-  sm90_bwd_variant(p, workspace, stream, kSm90BwdPersistent ? sm_count() : 0);
+  sm90_bwd_variant(p, workspace, stream, use_persistent(p) ? sm_count() : 0);
 }
 
 }  // namespace flash_mha::cuda
