@@ -577,9 +577,13 @@ def source_digest() -> str:
 
 
 def header(device: torch.device, args, timer: Timer) -> dict:
-    commit = _git("rev-parse", "HEAD") or "none"
-    if _git("status", "--porcelain", "--untracked-files=no"):
-        commit += "-dirty"
+    # FLASH_MHA_GIT_COMMIT: the commit as the caller knows it, for copies whose .git is stale or
+    # missing (the GPU machine's); sources_sha256 below checks it.
+    commit = os.environ.get("FLASH_MHA_GIT_COMMIT")
+    if not commit:
+        commit = _git("rev-parse", "HEAD") or "none"
+        if _git("status", "--porcelain", "--untracked-files=no"):
+            commit += "-dirty"
     try:
         import triton
         triton_version = triton.__version__

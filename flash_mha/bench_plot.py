@@ -213,10 +213,12 @@ def _plot_attention(rows, head, out_dir: Path, stem: str) -> list:
                              for n in seqlens]
             _bars(ax, [f"{n // 1024}k" if n >= 1024 else str(n) for n in seqlens], series, "TFLOP/s",
                   f"{name}, {dtype}, head dim {hdim}, {'causal' if causal else 'non-causal'}")
-        axes[0].legend(fontsize=7, loc="upper left")
+        # One legend under the panels: inside one it covered bars once nine implementations ran.
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=len(labels), frameon=False)
         fig.suptitle(f"Attention speed on {card} ({head.get('date', '')[:10]}, {str(head.get('git_commit'))[:12]})",
                      fontsize=10)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0.06, 1, 1))
         p = out_dir / f"{stem}-{dtype}-d{hdim}-{'causal' if causal else 'noncausal'}.png"
         fig.savefig(p, dpi=110)
         plt.close(fig)
