@@ -48,10 +48,13 @@ def main():
         (torch.float32, 1, 3, 1, 45, 70, 33, 17, "bottom_right", (1, 3, 45, 70), (1, 1, 45, 1), 0.1),
         (torch.float64, 1, 2, 2, 20, 37, 8, 8, None, (1, 1, 1, 37), None, 0.0),
         (torch.bfloat16, 1, 1, 1, 1, 300, 256, 256, None, None, (1, 1, 1, 300), 0.0),
-        # Hopper forward (sm90) shapes: no bias / mask / dropout, d 64 and 128, odd lengths, GQA.
+        # Hopper (sm90) shapes: no bias / mask / dropout, d 64 and 128, odd lengths, GQA.
         (torch.bfloat16, 2, 4, 2, 200, 333, 64, 64, "bottom_right", None, None, 0.0),
         (torch.float16, 1, 4, 1, 300, 129, 128, 128, "top_left", None, None, 0.0),
         (torch.bfloat16, 1, 2, 2, 257, 257, 128, 128, None, None, None, 0.0),
+        # ... and with a key mask (constant along the queries), per batch or per batch and head.
+        (torch.bfloat16, 2, 4, 2, 200, 333, 64, 64, "top_left", None, (2, 4, 1, 333), 0.0),
+        (torch.float16, 2, 2, 1, 129, 300, 128, 128, None, None, (2, 1, 1, 300), 0.0),
         # sm80 forward with the bias / mask staged in shared memory (n_k a multiple of 16).
         (torch.bfloat16, 2, 4, 2, 200, 256, 64, 64, "top_left", (1, 4, 200, 256), (2, 1, 1, 256), 0.0),
         (torch.float16, 2, 2, 2, 100, 160, 128, 128, None, (2, 2, 100, 160), (1, 1, 100, 160), 0.1),

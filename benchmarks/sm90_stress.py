@@ -2,9 +2,9 @@
 
     python3 benchmarks/sm90_stress.py [--n 300] [--seed 0] [--max-len 300]
 
-Draws what the sm90 forward / backward take (float16 / bfloat16, d = d_v in {64, 128}, no bias,
-mask or dropout) with every causal alignment, GQA ratio, odd length, strided views and an expanded
-(stride-0) output gradient, runs forward + backward with the sm90 path forced, then again with the
+Draws what the sm90 forward / backward take (float16 / bfloat16, d = d_v in {64, 128}, no bias or
+dropout, no mask or a key mask) with every causal alignment, GQA ratio, odd length, strided views
+and an expanded (stride-0) output gradient, runs forward + backward with the sm90 path forced, then again with the
 sm80 path, and compares out / dq / dk / dv (rel-L2). Each case is printed and flushed *before* it
 runs and the device is synchronised after it, so under `timeout` a hang names its case.
 """
@@ -35,8 +35,9 @@ def make(rng, max_len):
     causal = rng.choice([None, "top_left", "bottom_right"])
     layout = rng.choice(["bhnd", "bnhd", "fused"])
     dout_expanded = rng.random() < 0.2
+    key_mask = rng.choice([None, None, "b11k", "1h1k", "bh1k"])  # a bool mask constant along queries
     return dict(dtype=dtype, d=d, b=b, h=h, h_kv=h_kv, n_q=n_q, n_k=n_k, causal=causal, layout=layout,
-                dout_expanded=dout_expanded)
+                dout_expanded=dout_expanded, key_mask=key_mask)
 
 
 def tensor(b, h, n, d, dtype, layout, gen):
@@ -54,8 +55,13 @@ def run(c, path, gen_seed):
     q = tensor(c["b"], c["h"], c["n_q"], c["d"], c["dtype"], c["layout"], gen).requires_grad_()
     k = tensor(c["b"], c["h_kv"], c["n_k"], c["d"], c["dtype"], c["layout"], gen).requires_grad_()
     v = tensor(c["b"], c["h_kv"], c["n_k"], c["d"], c["dtype"], c["layout"], gen).requires_grad_()
+    mask = None
+    if c["key_mask"]:
+        full = {"b": c["b"], "h": c["h"], "k": c["n_k"]}
+        shape = tuple(full.get(ch, 1) for ch in c["key_mask"])
+        mask = torch.rand(shape, generator=gen, device="cuda") > 0.3
     with flash_mha.force_kernel(path):
-        out = flash_mha.attention(q, k, v, causal=c["causal"])
+        out = flash_mha.attention(q, k, v, mask=mask, causal=c["causal"])
         dout = torch.randn(out.shape, generator=gen, device="cuda").to(out.dtype)
         if c["dout_expanded"]:
             dout = dout[:1, :1, :1].expand(out.shape)

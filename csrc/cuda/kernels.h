@@ -23,13 +23,15 @@ int64_t sm80_bwd_workspace_bytes(const BwdParams& p);
 void sm80_bwd(const BwdParams& p, void* workspace, cudaStream_t stream);
 
 // Hopper forward (sm90_fwd.cu; TMA + wgmma, sm_90a only) for float16 / bfloat16, d == d_v in
-// {64, 128}, no bias / mask / dropout, TMA-describable strides. dispatch.cu calls it only on a
+// {64, 128}, no bias / dropout, no mask or a key mask (constant along the queries: key padding),
+// TMA-describable strides. dispatch.cu calls it only on a
 // compute capability 9.0 device; anything it does not take runs on the sm80 path.
 bool sm90_fwd_supported(const FwdParams& p);
 void sm90_fwd(const FwdParams& p, cudaStream_t stream);
 
 // Hopper backward (sm90_bwd.cu; TMA + wgmma, sm_90a only), dispatched like the forward. Scope:
-// float16 / bfloat16, d == d_v in {64, 128}, no bias / mask / dropout / dbias, not deterministic
+// float16 / bfloat16, d == d_v in {64, 128}, no bias / dropout / dbias, no mask or a key mask (as
+// the forward), not deterministic
 // mode, any causal mode, GQA, any n_q / n_k, TMA-describable strides. The workspace
 // (sm90_bwd_workspace_bytes) must be zeroed: float32 dQ accumulator plus padded lse2 / D rows.
 bool sm90_bwd_supported(const BwdParams& p);

@@ -16,7 +16,7 @@
 //    warpgroups 1, 2 own keys 64 (wg - 1) .. + 63 and keep their dK, dV [64, d] in registers.
 //    Per query tile, in the transposed (key-row) layout:
 //      S^T = K Q^T, dP^T = V dO^T            (wgmma SS, both K-major, N = kBlockM)
-//      P^T = 2^(S^T scale log2e - lse2)       (causal mask on diagonal tiles only)
+//      P^T = 2^(S^T scale log2e - lse2)       (causal mask on diagonal tiles only; key mask rows)
 //      dS^T = P^T (dP^T - D)
 //      dV += P^T dO, dK += dS^T Q             (wgmma RS: A = P^T / dS^T from registers, B MN-major)
 //      dS^T -> shared memory [keys, queries]; named barrier over both consumer warpgroups
@@ -399,6 +399,17 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
       const int st = t % Tr::kStages;
       int hi, i0;
       w.at(n, Tr::kBlockM, hi, i0);
+      // Key mask (constant along the queries, sm90_bwd_supported): this thread's two key rows
+      // key0 + lane / 4 (+ 8), loaded while the ring stage fills. Masked keys get P^T = 0.
+      bool key_off[2] = {false, false};
+      if (p.mask) {
+        const uint8_t* km = p.mask + w.bi * p.mask_s.b + hi * p.mask_s.h;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int j = key0 + lane / 4 + 8 * h;
+          key_off[h] = j < n_k && !km[j * p.mask_s.k];
+        }
+      }
       mbarrier_wait(&bar.full[st], (t / Tr::kStages) & 1);
       const uint32_t q_base = smem_addr(sm.q[st]), do_base = smem_addr(sm.dout[st]);
 
@@ -426,7 +437,7 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
         for (int e = 0; e < 4; ++e) {
           float x = fmaf(s[nt][e], scale_log2, -(e % 2 ? l2.y : l2.x));
           const int r = frag_row(lane, e);
-          if (check && (r - (c + e % 2) > diag || r >= key_limit)) x = -__int_as_float(0x7f800000);
+          if ((check && (r - (c + e % 2) > diag || r >= key_limit)) || key_off[e / 2]) x = -__int_as_float(0x7f800000);
           s[nt][e] = ex2_approx(x);  // 2^-inf = 0 (masked, or lse2 = +inf)
         }
       }
@@ -624,14 +635,16 @@ bool kernel_compiled_for_sm90a() {
 
 }  // namespace
 
-// float16 / bfloat16, d == d_v in {64, 128}, no bias / mask / dropout / dbias, atomics allowed,
+// float16 / bfloat16, d == d_v in {64, 128}, no bias / dropout / dbias, no mask or a key mask
+// (constant along the queries), atomics allowed,
 // TMA-describable q / k / v / dout (16-byte aligned bases, strides multiples of 8 elements),
 // o readable (any strides), sizes within 32-bit tile indices.
 bool sm90_bwd_supported(const BwdParams& p) {
   if (p.dtype != Dtype::kFloat16 && p.dtype != Dtype::kBFloat16) return false;
   if (p.deterministic) return false;
   if (p.d != p.d_v || (p.d != 64 && p.d != 128)) return false;
-  if (p.bias || p.mask || p.dropout_p > 0.0 || p.dbias) return false;
+  if (p.bias || p.dropout_p > 0.0 || p.dbias) return false;
+  if (p.mask && p.mask_s.q != 0 && p.n_q > 1) return false;  // a key mask only (as the forward)
   if (p.h_kv <= 0 || p.h % p.h_kv) return false;
   constexpr int64_t kMaxCoord = (int64_t{1} << 30);
   if (p.n_q > kMaxCoord || p.n_k > kMaxCoord || p.b * p.h > kMaxCoord / 2 ||

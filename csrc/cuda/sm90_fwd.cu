@@ -7,10 +7,11 @@
 //     shared-memory stages. Each stage has four mbarriers: k_full / v_full (the TMA's byte count
 //     completes them) and k_empty / v_empty (one arrival per consumer warp once its wgmma reading
 //     the stage retired); Q has q_full / q_empty.
-//   consumers: S = Q K^T with wgmma (both operands in shared memory), masking and online softmax in
-//     registers (log2 domain, scale folded into the exponent), P converted to 16 bits in registers
-//     and O += P V with wgmma (A = P from registers, B = V from shared memory read "MN-major": V is
-//     [keys, d] with d contiguous, the transpose bit set).
+//   consumers: S = Q K^T with wgmma (both operands in shared memory), masking (causal, key bound,
+//     and a key mask: a bool mask constant along the queries, read per key tile while the S wgmma
+//     runs) and online softmax in registers (log2 domain, scale folded into the exponent), P
+//     converted to 16 bits in registers and O += P V with wgmma (A = P from registers, B = V from
+//     shared memory read "MN-major": V is [keys, d] with d contiguous, the transpose bit set).
 // Intra-warpgroup overlap: the S wgmma of key tile t and the P V wgmma of tile t - 1 are in flight
 //   together, and the softmax of tile t runs while P V of tile t - 1 computes.
 // Ping-pong (template flag): the consumer warpgroups take turns (named barriers) issuing their
@@ -263,7 +264,32 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
     const uint32_t q_base = smem_addr(sm.q) + cw * 64 * 128;  // 64 rows into every Q panel
     // -inf outside the key bound and past the causal diagonal (raw scores: the scale is applied in
     // the softmax). Only the first visited tiles (the last key tiles) can need the element test.
-    auto mask = [&](float (&s)[kNS][4], int t) {
+    // Key mask (a bool mask constant along the queries, e.g. key padding; sm90_fwd_supported):
+    // bit 2 nt + e of key_keep(t) is column 8 nt + 2 (lane % 4) + e of key tile t, the columns this
+    // thread holds in both of its rows. Loaded after the S wgmma is issued, used after it is done.
+    static_assert(2 * kNS <= 32, "key mask bits: one 32-bit word per thread");
+    const uint8_t* key_mask = p.mask ? p.mask + c.bi * p.mask_s.b + c.hi * p.mask_s.h : nullptr;
+    auto key_keep = [&](int t) -> uint32_t {
+      if (!key_mask) return ~0u;
+      const int j0 = (n_tiles - 1 - t) * Tr::kBlockN + 2 * (lane % 4);
+      uint32_t keep = 0;
+#pragma unroll
+      for (int nt = 0; nt < kNS; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int j = j0 + 8 * nt + e;
+          if (j < n_k && key_mask[j * p.mask_s.k]) keep |= 1u << (2 * nt + e);
+        }
+      return keep;
+    };
+    auto mask = [&](float (&s)[kNS][4], int t, uint32_t keep) {
+      if (keep != ~0u) {
+#pragma unroll
+        for (int nt = 0; nt < kNS; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            if (!((keep >> (2 * nt + e % 2)) & 1)) s[nt][e] = -__int_as_float(0x7f800000);
+      }
       const int j0 = (n_tiles - 1 - t) * Tr::kBlockN;
       const bool check = (causal && j0 + Tr::kBlockN - 1 > row0 + shift) || j0 + Tr::kBlockN > n_k;
       if (check) {
@@ -310,11 +336,12 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
     sm90::gemm_ss_kmajor<T, Tr::kBlockN, Tr::kD, Tr::kBlockM, Tr::kBlockN>(s, q_base, smem_addr(sm.k[stage(it)]));
     wgmma_commit_group();
     turn_end();
+    uint32_t keep = key_keep(0);
     wgmma_wait_group<0>();
     fence_regs(s);
     if (lane == 0) mbarrier_arrive(&bar.k_empty[stage(it)]);
     release_q(0);
-    mask(s, 0);
+    mask(s, 0, keep);
     {
       float alpha[2];
       softmax.scores(s, scale_log2, alpha);  // O is still zero: no rescale
@@ -334,11 +361,12 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
       sm90::gemm_rs_mnmajor<T, Tr::kD, Tr::kBlockN, Tr::kBlockN>(o, pa, smem_addr(sm.v[stage(prev)]));
       wgmma_commit_group();
       turn_end();
+      keep = key_keep(t);
       wgmma_wait_group<1>();  // S done; P V may still run
       fence_regs(s);
       if (lane == 0) mbarrier_arrive(&bar.k_empty[stage(cur)]);
       release_q(t);
-      mask(s, t);
+      mask(s, t, keep);
       float alpha[2];
       softmax.scores(s, scale_log2, alpha);
       wgmma_wait_group<0>();  // P V done: O and P may be touched again
@@ -497,11 +525,14 @@ bool kernel_compiled_for_sm90a() {
 }  // namespace
 
 // TMA needs 16-byte aligned bases and strides that are multiples of 16 bytes (8 elements); the
-// kernel takes d == d_v in {64, 128} and no bias, mask or dropout. Everything else goes to sm80.
+// kernel takes d == d_v in {64, 128}, no bias or dropout, and no mask or one constant along the
+// queries (key padding). Everything else goes to sm80.
 bool sm90_fwd_supported(const FwdParams& p) {
   if (p.dtype != Dtype::kFloat16 && p.dtype != Dtype::kBFloat16) return false;
   if (p.d != p.d_v || (p.d != 64 && p.d != 128)) return false;
-  if (p.bias || p.mask || p.dropout_p > 0.0) return false;
+  if (p.bias || p.dropout_p > 0.0) return false;
+  // A mask only when it is constant along the queries (key padding): bits per key tile.
+  if (p.mask && p.mask_s.q != 0 && p.n_q > 1) return false;
   // The softmax takes the row maximum of the unscaled scores, then scales it by scale * log2(e) in
   // float: a scale near float's range could turn a finite maximum into +inf and make the row look
   // empty (zeros, lse = +inf). Such scales go to the portable path.
