@@ -371,7 +371,7 @@ __device__ __forceinline__ void issue_dq(float (&acc)[8][4], uint32_t a_base, ui
 }
 
 // tile, kv: as for the producer (for_each_item). dK / dV start from zero per work item.
-template <typename T, typename Tr, bool kPersistent, bool kDropout>
+template <typename T, typename Tr, bool kPersistent, bool kDropout, bool kKeyMask>
 __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barriers& bar, const BwdParams& p,
                                         const Sm90BwdWorkspace& ws, const BlockWork& w, int cw, int tile, int kv) {
   using namespace sm90;
@@ -409,7 +409,7 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
       // Key mask (constant along the queries, sm90_bwd_supported): this thread's two key rows
       // key0 + lane / 4 (+ 8), loaded while the ring stage fills. Masked keys get P^T = 0.
       bool key_off[2] = {false, false};
-      if (p.mask) {
+      if (kKeyMask && p.mask) {
         const uint8_t* km = p.mask + w.bi * p.mask_s.b + hi * p.mask_s.h;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -448,9 +448,10 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
           s[nt][e] = ex2_approx(x);  // 2^-inf = 0 (masked, or lse2 = +inf)
         }
       }
-      // Masked keys: P^T = 0 (outside the loop above, which stays as it is without a mask: folding
-      // the test into it cost the unmasked backward ~25% on an H200).
-      if (p.mask && (key_off[0] || key_off[1])) {
+      // Masked keys: P^T = 0 (outside the loop above: folded into it, the test cost the unmasked
+      // backward ~25% on an H200; and in an instantiation of its own, kKeyMask, since even this
+      // block cost the unmasked kernel ~3% there).
+      if (kKeyMask && p.mask && (key_off[0] || key_off[1])) {
 #pragma unroll
         for (int nt = 0; nt < kNS; ++nt)
 #pragma unroll
@@ -572,7 +573,9 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
   }
 }
 
-template <typename T, typename Tr, bool kPersistent, bool kDropout>
+// kPersistent: the persistent grid; kDropout: dropout (kSm90BwdDropout); kKeyMask: a key mask
+// may be present (p.mask; without this flag the kernel ignores it).
+template <typename T, typename Tr, bool kPersistent, bool kDropout, bool kKeyMask>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
     sm90_bwd_kernel(const __grid_constant__ CUtensorMap tm_q,   // [b, h, n_q, d] box [kBlockM, 64]
                     const __grid_constant__ CUtensorMap tm_k,   // [b, h_kv, n_k, d] box [kBlockN, 64]
@@ -619,7 +622,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   } else {
     setmaxnreg_inc<Tr::kConsumerRegs>();
     for_each_item<kPersistent>(p, grid, first, Tr::kBlockM, Tr::kBlockN, [&](const BlockWork& w, int tile, int kv) {
-      consume<T, Tr, kPersistent, kDropout>(sm, bar, p, ws, w, wg - 1, tile, kv);
+      consume<T, Tr, kPersistent, kDropout, kKeyMask>(sm, bar, p, ws, w, wg - 1, tile, kv);
     });
   }
 #endif
@@ -649,12 +652,13 @@ bool launch(const BwdParams& p, void* workspace, cudaStream_t stream, int persis
       allow_smem(kernel, Tr::kSmemBytes);
       kernel<<<static_cast<unsigned>(n_blocks), Tr::kThreads, Tr::kSmemBytes, stream>>>(tq, tk, tv, tdo, p, ws, grid);
     };
-    if (kSm90BwdDropout && p.dropout_p > 0.0) {  // dropout: the one-block-per-item grid only
-      if constexpr (kSm90BwdDropout) run(sm90_bwd_kernel<T, Tr, false, true>, blocks);
+    const int64_t ctas = std::min<int64_t>(blocks, std::min(sm_count(), persistent_ctas));
+    if (kSm90BwdDropout && p.dropout_p > 0.0) {  // one block per item; takes key masks too
+      if constexpr (kSm90BwdDropout) run(sm90_bwd_kernel<T, Tr, false, true, true>, blocks);
     } else if (persistent_ctas > 0) {
-      run(sm90_bwd_kernel<T, Tr, true, false>, std::min<int64_t>(blocks, std::min(sm_count(), persistent_ctas)));
+      run(p.mask ? sm90_bwd_kernel<T, Tr, true, false, true> : sm90_bwd_kernel<T, Tr, true, false, false>, ctas);
     } else {
-      run(sm90_bwd_kernel<T, Tr, false, false>, blocks);
+      run(p.mask ? sm90_bwd_kernel<T, Tr, false, false, true> : sm90_bwd_kernel<T, Tr, false, false, false>, blocks);
     }
   }
   const int64_t n4 = p.b * p.h * ws.n_qt * (kDqTileFloats / 4);
@@ -673,7 +677,8 @@ bool dispatch_dim(const BwdParams& p, void* workspace, cudaStream_t stream, int 
 
 // Whether this binary holds the sm_90a body of the kernels (asked once, of one configuration).
 bool kernel_compiled_for_sm90a() {
-  static const bool ok = has_sm90a_body(sm90_bwd_kernel<__nv_bfloat16, Sm90BwdTraits<__nv_bfloat16, 64>, false, false>);
+  using Tr = Sm90BwdTraits<__nv_bfloat16, 64>;
+  static const bool ok = has_sm90a_body(sm90_bwd_kernel<__nv_bfloat16, Tr, false, false, false>);
   return ok;
 }
 
