@@ -169,8 +169,8 @@ def test_half_bias_gradient_every_broadcast(path, dtype, d, bias_dims):
 
 # Key masks (constant along the queries: key padding) run on the Hopper kernels as well; every other
 # mask shape on sm80. name: (mask shape letters, how to build it)
-KEY_MASKS = ["b11k", "1h1k", "bh1k", "b11k key-stride view", "b11k padding suffix", "b11k one batch all masked",
-             "b1qk (not a key mask)"]
+KEY_MASKS = ["b11k", "1h1k", "bh1k", "b11k key-stride view", "b11k offset view", "b11k padding suffix",
+             "b11k one batch all masked", "b1qk (not a key mask)"]
 
 
 @needs_cuda
@@ -191,6 +191,8 @@ def test_key_mask(path, dtype, d, causal, kind):
     shape = tuple(full[c] if c in full else 1 for c in dims)
     if "key-stride" in kind:  # every other key of a wider mask: key stride 2
         mask = (torch.rand(*shape[:-1], 2 * n_k, device="cuda") > 0.3)[..., ::2]
+    elif "offset" in kind:  # rows starting one byte into a wider mask: not 4-byte aligned
+        mask = (torch.rand(*shape[:-1], n_k + 5, device="cuda") > 0.3)[..., 1:n_k + 1]
     elif "suffix" in kind:  # padding: the last keys of each batch masked, different lengths
         lengths = torch.tensor([250, 70], device="cuda")
         mask = (torch.arange(n_k, device="cuda") < lengths[:, None]).view(b, 1, 1, n_k)

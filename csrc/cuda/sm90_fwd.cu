@@ -50,6 +50,12 @@ namespace {
 // (dropout takes the sm80 forward) until the GPU suite passes with it on (NOTES.md, "Next").
 constexpr bool kSm90FwdDropout = false;
 
+// Key-mask bits of a key tile from one 32-bit load per lane (4 adjacent mask bytes: the warp reads
+// the tile's 128 bytes at once) and four ballots, where the mask row is contiguous and 4-byte
+// aligned; else one byte load per column. Written 2026-11-27 without GPU time: off until the GPU
+// suite passes with it on (the key-padding forward paid ~40% for the byte loads, NOTES.md).
+constexpr bool kKeyMaskBallot = false;
+
 template <typename T, int kD_, int kBlockN_, int kConsumers_, bool kPingPong_, bool kPersistent_>
 struct Sm90FwdTraits {
   static constexpr int kD = kD_;                       // d == d_v
@@ -284,6 +290,28 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
     const uint8_t* key_mask = p.mask ? p.mask + c.bi * p.mask_s.b + c.hi * p.mask_s.h : nullptr;
     auto key_keep = [&](int t) -> uint32_t {
       if (!key_mask) return ~0u;
+      if constexpr (kKeyMaskBallot) {
+        static_assert(Tr::kBlockN == 128, "ballot path: 4 bytes per lane cover the key tile");
+        if (p.mask_s.k == 1 && (reinterpret_cast<uintptr_t>(key_mask) & 3) == 0) {
+          // Lane l: bytes of columns 4 l .. 4 l + 3; ballot b: bit l set iff column 4 l + b kept.
+          const int jl = (n_tiles - 1 - t) * Tr::kBlockN + 4 * lane;
+          uint32_t word = 0;
+          if (jl + 3 < n_k) {
+            word = *reinterpret_cast<const uint32_t*>(key_mask + jl);
+          } else {
+#pragma unroll
+            for (int b = 0; b < 4; ++b)
+              if (jl + b < n_k) word |= static_cast<uint32_t>(key_mask[jl + b]) << (8 * b);
+          }
+          uint32_t w[4];
+#pragma unroll
+          for (int b = 0; b < 4; ++b) w[b] = __ballot_sync(0xffffffffu, (word >> (8 * b)) & 0xffu);
+          // Column 8 nt + 2 (lane % 4) + e is bit 2 nt + (lane % 4) / 2 of w[2 (lane % 2) + e].
+          const int sh = (lane % 4) / 2;
+          const uint32_t w0 = ((lane & 1) ? w[2] : w[0]) >> sh, w1 = ((lane & 1) ? w[3] : w[1]) >> sh;
+          return (w0 & 0x55555555u) | ((w1 & 0x55555555u) << 1);
+        }
+      }
       const int j0 = (n_tiles - 1 - t) * Tr::kBlockN + 2 * (lane % 4);
       uint32_t keep = 0;
 #pragma unroll
