@@ -169,8 +169,8 @@ def test_half_bias_gradient_every_broadcast(path, dtype, d, bias_dims):
 
 # Key masks (constant along the queries: key padding) run on the Hopper kernels as well; every other
 # mask shape on sm80. name: (mask shape letters, how to build it)
-KEY_MASKS = ["b11k", "1h1k", "bh1k", "b11k key-stride view", "b11k offset view", "b11k padding suffix",
-             "b11k one batch all masked", "b1qk (not a key mask)"]
+KEY_MASKS = ["b11k", "1h1k", "bh1k", "b11k key-stride view", "b11k offset view", "b11k aligned rows",
+             "b11k padding suffix", "b11k one batch all masked", "b1qk (not a key mask)"]
 
 
 @needs_cuda
@@ -193,6 +193,8 @@ def test_key_mask(path, dtype, d, causal, kind):
         mask = (torch.rand(*shape[:-1], 2 * n_k, device="cuda") > 0.3)[..., ::2]
     elif "offset" in kind:  # rows starting one byte into a wider mask: not 4-byte aligned
         mask = (torch.rand(*shape[:-1], n_k + 5, device="cuda") > 0.3)[..., 1:n_k + 1]
+    elif "aligned" in kind:  # every row starts 4-byte aligned (row stride 336), n_k still odd
+        mask = (torch.rand(*shape[:-1], n_k + 3, device="cuda") > 0.3)[..., :n_k]
     elif "suffix" in kind:  # padding: the last keys of each batch masked, different lengths
         lengths = torch.tensor([250, 70], device="cuda")
         mask = (torch.arange(n_k, device="cuda") < lengths[:, None]).view(b, 1, 1, n_k)
@@ -204,6 +206,12 @@ def test_key_mask(path, dtype, d, causal, kind):
     with flash_mha.force_kernel(path):
         res = run_both(q, k, v, mask=mask, causal=causal)
     check_both(res, dtype)
+    if dims == "b11k":  # a key masked for a batch gets exactly no gradient (element-wise, not a norm)
+        off = ~mask.reshape(b, n_k)
+        for name in ("dk", "dv"):
+            g = res["grads"][name].permute(0, 2, 1, 3)  # [b, n_k, h_kv, d]
+            if off.any():
+                assert g[off].abs().max() == 0, f"{name} of masked keys is not zero"
     if "all masked" in kind:
         assert res["out"][1].abs().max() == 0 and res["grads"]["dq"][1].abs().max() == 0
 
