@@ -85,7 +85,9 @@ def test_forced_path_nan_propagates_like_reference(path, d, where):
 
 # The sm80 forward stages a bias / mask in shared memory when its rows come in whole 16-byte chunks
 # (unit key stride, n_k and the other strides multiples of 8 elements for the bias, 16 for the
-# mask); otherwise it reads them per element. Both ways, with every broadcast that matters.
+# mask); otherwise it reads them per element. Both ways, with every broadcast that matters. The
+# sm90 general forward (kSm90FwdGeneral) reads bias pairs as one word where it can ("bias-view"
+# and odd n_k take its element path); with that flag off, forced sm90 falls back to sm80.
 STAGED_CONFIGS = {
     # name: (n_k, bias shape or None, mask shape or None, bias as a view of a wider tensor)
     "full-bias": (256, "bhqk", None, False),
@@ -98,7 +100,7 @@ STAGED_CONFIGS = {
 
 
 @needs_cuda
-@pytest.mark.parametrize("path", ["auto", "sm80"])
+@pytest.mark.parametrize("path", ["auto", "sm90", "sm80"])
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("causal", [None, "bottom_right"])
@@ -147,7 +149,7 @@ def test_size1_dims_with_odd_strides(path, d, causal):
 
 
 @needs_cuda
-@pytest.mark.parametrize("path", ["auto", "sm80"])
+@pytest.mark.parametrize("path", ["auto", "sm90", "sm80"])
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("bias_dims", ["bhqk", "1hqk", "b1qk", "11qk", "bh1k", "bhq1", "1h11"])

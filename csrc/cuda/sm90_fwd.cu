@@ -45,10 +45,11 @@
 namespace flash_mha::cuda {
 namespace {
 
-// Dropout on this path: a kernel instantiation of its own (kDropout), since folding it into the
-// plain kernel made ptxas spill 728 bytes at d = 64. Written 2026-11-27 without GPU time: off
-// (dropout takes the sm80 forward) until the GPU suite passes with it on (NOTES.md, "Next").
-constexpr bool kSm90FwdDropout = false;
+// Bias, masks of any broadcast shape and dropout on this path: a kernel instantiation of its own
+// (kGeneral), since folding dropout alone into the plain kernel made ptxas spill 728 bytes at
+// d = 64. Written 2026-11-27 without GPU time: off (those shapes take the sm80 forward; key masks
+// alone stay on the plain kernel) until the GPU suite passes with it on (NOTES.md, "Next").
+constexpr bool kSm90FwdGeneral = false;
 
 // Key-mask bits of a key tile from one 32-bit load per lane (4 adjacent mask bytes: the warp reads
 // the tile's 128 bytes at once) and four ballots, where the mask row is contiguous and 4-byte
@@ -250,7 +251,86 @@ __device__ __forceinline__ void produce_tile(typename Tr::Smem& sm, typename Tr:
 // issued together, the softmax of S_t runs while P V computes, then O is rescaled and P_t formed.
 // Ping-pong: the issue of each tile's GEMMs is a turn taken in round robin by the consumer
 // warpgroups (named barriers), so one warpgroup's softmax overlaps the others' GEMMs.
-template <typename T, typename Tr, bool kDropout>
+// General kernel: the bias / mask elements of this thread's two rows (lane / 4, + 8) in one key
+// tile, fetched while the S wgmma runs. bias2[nt][h]: the T pair of columns 8 nt + 2 (lane % 4),
+// + 1 in row half h; keep[h] bit 2 nt + e: column 8 nt + 2 (lane % 4) + e visible under the mask.
+template <int kNS>
+struct TileExtras {
+  uint32_t bias2[kNS][2];
+  uint32_t keep[2];
+};
+
+template <typename T>
+__device__ __forceinline__ uint32_t bits16(T x) {
+  return *reinterpret_cast<const uint16_t*>(&x);
+}
+template <typename T>
+__device__ __forceinline__ float2 unpack2(uint32_t v);
+template <>
+__device__ __forceinline__ float2 unpack2<__half>(uint32_t v) {
+  return __half22float2(*reinterpret_cast<const __half2*>(&v));
+}
+template <>
+__device__ __forceinline__ float2 unpack2<__nv_bfloat16>(uint32_t v) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
+}
+
+// row: the thread's first row (absolute); col: its first column in the tile (absolute). bias_row /
+// mask_row: the (batch, head) slices, or nullptr; bias_vec: unit key stride, even query stride,
+// 4-byte aligned slice (pairs load as one word). Rows >= n_q and columns >= n_k are not read
+// (their scores are never used or are masked by the key bound).
+template <typename T, int kNS>
+__device__ __forceinline__ void load_extras(TileExtras<kNS>& x, const FwdParams& p, const T* bias_row,
+                                            const uint8_t* mask_row, bool bias_vec, int row, int col, int n_k) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = row + 8 * h;
+    const bool row_ok = r < p.n_q;
+    const T* br = bias_row ? bias_row + r * p.bias_s.q : nullptr;
+    const uint8_t* mr = mask_row ? mask_row + r * p.mask_s.q : nullptr;
+    x.keep[h] = 0;
+#pragma unroll
+    for (int nt = 0; nt < kNS; ++nt) {
+      const int j = col + 8 * nt;
+      uint32_t v = 0;
+      if (br && row_ok) {
+        if (bias_vec && j + 1 < n_k) {
+          v = *reinterpret_cast<const uint32_t*>(br + j);
+        } else {
+          if (j < n_k) v = bits16(br[j * p.bias_s.k]);
+          if (j + 1 < n_k) v |= bits16(br[(j + 1) * p.bias_s.k]) << 16;
+        }
+      }
+      x.bias2[nt][h] = v;
+      if (mr && row_ok) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e)
+          if (j + e < n_k && mr[(j + e) * p.mask_s.k]) x.keep[h] |= 1u << (2 * nt + e);
+      }
+    }
+  }
+}
+
+// Raw scores -> log2-domain scores s scale log2(e) + bias log2(e), -inf where the mask hides them
+// (the mask wins over any bias value, NaN included, as on the other paths).
+template <typename T, int kNS>
+__device__ __forceinline__ void apply_extras(float (&s)[kNS][4], const TileExtras<kNS>& x, bool has_bias,
+                                             bool has_mask, float scale_log2) {
+#pragma unroll
+  for (int nt = 0; nt < kNS; ++nt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float2 b = has_bias ? unpack2<T>(x.bias2[nt][h]) : make_float2(0.f, 0.f);
+      s[nt][2 * h] = fmaf(s[nt][2 * h], scale_log2, b.x * kLog2e);
+      s[nt][2 * h + 1] = fmaf(s[nt][2 * h + 1], scale_log2, b.y * kLog2e);
+      if (has_mask) {
+        if (!((x.keep[h] >> (2 * nt)) & 1)) s[nt][2 * h] = -__int_as_float(0x7f800000);
+        if (!((x.keep[h] >> (2 * nt + 1)) & 1)) s[nt][2 * h + 1] = -__int_as_float(0x7f800000);
+      }
+    }
+}
+
+template <typename T, typename Tr, bool kGeneral>
 __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr::Barriers& bar, const FwdParams& p,
                                              const TileCoord& c, int cw, PipeState& ps) {
   using namespace sm90;
@@ -268,11 +348,23 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
 
   // Dropout: P of each tile (its row sums already taken whole) loses its dropped elements before
   // P V, and the output is scaled by 1 / (1 - p) at the end: the Philox words of every other path.
+  // General kernel (bias / any mask / dropout): the scores reach the softmax in the log2 domain
+  // already (softmax scale 1), from raw q.k, the bias and the mask (load_extras / apply_extras).
   Dropout drop;
   uint64_t drop_bh = 0;
-  if constexpr (kDropout) {
+  const T* bias_row = nullptr;
+  const uint8_t* mask_row = nullptr;
+  bool bias_vec = false;
+  float softmax_scale = scale_log2;
+  if constexpr (kGeneral) {
     drop.init(p);
     drop_bh = static_cast<uint64_t>(c.bi) * p.h + c.hi;
+    if (p.bias) {
+      bias_row = static_cast<const T*>(p.bias) + c.bi * p.bias_s.b + c.hi * p.bias_s.h;
+      bias_vec = p.bias_s.k == 1 && p.bias_s.q % 2 == 0 && (reinterpret_cast<uintptr_t>(bias_row) & 3) == 0;
+    }
+    if (p.mask) mask_row = p.mask + c.bi * p.mask_s.b + c.hi * p.mask_s.h;
+    softmax_scale = 1.f;
   }
   SplitSoftmax softmax;
   softmax.init();
@@ -287,7 +379,7 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
     // bit 2 nt + e of key_keep(t) is column 8 nt + 2 (lane % 4) + e of key tile t, the columns this
     // thread holds in both of its rows. Loaded after the S wgmma is issued, used after it is done.
     static_assert(2 * kNS <= 32, "key mask bits: one 32-bit word per thread");
-    const uint8_t* key_mask = p.mask ? p.mask + c.bi * p.mask_s.b + c.hi * p.mask_s.h : nullptr;
+    const uint8_t* key_mask = !kGeneral && p.mask ? p.mask + c.bi * p.mask_s.b + c.hi * p.mask_s.h : nullptr;
     auto key_keep = [&](int t) -> uint32_t {
       if (!key_mask) return ~0u;
       if constexpr (kKeyMaskBallot) {
@@ -345,6 +437,16 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
           }
       }
     };
+    // General kernel: bias / mask elements of key tile t, fetched while its S wgmma runs.
+    TileExtras<kNS> extras;
+    auto fetch_extras = [&](int t) {
+      if constexpr (kGeneral)
+        load_extras<T>(extras, p, bias_row, mask_row, bias_vec, row0 + lane / 4,
+                       (n_tiles - 1 - t) * Tr::kBlockN + 2 * (lane % 4), n_k);
+    };
+    auto use_extras = [&](float (&s)[kNS][4]) {
+      if constexpr (kGeneral) apply_extras<T>(s, extras, bias_row != nullptr, mask_row != nullptr, scale_log2);
+    };
     // Ping-pong turns: wait for this warpgroup's turn / hand the turn to the next one. Per tile each
     // warpgroup takes n_tiles + 1 turns; the last warpgroup hands warpgroup 0 its first turn and
     // skips its own last hand-over, so the named barriers balance within every tile.
@@ -378,15 +480,19 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
     wgmma_commit_group();
     turn_end();
     uint32_t keep = key_keep(0);
+    fetch_extras(0);
     wgmma_wait_group<0>();
     fence_regs(s);
     if (lane == 0) mbarrier_arrive(&bar.k_empty[stage(it)]);
     release_q(0);
+    use_extras(s);
     mask(s, 0, keep);
     {
       float alpha[2];
-      softmax.scores(s, scale_log2, alpha);  // O is still zero: no rescale
-      if constexpr (kDropout) dropout_tile_rows(drop, drop_bh, s, row0, (n_tiles - 1) * Tr::kBlockN);
+      softmax.scores(s, softmax_scale, alpha);  // O is still zero: no rescale
+      if constexpr (kGeneral) {
+        if (drop.on) dropout_tile_rows(drop, drop_bh, s, row0, (n_tiles - 1) * Tr::kBlockN);
+      }
     }
 #pragma unroll
     for (int kk = 0; kk < kKP; ++kk) acc_to_a<T>(pa[kk], s, kk);
@@ -404,14 +510,18 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
       wgmma_commit_group();
       turn_end();
       keep = key_keep(t);
+      fetch_extras(t);
       wgmma_wait_group<1>();  // S done; P V may still run
       fence_regs(s);
       if (lane == 0) mbarrier_arrive(&bar.k_empty[stage(cur)]);
       release_q(t);
+      use_extras(s);
       mask(s, t, keep);
       float alpha[2];
-      softmax.scores(s, scale_log2, alpha);
-      if constexpr (kDropout) dropout_tile_rows(drop, drop_bh, s, row0, (n_tiles - 1 - t) * Tr::kBlockN);
+      softmax.scores(s, softmax_scale, alpha);
+      if constexpr (kGeneral) {
+        if (drop.on) dropout_tile_rows(drop, drop_bh, s, row0, (n_tiles - 1 - t) * Tr::kBlockN);
+      }
       wgmma_wait_group<0>();  // P V done: O and P may be touched again
       fence_regs(o);
       fence_regs(pa);
@@ -443,7 +553,7 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
     const int64_t i = row0 + lane / 4 + 8 * h;
     if (i >= p.n_q) continue;  // rows past n_q: TMA read zeros for them
     const float l = softmax.l[h];
-    const float inv = l == 0.f ? 0.f : (kDropout ? drop.keep_scale : 1.f) / l;
+    const float inv = l == 0.f ? 0.f : (kGeneral ? drop.keep_scale : 1.f) / l;
     T* og = static_cast<T*>(p.o) + int64_t{c.bi} * p.o_sb + int64_t{c.hi} * p.o_sh + i * p.o_sn;
 #pragma unroll
     for (int nt = 0; nt < kNO; ++nt) {
@@ -459,7 +569,7 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
 
 // Grid: one block per SM (persistent) walking the work list with stride gridDim.x, or one block
 // per work unit. Every role walks the same list.
-template <typename T, typename Tr, bool kDropout>
+template <typename T, typename Tr, bool kGeneral>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
     sm90_fwd_kernel(const __grid_constant__ CUtensorMap tm_q,  // [b, h, n_q, d] box [kBlockM, 64]
                     const __grid_constant__ CUtensorMap tm_k,  // [b, h_kv, n_k, d] box [kBlockN, 64]
@@ -511,7 +621,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         int bh, qb_hi, qb_lo;
         const int n = work.tiles(u, bh, qb_hi, qb_lo);
         for (int i = 0; i < n; ++i)
-          consume_tile<T, Tr, kDropout>(sm, bar, p, TileCoord(p, bh, i == 0 ? qb_hi : qb_lo, Tr::kBlockM, Tr::kBlockN),
+          consume_tile<T, Tr, kGeneral>(sm, bar, p, TileCoord(p, bh, i == 0 ? qb_hi : qb_lo, Tr::kBlockM, Tr::kBlockN),
                                         wg - 1, ps);
       }
     } else {
@@ -519,7 +629,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       // 3 consumer warpgroups has 160 each).
       int bh, qb_hi, qb_lo;
       work.tiles(blockIdx.x, bh, qb_hi, qb_lo);
-      consume_tile<T, Tr, kDropout>(sm, bar, p, TileCoord(p, bh, qb_hi, Tr::kBlockM, Tr::kBlockN), wg - 1, ps);
+      consume_tile<T, Tr, kGeneral>(sm, bar, p, TileCoord(p, bh, qb_hi, Tr::kBlockM, Tr::kBlockN), wg - 1, ps);
     }
   }
 #endif
@@ -529,7 +639,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 // Host side
 
 // Returns false (nothing launched) when a tensor map cannot be built.
-template <typename T, int kD, int kBlockN, int kConsumers, bool kPingPong, bool kPersistent, bool kDropout = false>
+template <typename T, int kD, int kBlockN, int kConsumers, bool kPingPong, bool kPersistent, bool kGeneral = false>
 bool launch(const FwdParams& p, cudaStream_t stream) {
   using Tr = Sm90FwdTraits<T, kD, kBlockN, kConsumers, kPingPong, kPersistent>;
   CUtensorMap tq, tk, tv;
@@ -540,20 +650,25 @@ bool launch(const FwdParams& p, cudaStream_t stream) {
   const int64_t units = WorkList(p, Tr::kBlockM, kPersistent).units;
   const int64_t blocks = kPersistent ? imin(units, sm_count()) : units;
   if (blocks == 0) return true;
-  auto kernel = sm90_fwd_kernel<T, Tr, kDropout>;
+  auto kernel = sm90_fwd_kernel<T, Tr, kGeneral>;
   allow_smem(kernel, Tr::kSmemBytes);
   kernel<<<static_cast<unsigned>(blocks), Tr::kThreads, Tr::kSmemBytes, stream>>>(tq, tk, tv, p);
   return true;
 }
 
+// What only the general kernel takes: a bias, dropout, or a mask that varies along the queries.
+inline bool needs_general(const FwdParams& p) {
+  return p.bias || p.dropout_p > 0.0 || (p.mask && p.mask_s.q != 0 && p.n_q > 1);
+}
+
 // The configurations sm90_fwd runs (see NOTES.md for the measurements behind them):
-// <T, d, key tile, consumer warpgroups, ping-pong, persistent, dropout>.
+// <T, d, key tile, consumer warpgroups, ping-pong, persistent, general>.
 template <typename T>
 bool dispatch_dim(const FwdParams& p, cudaStream_t stream) {
-  // Dropout: 2 consumer warpgroups at either d (240 registers each; with 3 at d = 64 the Philox
-  // state made ptxas spill 736 bytes).
-  if constexpr (kSm90FwdDropout) {
-    if (p.dropout_p > 0.0) {
+  // General: 2 consumer warpgroups at either d (240 registers each; with 3 at d = 64, dropout's
+  // Philox state alone made ptxas spill 736 bytes).
+  if constexpr (kSm90FwdGeneral) {
+    if (needs_general(p)) {
       if (p.d == 64) return launch<T, 64, 128, 2, false, true, true>(p, stream);
       return launch<T, 128, 128, 2, false, true, true>(p, stream);
     }
@@ -576,14 +691,14 @@ bool kernel_compiled_for_sm90a() {
 }  // namespace
 
 // TMA needs 16-byte aligned bases and strides that are multiples of 16 bytes (8 elements); the
-// kernel takes d == d_v in {64, 128}, no bias or dropout, and no mask or one constant along the
-// queries (key padding). Everything else goes to sm80.
+// kernels take d == d_v in {64, 128}; bias, masks varying along the queries and dropout only with
+// kSm90FwdGeneral (key masks always). Everything else goes to sm80.
 bool sm90_fwd_supported(const FwdParams& p) {
   if (p.dtype != Dtype::kFloat16 && p.dtype != Dtype::kBFloat16) return false;
   if (p.d != p.d_v || (p.d != 64 && p.d != 128)) return false;
-  if (p.bias || (p.dropout_p > 0.0 && !kSm90FwdDropout)) return false;
-  // A mask only when it is constant along the queries (key padding): bits per key tile.
-  if (p.mask && p.mask_s.q != 0 && p.n_q > 1) return false;
+  // Without the general kernel: no bias or dropout, and a mask only when it is constant along the
+  // queries (key padding: bits per key tile in the plain kernel).
+  if (!kSm90FwdGeneral && needs_general(p)) return false;
   // The softmax takes the row maximum of the unscaled scores, then scales it by scale * log2(e) in
   // float: a scale near float's range could turn a finite maximum into +inf and make the row look
   // empty (zeros, lse = +inf). Such scales go to the portable path.
