@@ -86,16 +86,19 @@ def test_forced_path_nan_propagates_like_reference(path, d, where):
 # The sm80 forward stages a bias / mask in shared memory when its rows come in whole 16-byte chunks
 # (unit key stride, n_k and the other strides multiples of 8 elements for the bias, 16 for the
 # mask); otherwise it reads them per element. Both ways, with every broadcast that matters. The
-# sm90 general forward (kSm90FwdGeneral) reads bias pairs as one word where it can ("bias-view"
-# and odd n_k take its element path); with that flag off, forced sm90 falls back to sm80.
+# sm90 general forward (kSm90FwdGeneral) reads a bias pair as one word where the row is contiguous,
+# the query stride even and the slice 4-byte aligned, else per element ("odd-offset bias view":
+# odd query stride and base, odd n_k); with that flag off, forced sm90 falls back to sm80.
 STAGED_CONFIGS = {
-    # name: (n_k, bias shape or None, mask shape or None, bias as a view of a wider tensor)
-    "full-bias": (256, "bhqk", None, False),
-    "head-bias+keypad": (256, "1hqk", "b11k", False),
-    "row-bias+full-mask": (256, "b11k", "bhqk", False),
-    "bias-view": (256, "11qk", None, True),
-    "nk%16!=0 (bias staged, mask not)": (264, "bhqk", "b11k", False),
-    "odd nk (per element)": (250, "1hqk", "b1qk", False),
+    # name: (n_k, bias shape or None, mask shape or None, bias as a view at this element offset of
+    # rows of n_k + 24 (0: a tensor of its own))
+    "full-bias": (256, "bhqk", None, 0),
+    "head-bias+keypad": (256, "1hqk", "b11k", 0),
+    "row-bias+full-mask": (256, "b11k", "bhqk", 0),
+    "bias-view": (256, "11qk", None, 8),
+    "nk%16!=0 (bias staged, mask not)": (264, "bhqk", "b11k", 0),
+    "nk=250 (per element)": (250, "1hqk", "b1qk", 0),
+    "odd-offset bias view, odd nk": (251, "bhqk", None, 1),
 }
 
 
@@ -106,7 +109,7 @@ STAGED_CONFIGS = {
 @pytest.mark.parametrize("causal", [None, "bottom_right"])
 @pytest.mark.parametrize("config", list(STAGED_CONFIGS), ids=str)
 def test_bias_and_mask_staged_or_not(path, dtype, d, causal, config):
-    n_k, bias_dims, mask_dims, as_view = STAGED_CONFIGS[config]
+    n_k, bias_dims, mask_dims, view_offset = STAGED_CONFIGS[config]
     b, h, h_kv, n_q = 2, 4, 2, 200
     full = {"b": b, "h": h, "q": n_q, "k": n_k}
     shape = lambda dims: tuple(full[c] if c in "bhqk" else 1 for c in dims)  # noqa: E731
@@ -116,8 +119,8 @@ def test_bias_and_mask_staged_or_not(path, dtype, d, causal, config):
     bias = None
     if bias_dims:
         s = shape(bias_dims)
-        if as_view:  # rows of n_k inside rows of n_k + 24: a real query stride != n_k
-            bias = randn(*s[:-1], n_k + 24, dtype=dtype, device="cuda")[..., 8:8 + n_k]
+        if view_offset:  # rows of n_k inside rows of n_k + 24: a real query stride != n_k
+            bias = randn(*s[:-1], n_k + 24, dtype=dtype, device="cuda")[..., view_offset:view_offset + n_k]
             bias = bias.detach().requires_grad_(True)
         else:
             bias = randn(*s, dtype=dtype, device="cuda", requires_grad=True)

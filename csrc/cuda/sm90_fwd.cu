@@ -9,7 +9,8 @@
 //     the stage retired); Q has q_full / q_empty.
 //   consumers: S = Q K^T with wgmma (both operands in shared memory), masking (causal, key bound,
 //     and a key mask: a bool mask constant along the queries, read per key tile while the S wgmma
-//     runs) and online softmax in registers (log2 domain, scale folded into the exponent), P
+//     runs; the general instantiation, kSm90FwdGeneral, also a bias, any mask and dropout) and
+//     online softmax in registers (log2 domain, scale folded into the exponent), P
 //     converted to 16 bits in registers and O += P V with wgmma (A = P from registers, B = V from
 //     shared memory read "MN-major": V is [keys, d] with d contiguous, the transpose bit set).
 // Intra-warpgroup overlap: the S wgmma of key tile t and the P V wgmma of tile t - 1 are in flight
