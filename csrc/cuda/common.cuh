@@ -91,6 +91,31 @@ struct Dropout {
   __device__ __forceinline__ bool keep(uint32_t word) const { return word >= threshold; }
 };
 
+// dbias (the backward's bias gradient, strides dbias_s: 0 along the bias's broadcast dims).
+// Whether some element is reached by more than one (block, iteration, thread) of a backward whose
+// blocks own (batch, kv head, key block) and walk the query heads of their group.
+__host__ __device__ inline bool dbias_shared(const BwdParams& p) {
+  const Strided4& s = p.dbias_s;
+  return p.dbias && ((s.b == 0 && p.b > 1) || (s.q == 0 && p.n_q > 1) || (s.k == 0 && p.n_k > 1) ||
+                     (s.h == 0 && p.h_kv > 1));
+}
+
+// Whether every dbias element is produced once: not shared, and not broadcast over the query heads
+// of a GQA group (one block walks them all and adds them up).
+__host__ __device__ inline bool dbias_once(const BwdParams& p) {
+  return p.dbias && !dbias_shared(p) && !(p.dbias_s.h == 0 && p.h > 1);
+}
+
+namespace {
+// dst[e] = src[e] in T (float accumulators to the output dtype).
+template <typename T>
+__global__ void to_dtype_kernel(T* dst, const float* src, int64_t n) {
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    dst[e] = from_acc<T>(src[e]);
+}
+}  // namespace
+
 __host__ __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -32,19 +32,6 @@ constexpr bool kAtomicSharedDbias = true;
 // on an H200 together with kAtomicSharedDbias, NOTES.md).
 constexpr bool kDirectDbias = true;
 
-// Whether some dbias element is reached by more than one (block, iteration, thread).
-inline bool dbias_shared(const BwdParams& p) {
-  const Strided4& s = p.dbias_s;
-  return p.dbias && ((s.b == 0 && p.b > 1) || (s.q == 0 && p.n_q > 1) || (s.k == 0 && p.n_k > 1) ||
-                     (s.h == 0 && p.h_kv > 1));
-}
-
-// Whether every dbias element is produced once: not shared, and not broadcast over the query heads
-// of a GQA group (one block walks them all and adds them up).
-inline bool dbias_once(const BwdParams& p) {
-  return p.dbias && !dbias_shared(p) && !(p.dbias_s.h == 0 && p.h > 1);
-}
-
 template <typename T, int kD_>
 struct BwdTraits {
   static constexpr int kD = kD_;
@@ -108,13 +95,6 @@ __global__ void __launch_bounds__(128) dot_do_o_kernel(const BwdParams p, float*
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
   if (lane == 0) dsum[row] = acc;
-}
-
-template <typename T>
-__global__ void to_dtype_kernel(T* dst, const float* src, int64_t n) {
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    dst[e] = from_acc<T>(src[e]);
 }
 
 // kGeneral: bias, mask, dropout or dbias present; otherwise the score epilogue is a multiply plus,

@@ -52,10 +52,17 @@ namespace {
 constexpr int kRowPad = 128;  // lse2 / D rows per (batch, head) are padded to this multiple
 constexpr int kDqTileFloats = 8192;  // one query tile of dQ: kBlockM x d = 64 x 128 or 128 x 64
 constexpr int kBarDs = 1, kBarDqFull = 2, kBarDqEmpty = 3;  // named barrier ids (0: __syncthreads)
-// Dropout on this path: its own instantiation of the one-block-per-item kernel (kDropout).
-// Written 2026-11-27 without GPU time: off (dropout takes the sm80 backward) until the GPU suite
+// Bias (and its gradient), masks of any broadcast shape and dropout on this path: an instantiation
+// of its own of the one-block-per-item kernel (kGeneral). Written 2026-11-27 without GPU time: off
+// (those shapes take the sm80 backward; key masks alone stay on kKeyMask) until the GPU suite
 // passes with it on (NOTES.md, "Next").
-constexpr bool kSm90BwdDropout = false;
+constexpr bool kSm90BwdGeneral = false;
+
+// What only the general kernel takes: a bias or its gradient, dropout, or a mask that varies along
+// the queries.
+inline bool needs_general(const BwdParams& p) {
+  return p.bias || p.dbias || p.dropout_p > 0.0 || (p.mask && p.mask_s.q != 0 && p.n_q > 1);
+}
 
 // Whether sm90_bwd launches the persistent grid (else one block per work item). Measured on an
 // H200 (benchmarks/sm90_bwd_run.sh time, 2026-11-27, bwd TFLOP/s at 1k..16k): d = 64 persistent
@@ -143,7 +150,17 @@ struct Sm90BwdWorkspace {
     lse2 = reinterpret_cast<float*>(c + dq_bytes);
     dsum = reinterpret_cast<float*>(c + dq_bytes + row_bytes);
     bytes = dq_bytes + 2 * row_bytes;
+    if (kSm90BwdGeneral && p.dbias && !dbias_once(p)) bytes += align_up(dbias_acc_elems(p) * 4, 256);
   }
+  // General kernel: float dbias accumulator right after dsum (when dbias is not stored directly:
+  // a broadcast dbias, summed by atomics or by one thread across a GQA group), then converted.
+  static int64_t dbias_acc_elems(const BwdParams& p) {
+    return (p.dbias_s.b ? p.b : 1) * (p.dbias_s.h ? p.h : 1) * (p.dbias_s.q ? p.n_q : 1) * (p.dbias_s.k ? p.n_k : 1);
+  }
+  __host__ __device__ float* dbias_acc(const BwdParams& p) const {
+    return dsum + align_up_elems(p.b * p.h * n_q_pad, 64);
+  }
+  __host__ __device__ static int64_t align_up_elems(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 };
 
 // One warp per padded row: D = sum_c dO[c] O[c] and lse2 = lse log2(e) (+inf and 0 past n_q).
@@ -370,8 +387,35 @@ __device__ __forceinline__ void issue_dq(float (&acc)[8][4], uint32_t a_base, ui
                        desc_mnmajor_sw128(b_base + kk * 16 * 128, Tr::kBlockN * 128), kk > 0);
 }
 
+// General kernel, per tile: the bias^T / mask elements of this thread's key rows key0 + lane / 4
+// (+ 8) and query columns i0 + 8 nt + 2 (lane % 4) (+ 1) (bias2[nt][h]: the T pair of the two
+// queries, keep[h] bit 2 nt + e), fetched while the S^T / dP^T wgmmas run. Keys >= n_k and
+// queries >= n_q are not read (their P^T is 0 by the key bound and lse2 = +inf).
+template <typename T, int kNS>
+__device__ __forceinline__ void load_extras_keyrows(TileExtras<kNS>& x, const BwdParams& p, const T* bias_bh,
+                                                    const uint8_t* mask_bh, int key, int query, int n_k) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int j = key + 8 * h;
+    const bool key_ok = j < n_k;
+    x.keep[h] = 0;
+#pragma unroll
+    for (int nt = 0; nt < kNS; ++nt) {
+      uint32_t v = 0;
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int i = query + 8 * nt + e;
+        if (!key_ok || i >= p.n_q) continue;
+        if (bias_bh) v |= bits16(bias_bh[i * p.bias_s.q + j * p.bias_s.k]) << (16 * e);
+        if (mask_bh && mask_bh[i * p.mask_s.q + j * p.mask_s.k]) x.keep[h] |= 1u << (2 * nt + e);
+      }
+      x.bias2[nt][h] = v;
+    }
+  }
+}
+
 // tile, kv: as for the producer (for_each_item). dK / dV start from zero per work item.
-template <typename T, typename Tr, bool kPersistent, bool kDropout, bool kKeyMask>
+template <typename T, typename Tr, bool kPersistent, bool kGeneral, bool kKeyMask>
 __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barriers& bar, const BwdParams& p,
                                         const Sm90BwdWorkspace& ws, const BlockWork& w, int cw, int tile, int kv) {
   using namespace sm90;
@@ -385,8 +429,18 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
   const bool causal = p.causal != Causal::kNone;
   const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
 
+  // General kernel: dropout, and where dbias goes: stored in T (each element produced once, after a
+  // memset), added to the float accumulator with atomics (shared by blocks) or plainly (one thread
+  // walks a GQA group's heads), then converted.
   Dropout drop;
-  if constexpr (kDropout) drop.init(p);
+  bool dbias_direct = false, dbias_atomic = false;
+  float* dbias_acc = nullptr;
+  if constexpr (kGeneral) {
+    drop.init(p);
+    dbias_direct = p.dbias && dbias_once(p);
+    dbias_atomic = dbias_shared(p);
+    dbias_acc = ws.dbias_acc(p);
+  }
   float dk[kNO][4], dv[kNO][4];  // [64 keys of the warpgroup, kD], wgmma accumulator layout
   zero_acc(dk);
   zero_acc(dv);
@@ -427,6 +481,12 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
       wgmma_commit_group();
       sm90::gemm_ss_kmajor<T, Tr::kBlockM, Tr::kD, Tr::kBlockN, Tr::kBlockM>(dp, v_wg, do_base);
       wgmma_commit_group();
+      TileExtras<kNS> extras;
+      if constexpr (kGeneral) {
+        const T* bias_bh = p.bias ? static_cast<const T*>(p.bias) + w.bi * p.bias_s.b + hi * p.bias_s.h : nullptr;
+        const uint8_t* mask_bh = p.mask ? p.mask + w.bi * p.mask_s.b + hi * p.mask_s.h : nullptr;
+        load_extras_keyrows<T>(extras, p, bias_bh, mask_bh, key0 + lane / 4, i0 + 2 * (lane % 4), n_k);
+      }
       wgmma_wait_group<1>();
       fence_regs(s);
 
@@ -436,16 +496,38 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
       const bool check = (causal && key0 + 15 > i0 + shift) || key0 + 16 > n_k;
       const int diag = causal ? i0 + shift - key0 : (1 << 30);  // visible iff key row r - query col c <= diag
       const int key_limit = n_k - key0;                          // visible iff key row r < key_limit
+      if constexpr (kGeneral) {
+        // Plus bias^T log2(e); -inf where the mask hides the element (whatever the bias holds).
+        const bool has_bias = p.bias != nullptr, has_mask = p.mask != nullptr;
 #pragma unroll
-      for (int nt = 0; nt < kNS; ++nt) {
-        const int c = 8 * nt + 2 * (lane % 4);
-        const float2 l2 = *reinterpret_cast<const float2*>(&sm.lse2[st][c]);
+        for (int nt = 0; nt < kNS; ++nt) {
+          const int c = 8 * nt + 2 * (lane % 4);
+          const float2 l2 = *reinterpret_cast<const float2*>(&sm.lse2[st][c]);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          float x = fmaf(s[nt][e], scale_log2, -(e % 2 ? l2.y : l2.x));
-          const int r = frag_row(lane, e);
-          if (check && (r - (c + e % 2) > diag || r >= key_limit)) x = -__int_as_float(0x7f800000);
-          s[nt][e] = ex2_approx(x);  // 2^-inf = 0 (masked, or lse2 = +inf)
+          for (int e = 0; e < 4; ++e) {
+            float x = fmaf(s[nt][e], scale_log2, -(e % 2 ? l2.y : l2.x));
+            if (has_bias) {
+              const float2 b = unpack2<T>(extras.bias2[nt][e / 2]);
+              x = fmaf(e % 2 ? b.y : b.x, kLog2e, x);
+            }
+            const int r = frag_row(lane, e);
+            if (check && (r - (c + e % 2) > diag || r >= key_limit)) x = -__int_as_float(0x7f800000);
+            if (has_mask && !((extras.keep[e / 2] >> (2 * nt + e % 2)) & 1)) x = -__int_as_float(0x7f800000);
+            s[nt][e] = ex2_approx(x);
+          }
+        }
+      } else {
+#pragma unroll
+        for (int nt = 0; nt < kNS; ++nt) {
+          const int c = 8 * nt + 2 * (lane % 4);
+          const float2 l2 = *reinterpret_cast<const float2*>(&sm.lse2[st][c]);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            float x = fmaf(s[nt][e], scale_log2, -(e % 2 ? l2.y : l2.x));
+            const int r = frag_row(lane, e);
+            if (check && (r - (c + e % 2) > diag || r >= key_limit)) x = -__int_as_float(0x7f800000);
+            s[nt][e] = ex2_approx(x);  // 2^-inf = 0 (masked, or lse2 = +inf)
+          }
         }
       }
       // Masked keys: P^T = 0 (outside the loop above: folded into it, the test cost the unmasked
@@ -460,15 +542,15 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
       }
       uint32_t pa[kKP][4];   // P^T (dropout: P^T Z) as A fragments (16-bit)
       uint32_t dsa[kKP][4];  // dS^T as A fragments
-      if constexpr (kDropout) {
-        // Z = keep / (1 - p) or 0 (the forward's Philox words): dV takes (P^T Z) dO and
-        // dS^T = P^T (dP^T Z - D). Both need P^T whole, so dP^T is waited for first.
+      if constexpr (kGeneral) {
+        // Z = keep / (1 - p) or 0 (the forward's Philox words; 1 without dropout): dV takes
+        // (P^T Z) dO and dS^T = P^T (dP^T Z - D). Both need P^T whole, so dP^T is waited for first.
         const uint64_t bh = static_cast<uint64_t>(w.bi) * p.h + hi;
         wgmma_wait_group<0>();
         fence_regs(dp);
 #pragma unroll
         for (int nt = 0; nt < kNS; ++nt) {
-          const uint32_t keep = dropout_bits_keyrows(drop, bh, key0, i0, nt);
+          const uint32_t keep = drop.on ? dropout_bits_keyrows(drop, bh, key0, i0, nt) : 0xFu;
           const int c = 8 * nt + 2 * (lane % 4);
           const float2 dd = *reinterpret_cast<const float2*>(&sm.dsum[st][c]);
 #pragma unroll
@@ -482,6 +564,23 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
         for (int kk = 0; kk < kKP; ++kk) {
           acc_to_a<T>(pa[kk], s, kk);
           acc_to_a<T>(dsa[kk], dp, kk);
+        }
+        // dbias += dS (element (query i, key j) of this tile; the scores' gradient, unscaled).
+        if (p.dbias) {
+#pragma unroll
+          for (int nt = 0; nt < kNS; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int i = i0 + frag_col(lane, nt, e), j = key0 + frag_row(lane, e);
+              if (i >= p.n_q || j >= n_k) continue;
+              const int64_t off = offset4(p.dbias_s, w.bi, hi, i, j);
+              if (dbias_direct)
+                static_cast<T*>(p.dbias)[off] = from_acc<T>(dp[nt][e]);
+              else if (dbias_atomic)
+                red_add_f32(dbias_acc + off, dp[nt][e]);
+              else
+                dbias_acc[off] += dp[nt][e];
+            }
         }
       } else {
 #pragma unroll
@@ -573,9 +672,9 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
   }
 }
 
-// kPersistent: the persistent grid; kDropout: dropout (kSm90BwdDropout); kKeyMask: a key mask
-// may be present (p.mask; without this flag the kernel ignores it).
-template <typename T, typename Tr, bool kPersistent, bool kDropout, bool kKeyMask>
+// kPersistent: the persistent grid; kGeneral: bias / dbias / any mask / dropout (kSm90BwdGeneral);
+// kKeyMask: a key mask may be present (p.mask; without either flag the kernel ignores it).
+template <typename T, typename Tr, bool kPersistent, bool kGeneral, bool kKeyMask>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
     sm90_bwd_kernel(const __grid_constant__ CUtensorMap tm_q,   // [b, h, n_q, d] box [kBlockM, 64]
                     const __grid_constant__ CUtensorMap tm_k,   // [b, h_kv, n_k, d] box [kBlockN, 64]
@@ -622,7 +721,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   } else {
     setmaxnreg_inc<Tr::kConsumerRegs>();
     for_each_item<kPersistent>(p, grid, first, Tr::kBlockM, Tr::kBlockN, [&](const BlockWork& w, int tile, int kv) {
-      consume<T, Tr, kPersistent, kDropout, kKeyMask>(sm, bar, p, ws, w, wg - 1, tile, kv);
+      consume<T, Tr, kPersistent, kGeneral, kKeyMask>(sm, bar, p, ws, w, wg - 1, tile, kv);
     });
   }
 #endif
@@ -643,6 +742,9 @@ bool launch(const BwdParams& p, void* workspace, cudaStream_t stream, int persis
       !make_map(&tdo, p.dtype, p.dout, p.b, p.h, p.n_q, p.d_v, p.do_sb, p.do_sh, p.do_sn, Tr::kBlockM))
     return false;
   const Sm90BwdWorkspace ws(p, workspace);
+  // General kernel, a dbias stored directly: causal tiles no iteration visits must read 0.
+  if (kSm90BwdGeneral && p.dbias && dbias_once(p))
+    cudaMemsetAsync(p.dbias, 0, static_cast<size_t>(p.b * p.h * p.n_q * p.n_k) * sizeof(T), stream);
   const int64_t rows = p.b * p.h * ws.n_q_pad;
   if (rows > 0) sm90_bwd_prep_kernel<T><<<static_cast<unsigned>(ceil_div(rows, 4)), 128, 0, stream>>>(p, ws);
   const int64_t blocks = p.b * p.h_kv * ceil_div(p.n_k, Tr::kBlockN);  // work items
@@ -653,8 +755,8 @@ bool launch(const BwdParams& p, void* workspace, cudaStream_t stream, int persis
       kernel<<<static_cast<unsigned>(n_blocks), Tr::kThreads, Tr::kSmemBytes, stream>>>(tq, tk, tv, tdo, p, ws, grid);
     };
     const int64_t ctas = std::min<int64_t>(blocks, std::min(sm_count(), persistent_ctas));
-    if (kSm90BwdDropout && p.dropout_p > 0.0) {  // one block per item; takes key masks too
-      if constexpr (kSm90BwdDropout) run(sm90_bwd_kernel<T, Tr, false, true, true>, blocks);
+    if (kSm90BwdGeneral && needs_general(p)) {  // one block per item
+      if constexpr (kSm90BwdGeneral) run(sm90_bwd_kernel<T, Tr, false, true, false>, blocks);
     } else if (persistent_ctas > 0) {
       run(p.mask ? sm90_bwd_kernel<T, Tr, true, false, true> : sm90_bwd_kernel<T, Tr, true, false, false>, ctas);
     } else {
@@ -665,6 +767,13 @@ bool launch(const BwdParams& p, void* workspace, cudaStream_t stream, int persis
   if (p.b * p.h * p.n_q > 0)
     sm90_bwd_convert_kernel<T, Tr>
         <<<static_cast<unsigned>(std::min<int64_t>(ceil_div(n4, 256), 65536)), 256, 0, stream>>>(p, ws);
+  if constexpr (kSm90BwdGeneral) {
+    if (p.dbias && !dbias_once(p)) {  // the float accumulator -> dbias
+      const int64_t n = Sm90BwdWorkspace::dbias_acc_elems(p);
+      to_dtype_kernel<T><<<static_cast<unsigned>(std::min<int64_t>(ceil_div(n, 256), 65536)), 256, 0, stream>>>(
+          static_cast<T*>(p.dbias), ws.dbias_acc(p), n);
+    }
+  }
   return true;
 }
 
@@ -692,8 +801,7 @@ bool sm90_bwd_supported(const BwdParams& p) {
   if (p.dtype != Dtype::kFloat16 && p.dtype != Dtype::kBFloat16) return false;
   if (p.deterministic) return false;
   if (p.d != p.d_v || (p.d != 64 && p.d != 128)) return false;
-  if (p.bias || p.dbias || (p.dropout_p > 0.0 && !kSm90BwdDropout)) return false;
-  if (p.mask && p.mask_s.q != 0 && p.n_q > 1) return false;  // a key mask only (as the forward)
+  if (!kSm90BwdGeneral && needs_general(p)) return false;  // else a key mask at most
   if (p.h_kv <= 0 || p.h % p.h_kv) return false;
   constexpr int64_t kMaxCoord = (int64_t{1} << 30);
   if (p.n_q > kMaxCoord || p.n_k > kMaxCoord || p.b * p.h > kMaxCoord / 2 ||

@@ -252,30 +252,8 @@ __device__ __forceinline__ void produce_tile(typename Tr::Smem& sm, typename Tr:
 // issued together, the softmax of S_t runs while P V computes, then O is rescaled and P_t formed.
 // Ping-pong: the issue of each tile's GEMMs is a turn taken in round robin by the consumer
 // warpgroups (named barriers), so one warpgroup's softmax overlaps the others' GEMMs.
-// General kernel: the bias / mask elements of this thread's two rows (lane / 4, + 8) in one key
-// tile, fetched while the S wgmma runs. bias2[nt][h]: the T pair of columns 8 nt + 2 (lane % 4),
-// + 1 in row half h; keep[h] bit 2 nt + e: column 8 nt + 2 (lane % 4) + e visible under the mask.
-template <int kNS>
-struct TileExtras {
-  uint32_t bias2[kNS][2];
-  uint32_t keep[2];
-};
-
-template <typename T>
-__device__ __forceinline__ uint32_t bits16(T x) {
-  return *reinterpret_cast<const uint16_t*>(&x);
-}
-template <typename T>
-__device__ __forceinline__ float2 unpack2(uint32_t v);
-template <>
-__device__ __forceinline__ float2 unpack2<__half>(uint32_t v) {
-  return __half22float2(*reinterpret_cast<const __half2*>(&v));
-}
-template <>
-__device__ __forceinline__ float2 unpack2<__nv_bfloat16>(uint32_t v) {
-  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
-}
-
+// General kernel: the bias / mask elements of this thread's two rows in one key tile
+// (TileExtras, softmax.cuh), fetched while the S wgmma runs.
 // row: the thread's first row (absolute); col: its first column in the tile (absolute). bias_row /
 // mask_row: the (batch, head) slices, or nullptr; bias_vec: unit key stride, even query stride,
 // 4-byte aligned slice (pairs load as one word). Rows >= n_q and columns >= n_k are not read

@@ -161,6 +161,31 @@ struct OnlineSoftmax {
   }
 };
 
+// The bias / mask elements of one thread's share of a [16, 8 kN] fragment tile, fetched while
+// the tile's wgmma runs (the Hopper general kernels): bias2[nt][h] holds the T pair of columns
+// 8 nt + 2 (lane % 4), + 1 of fragment row lane / 4 + 8 h; keep[h] bit 2 nt + e: column
+// 8 nt + 2 (lane % 4) + e of that row is visible under the mask.
+template <int kN>
+struct TileExtras {
+  uint32_t bias2[kN][2];
+  uint32_t keep[2];
+};
+
+template <typename T>
+__device__ __forceinline__ uint32_t bits16(T x) {
+  return *reinterpret_cast<const uint16_t*>(&x);
+}
+template <typename T>
+__device__ __forceinline__ float2 unpack2(uint32_t v);
+template <>
+__device__ __forceinline__ float2 unpack2<__half>(uint32_t v) {
+  return __half22float2(*reinterpret_cast<const __half2*>(&v));
+}
+template <>
+__device__ __forceinline__ float2 unpack2<__nv_bfloat16>(uint32_t v) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
+}
+
 // Zeroes dropped probabilities of a [16, 8 kN] query-row tile (rows = queries row0.., cols = keys
 // col0.., col0 % 4 == 0). Lanes 2k and 2k+1 share a row pair and a group of four keys: each computes
 // the Philox words of one row and passes the two words the other needs (one Philox per 4 elements).
