@@ -16,8 +16,9 @@
 //    warpgroups 1, 2 own keys 64 (wg - 1) .. + 63 and keep their dK, dV [64, d] in registers.
 //    Per query tile, in the transposed (key-row) layout:
 //      S^T = K Q^T, dP^T = V dO^T            (wgmma SS, both K-major, N = kBlockM)
-//      P^T = 2^(S^T scale log2e - lse2)       (causal mask on diagonal tiles only; key mask rows)
-//      dS^T = P^T (dP^T - D)
+//      P^T = 2^(S^T scale log2e - lse2)       (causal mask on diagonal tiles only; key mask rows;
+//                                             kGeneral: + bias^T log2e, any mask, dropout Z)
+//      dS^T = P^T (dP^T - D)                  (kGeneral: P^T (dP^T Z - D), also added to dbias)
 //      dV += P^T dO, dK += dS^T Q             (wgmma RS: A = P^T / dS^T from registers, B MN-major)
 //      dS^T -> shared memory [keys, queries]; named barrier over both consumer warpgroups
 //      dQ[64, 64] = dS K                      (wgmma SS, both operands MN-major (transpose bits))
@@ -131,7 +132,8 @@ struct Sm90BwdTraits {
 };
 
 // Workspace: dq_acc [b, h, n_qt, kDqTileFloats] float32 (zeroed by the caller; each query tile in
-// the consumers' fragment order, see sm90_bwd_convert_kernel), lse2 and dsum [b, h, n_q_pad].
+// the consumers' fragment order, see sm90_bwd_convert_kernel), lse2 and dsum [b, h, n_q_pad];
+// general kernel with a broadcast dbias: its float accumulator (dbias's shape) after them.
 struct Sm90BwdWorkspace {
   float* dq_acc;
   float* lse2;
@@ -793,8 +795,8 @@ bool kernel_compiled_for_sm90a() {
 
 }  // namespace
 
-// float16 / bfloat16, d == d_v in {64, 128}, no bias / dropout / dbias, no mask or a key mask
-// (constant along the queries), atomics allowed,
+// float16 / bfloat16, d == d_v in {64, 128}, no bias / dropout / dbias and no mask or a key mask
+// (constant along the queries) unless kSm90BwdGeneral, atomics allowed (not deterministic mode),
 // TMA-describable q / k / v / dout (16-byte aligned bases, strides multiples of 8 elements),
 // o readable (any strides), sizes within 32-bit tile indices.
 bool sm90_bwd_supported(const BwdParams& p) {
