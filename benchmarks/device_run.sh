@@ -4,6 +4,7 @@
 #   bash benchmarks/device_run.sh build test sanitize   # first call (about 9 minutes)
 #   bash benchmarks/device_run.sh bench                 # second call, same warm machine
 #   bash benchmarks/device_run.sh build quick           # after a kernel change: forced paths + smoke
+#   bash benchmarks/device_run.sh flags_on build quick  # the prepared (off) Hopper paths switched on
 #
 # Phases run in the order given; each writes $OUT/<phase>.log and prints a short summary last.
 # Wheels for packages the machine lacks (hypothesis, ...) are taken from .whl/ when present.
@@ -62,6 +63,19 @@ phase_quick() {
   local rc2=$?
   grep -E "FAIL|passed" "$OUT/smoke.log"
   summary+=("quick rc=$rc smoke rc=$rc2 in $((SECONDS - t0)) s: $(tail -1 "$OUT/quick.log")")
+}
+
+# The prepared Hopper paths that are off in the source (csrc/cuda/NOTES.md, "Next"), switched on in
+# this copy of the tree only (the GPU machine's): run it before `build`, e.g.
+#   bash benchmarks/device_run.sh flags_on build quick sanitize
+phase_flags_on() {
+  sed -i 's/^constexpr bool kSm90FwdGeneral = false;/constexpr bool kSm90FwdGeneral = true;/;
+          s/^constexpr bool kKeyMaskBallot = false;/constexpr bool kKeyMaskBallot = true;/' csrc/cuda/sm90_fwd.cu
+  sed -i 's/^constexpr bool kSm90BwdGeneral = false;/constexpr bool kSm90BwdGeneral = true;/' csrc/cuda/sm90_bwd.cu
+  local on
+  on=$(grep -hE "^constexpr bool k(Sm90FwdGeneral|KeyMaskBallot|Sm90BwdGeneral) = true;" csrc/cuda/sm90_*.cu | wc -l)
+  echo "prepared flags on: $on / 3"
+  summary+=("flags_on: $on / 3")
 }
 
 # Random shapes through the Hopper kernels against the portable path (a hang names its case).
