@@ -2,6 +2,7 @@
 // This is the only file that sees at::Tensor; kernels receive FwdParams/BwdParams.
 #include <ATen/ATen.h>
 #include <Python.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -292,6 +293,52 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout_in, const Tens
   return {dq, dk, dv, dbias};
 }
 
+// Autograd of fwd, in C++ (torch.library's Python autograd wrapper cost ~20 us a call): the backward
+// recomputes attention probabilities from the saved log-sum-exp with the bwd op; lse and the rng
+// state are auxiliary outputs without gradient. Optional tensors are inputs (autograd edges) only
+// when present, so the bias's edge is 3 whenever there is a bias.
+class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
+ public:
+  using variable_list = torch::autograd::variable_list;
+  using Context = torch::autograd::AutogradContext;
+
+  static variable_list forward(Context* ctx, const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& bias,
+                               const OptTensor& mask, double scale, int64_t causal, double dropout_p,
+                               const OptTensor& rng_state) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("flash_mha::fwd", "").typed<decltype(fwd)>();
+    auto [out, lse, rng_out] = op.call(q, k, v, bias, mask, scale, causal, dropout_p, rng_state);
+    ctx->save_for_backward({q, k, v, out, lse, bias.value_or(Tensor()), mask.value_or(Tensor()), rng_out});
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["causal"] = causal;
+    ctx->saved_data["dropout_p"] = dropout_p;
+    ctx->mark_non_differentiable({lse, rng_out});
+    return {out, lse, rng_out};
+  }
+
+  static variable_list backward(Context* ctx, variable_list grads) {
+    static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("flash_mha::bwd", "").typed<decltype(bwd)>();
+    const variable_list s = ctx->get_saved_variables();
+    const double scale = ctx->saved_data["scale"].toDouble();
+    const int64_t causal = ctx->saved_data["causal"].toInt();
+    const double dropout_p = ctx->saved_data["dropout_p"].toDouble();
+    const bool bias_grad = s[5].defined() && ctx->needs_input_grad(3);
+    auto [dq, dk, dv, dbias] = op.call(grads[0], s[0], s[1], s[2], s[3], s[4], opt(s[5]), opt(s[6]), scale, causal,
+                                       dropout_p, dropout_p > 0.0 ? opt(s[7]) : OptTensor(), bias_grad);
+    return {dq, dk, dv, bias_grad ? dbias : Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+
+ private:
+  static OptTensor opt(const Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); }
+};
+
+std::tuple<Tensor, Tensor, Tensor> fwd_autograd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                const OptTensor& bias, const OptTensor& mask, double scale,
+                                                int64_t causal, double dropout_p, const OptTensor& rng_state) {
+  auto r = AttentionFunction::apply(q, k, v, bias, mask, scale, causal, dropout_p, rng_state);
+  return {r[0], r[1], r[2]};
+}
+
 // Forces a CUDA kernel path for later calls (0 auto, 1 simt, 2 sm80, 3 sm90); returns the previous one.
 int64_t set_cuda_path(int64_t path) {
   FMHA_CHECK(path >= 0 && path <= 3, "flash_mha: kernel path must be 0 (auto), 1 (simt), 2 (sm80) or 3 (sm90), got ",
@@ -320,6 +367,8 @@ TORCH_LIBRARY(flash_mha, m) {
   m.def("built_with_cuda() -> bool", &built_with_cuda);
   m.def("set_cuda_path(int path) -> int", &set_cuda_path);
 }
+
+TORCH_LIBRARY_IMPL(flash_mha, Autograd, m) { m.impl("fwd", &fwd_autograd); }
 
 TORCH_LIBRARY_IMPL(flash_mha, CPU, m) {
   m.impl("fwd", &fwd);

@@ -42,27 +42,8 @@ def _bwd_fake(dout, q, k, v, out, lse, bias, mask, scale, causal, dropout_p, rng
 
 
 # ---------------------------------------------------------------------------------------------
-# Autograd: the backward recomputes attention probabilities from the saved log-sum-exp.
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, bias, mask, scale, causal, dropout_p, _rng_in = inputs
-    out, lse, rng = output
-    ctx.save_for_backward(q, k, v, out, lse, bias, mask, rng)
-    ctx.scale, ctx.causal, ctx.dropout_p = scale, causal, dropout_p
-
-
-def _backward(ctx, dout, _dlse, _drng):
-    # lse and rng_state are auxiliary outputs: they carry no gradient.
-    q, k, v, out, lse, bias, mask, rng = ctx.saved_tensors
-    bias_grad = bool(ctx.needs_input_grad[3])
-    dq, dk, dv, dbias = torch.ops.flash_mha.bwd(
-        dout, q, k, v, out, lse, bias, mask, ctx.scale, ctx.causal, ctx.dropout_p,
-        rng if ctx.dropout_p > 0.0 else None, bias_grad)
-    return dq, dk, dv, (dbias if bias_grad else None), None, None, None, None, None
-
-
-torch.library.register_autograd("flash_mha::fwd", _backward, setup_context=_setup_context)
-
+# Autograd: fwd's is registered in C++ (csrc/ops.cpp, AttentionFunction: it saves q, k, v, out, lse
+# and recomputes the probabilities in the bwd op). bwd itself has none: a double backward raises.
 
 def _no_double_backward(ctx, *grads):
     raise RuntimeError("flash_mha: double backward (a gradient of the attention gradient, e.g. autograd.grad "
