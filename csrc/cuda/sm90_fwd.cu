@@ -10,9 +10,9 @@
 //   consumers: S = Q K^T with wgmma (both operands in shared memory), masking (causal, key bound,
 //     and a key mask: a bool mask constant along the queries, read per key tile while the S wgmma
 //     runs; the general instantiation, kSm90FwdGeneral, also a bias, any mask and dropout) and
-//     online softmax in registers (log2 domain, scale folded into the exponent), P
-//     converted to 16 bits in registers and O += P V with wgmma (A = P from registers, B = V from
-//     shared memory read "MN-major": V is [keys, d] with d contiguous, the transpose bit set).
+//     online softmax in registers (log2 domain, scale folded into the exponent), P converted to
+//     16 bits in registers and O += P V with wgmma (A = P from registers, B = V from shared memory
+//     read "MN-major": V is [keys, d] with d contiguous, the transpose bit set).
 // Intra-warpgroup overlap: the S wgmma of key tile t and the P V wgmma of tile t - 1 are in flight
 //   together, and the softmax of tile t runs while P V of tile t - 1 computes.
 // Ping-pong (template flag): the consumer warpgroups take turns (named barriers) issuing their
@@ -252,12 +252,12 @@ __device__ __forceinline__ void produce_tile(typename Tr::Smem& sm, typename Tr:
 // issued together, the softmax of S_t runs while P V computes, then O is rescaled and P_t formed.
 // Ping-pong: the issue of each tile's GEMMs is a turn taken in round robin by the consumer
 // warpgroups (named barriers), so one warpgroup's softmax overlaps the others' GEMMs.
-// General kernel: the bias / mask elements of this thread's two rows in one key tile
-// (TileExtras, softmax.cuh), fetched while the S wgmma runs.
-// row: the thread's first row (absolute); col: its first column in the tile (absolute). bias_row /
-// mask_row: the (batch, head) slices, or nullptr; bias_vec: unit key stride, even query stride,
-// 4-byte aligned slice (pairs load as one word). Rows >= n_q and columns >= n_k are not read
-// (their scores are never used or are masked by the key bound).
+// General kernel: the bias / mask elements of this thread's two rows in one key tile (TileExtras,
+// softmax.cuh), fetched while the S wgmma runs. row: the thread's first row (absolute); col: its
+// first column in the tile (absolute). bias_row / mask_row: the (batch, head) slices, or nullptr;
+// bias_vec: unit key stride, even query stride, 4-byte aligned slice (pairs load as one word).
+// Rows >= n_q and columns >= n_k are not read (their scores are never used or are masked by the
+// key bound).
 template <typename T, int kNS>
 __device__ __forceinline__ void load_extras(TileExtras<kNS>& x, const FwdParams& p, const T* bias_row,
                                             const uint8_t* mask_row, bool bias_vec, int row, int col, int n_k) {
@@ -325,10 +325,10 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
   const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
   const int n_tiles = c.n_tiles;
 
-  // Dropout: P of each tile (its row sums already taken whole) loses its dropped elements before
-  // P V, and the output is scaled by 1 / (1 - p) at the end: the Philox words of every other path.
   // General kernel (bias / any mask / dropout): the scores reach the softmax in the log2 domain
   // already (softmax scale 1), from raw q.k, the bias and the mask (load_extras / apply_extras).
+  // Dropout: P of each tile (its row sums already taken whole) loses its dropped elements before
+  // P V, and the output is scaled by 1 / (1 - p) at the end: the Philox words of every other path.
   Dropout drop;
   uint64_t drop_bh = 0;
   const T* bias_row = nullptr;
