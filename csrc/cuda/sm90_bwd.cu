@@ -498,38 +498,28 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
       const bool check = (causal && key0 + 15 > i0 + shift) || key0 + 16 > n_k;
       const int diag = causal ? i0 + shift - key0 : (1 << 30);  // visible iff key row r - query col c <= diag
       const int key_limit = n_k - key0;                          // visible iff key row r < key_limit
-      if constexpr (kGeneral) {
-        // Plus bias^T log2(e); -inf where the mask hides the element (whatever the bias holds).
-        const bool has_bias = p.bias != nullptr, has_mask = p.mask != nullptr;
+      // General kernel: plus bias^T log2(e), and -inf where the mask hides the element (whatever
+      // the bias holds); both compile away in the other kernels.
+      const bool has_bias = kGeneral && p.bias != nullptr, has_mask = kGeneral && p.mask != nullptr;
 #pragma unroll
-        for (int nt = 0; nt < kNS; ++nt) {
-          const int c = 8 * nt + 2 * (lane % 4);
-          const float2 l2 = *reinterpret_cast<const float2*>(&sm.lse2[st][c]);
+      for (int nt = 0; nt < kNS; ++nt) {
+        const int c = 8 * nt + 2 * (lane % 4);
+        const float2 l2 = *reinterpret_cast<const float2*>(&sm.lse2[st][c]);
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            float x = fmaf(s[nt][e], scale_log2, -(e % 2 ? l2.y : l2.x));
+        for (int e = 0; e < 4; ++e) {
+          float x = fmaf(s[nt][e], scale_log2, -(e % 2 ? l2.y : l2.x));
+          if constexpr (kGeneral) {
             if (has_bias) {
               const float2 b = unpack2<T>(extras.bias2[nt][e / 2]);
               x = fmaf(e % 2 ? b.y : b.x, kLog2e, x);
             }
-            const int r = frag_row(lane, e);
-            if (check && (r - (c + e % 2) > diag || r >= key_limit)) x = -__int_as_float(0x7f800000);
+          }
+          const int r = frag_row(lane, e);
+          if (check && (r - (c + e % 2) > diag || r >= key_limit)) x = -__int_as_float(0x7f800000);
+          if constexpr (kGeneral) {
             if (has_mask && !((extras.keep[e / 2] >> (2 * nt + e % 2)) & 1)) x = -__int_as_float(0x7f800000);
-            s[nt][e] = ex2_approx(x);
           }
-        }
-      } else {
-#pragma unroll
-        for (int nt = 0; nt < kNS; ++nt) {
-          const int c = 8 * nt + 2 * (lane % 4);
-          const float2 l2 = *reinterpret_cast<const float2*>(&sm.lse2[st][c]);
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            float x = fmaf(s[nt][e], scale_log2, -(e % 2 ? l2.y : l2.x));
-            const int r = frag_row(lane, e);
-            if (check && (r - (c + e % 2) > diag || r >= key_limit)) x = -__int_as_float(0x7f800000);
-            s[nt][e] = ex2_approx(x);  // 2^-inf = 0 (masked, or lse2 = +inf)
-          }
+          s[nt][e] = ex2_approx(x);  // 2^-inf = 0 (masked, or lse2 = +inf)
         }
       }
       // Masked keys: P^T = 0 (outside the loop above: folded into it, the test cost the unmasked
