@@ -54,10 +54,9 @@ constexpr int kRowPad = 128;  // lse2 / D rows per (batch, head) are padded to t
 constexpr int kDqTileFloats = 8192;  // one query tile of dQ: kBlockM x d = 64 x 128 or 128 x 64
 constexpr int kBarDs = 1, kBarDqFull = 2, kBarDqEmpty = 3;  // named barrier ids (0: __syncthreads)
 // Bias (and its gradient), masks of any broadcast shape and dropout on this path: an instantiation
-// of its own of the one-block-per-item kernel (kGeneral). Written 2026-11-27 without GPU time: off
-// (those shapes take the sm80 backward; key masks alone stay on kKeyMask) until the GPU suite
-// passes with it on (NOTES.md, "Next").
-constexpr bool kSm90BwdGeneral = false;
+// of its own of the one-block-per-item kernel (kGeneral). False sends those shapes to the sm80
+// backward (key masks alone stay on kKeyMask).
+constexpr bool kSm90BwdGeneral = true;
 
 // What only the general kernel takes: a bias or its gradient, dropout, or a mask that varies along
 // the queries.

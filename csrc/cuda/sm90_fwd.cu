@@ -48,15 +48,13 @@ namespace {
 
 // Bias, masks of any broadcast shape and dropout on this path: a kernel instantiation of its own
 // (kGeneral), since folding dropout alone into the plain kernel made ptxas spill 728 bytes at
-// d = 64. Written 2026-11-27 without GPU time: off (those shapes take the sm80 forward; key masks
-// alone stay on the plain kernel) until the GPU suite passes with it on (NOTES.md, "Next").
-constexpr bool kSm90FwdGeneral = false;
+// d = 64. False sends those shapes to the sm80 forward (key masks alone stay on the plain kernel).
+constexpr bool kSm90FwdGeneral = true;
 
 // Key-mask bits of a key tile from one 32-bit load per lane (4 adjacent mask bytes: the warp reads
 // the tile's 128 bytes at once) and four ballots, where the mask row is contiguous and 4-byte
-// aligned; else one byte load per column. Written 2026-11-27 without GPU time: off until the GPU
-// suite passes with it on (the key-padding forward paid ~40% for the byte loads, NOTES.md).
-constexpr bool kKeyMaskBallot = false;
+// aligned; else one byte load per column (the key-padding forward paid ~40% for those, NOTES.md).
+constexpr bool kKeyMaskBallot = true;
 
 template <typename T, int kD_, int kBlockN_, int kConsumers_, bool kPingPong_, bool kPersistent_>
 struct Sm90FwdTraits {
