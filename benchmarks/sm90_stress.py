@@ -2,10 +2,12 @@
 
     python3 benchmarks/sm90_stress.py [--n 300] [--seed 0] [--max-len 300]
 
-Draws what the sm90 forward / backward take (float16 / bfloat16, d = d_v in {64, 128}, no bias or
-dropout, no mask or a key mask) with every causal alignment, GQA ratio, odd length, strided views
-and an expanded (stride-0) output gradient, runs forward + backward with the sm90 path forced, then again with the
-sm80 path, and compares out / dq / dk / dv (rel-L2). Each case is printed and flushed *before* it
+Draws what the sm90 forward / backward take (float16 / bfloat16, d = d_v in {64, 128}; a bias with
+gradient of any broadcast shape, as its own tensor or a strided view; a bool mask of any broadcast
+shape; dropout) with every causal alignment, GQA ratio, odd length, strided views and an expanded
+(stride-0) output gradient, runs forward + backward with the sm90 path forced, then again with the
+sm80 path (the same dropout mask: both draw the same Philox words), and compares out / dq / dk / dv
+(/ dbias) (rel-L2). Each case is printed and flushed *before* it
 runs and the device is synchronised after it, so under `timeout` a hang names its case.
 """
 from __future__ import annotations
@@ -35,9 +37,11 @@ def make(rng, max_len):
     causal = rng.choice([None, "top_left", "bottom_right"])
     layout = rng.choice(["bhnd", "bnhd", "fused"])
     dout_expanded = rng.random() < 0.2
-    key_mask = rng.choice([None, None, "b11k", "1h1k", "bh1k"])  # a bool mask constant along queries
+    mask = rng.choice([None, None, "b11k", "1h1k", "bh1k", "b1qk", "11qk", "bhqk"])
+    bias = rng.choice([None, None, "bhqk", "1hqk", "b1qk", "11qk", "b11k", "bhqk-view"])
+    dropout_p = rng.choice([0.0, 0.0, 0.0, 0.2])
     return dict(dtype=dtype, d=d, b=b, h=h, h_kv=h_kv, n_q=n_q, n_k=n_k, causal=causal, layout=layout,
-                dout_expanded=dout_expanded, key_mask=key_mask)
+                dout_expanded=dout_expanded, mask=mask, bias=bias, dropout_p=dropout_p)
 
 
 def tensor(b, h, n, d, dtype, layout, gen):
@@ -55,17 +59,29 @@ def run(c, path, gen_seed):
     q = tensor(c["b"], c["h"], c["n_q"], c["d"], c["dtype"], c["layout"], gen).requires_grad_()
     k = tensor(c["b"], c["h_kv"], c["n_k"], c["d"], c["dtype"], c["layout"], gen).requires_grad_()
     v = tensor(c["b"], c["h_kv"], c["n_k"], c["d"], c["dtype"], c["layout"], gen).requires_grad_()
+    full = {"b": c["b"], "h": c["h"], "q": c["n_q"], "k": c["n_k"]}
     mask = None
-    if c["key_mask"]:
-        full = {"b": c["b"], "h": c["h"], "k": c["n_k"]}
-        shape = tuple(full.get(ch, 1) for ch in c["key_mask"])
+    if c["mask"]:
+        shape = tuple(full.get(ch, 1) for ch in c["mask"])
         mask = torch.rand(shape, generator=gen, device="cuda") > 0.3
+    leaves = [q, k, v]
+    bias = None
+    if c["bias"]:
+        dims = c["bias"].split("-")[0]
+        shape = tuple(full.get(ch, 1) for ch in dims)
+        if c["bias"].endswith("view"):  # rows of n_k inside rows of n_k + 8, 8 elements in
+            bias = torch.randn(*shape[:-1], c["n_k"] + 8, generator=gen, device="cuda").to(c["dtype"])[..., 8:]
+        else:
+            bias = torch.randn(shape, generator=gen, device="cuda").to(c["dtype"])
+        bias.requires_grad_()
+        leaves.append(bias)
+    torch.manual_seed(gen_seed)  # the dropout seed / offset: the same draw on both paths
     with flash_mha.force_kernel(path):
-        out = flash_mha.attention(q, k, v, mask=mask, causal=c["causal"])
+        out = flash_mha.attention(q, k, v, bias=bias, mask=mask, causal=c["causal"], dropout_p=c["dropout_p"])
         dout = torch.randn(out.shape, generator=gen, device="cuda").to(out.dtype)
         if c["dout_expanded"]:
             dout = dout[:1, :1, :1].expand(out.shape)
-        grads = torch.autograd.grad(out, (q, k, v), dout)
+        grads = torch.autograd.grad(out, leaves, dout)
     torch.cuda.synchronize()
     return (out,) + tuple(grads)
 
@@ -90,7 +106,7 @@ def main():
         ok = not nan and all(e < args.tol for e in errs)
         if not ok:
             bad += 1
-            print(f"  FAIL nan={nan} out/dq/dk/dv rel " + " ".join(f"{e:.2e}" for e in errs), flush=True)
+            print(f"  FAIL nan={nan} out/dq/dk/dv(/dbias) rel " + " ".join(f"{e:.2e}" for e in errs), flush=True)
     print(f"{args.n - bad} / {args.n} agree (sm90 vs sm80)")
     return 1 if bad else 0
 

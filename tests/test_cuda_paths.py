@@ -134,6 +134,24 @@ def test_bias_and_mask_staged_or_not(path, dtype, d, causal, config):
 
 
 @needs_cuda
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [None, "bottom_right"])
+def test_bias_ring_over_many_tiles(d, causal):
+    """More query tiles than SMs and several key tiles each: the Hopper forward's persistent blocks
+    walk several tiles, and the bias tiles it stages in shared memory go round their ring (one stage
+    at d = 128, two at d = 64) many times; a stale or early read would show in the output."""
+    dtype = torch.bfloat16
+    b, h, n_q, n_k = 4, 8, 520, 648
+    q = randn(b, h, n_q, d, dtype=dtype, device="cuda", requires_grad=True)
+    k = randn(b, 2, n_k, d, dtype=dtype, device="cuda", requires_grad=True)
+    v = randn(b, 2, n_k, d, dtype=dtype, device="cuda", requires_grad=True)
+    bias = (4 * randn(1, h, n_q, n_k, dtype=torch.float32, device="cuda")).to(dtype).requires_grad_(True)
+    with flash_mha.force_kernel("sm90"):
+        res = run_both(q, k, v, bias=bias, causal=causal)
+    check_both(res, dtype)
+
+
+@needs_cuda
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("causal", [None, "bottom_right"])

@@ -56,7 +56,7 @@ constexpr bool kSm90FwdGeneral = true;
 // aligned; else one byte load per column (the key-padding forward paid ~40% for those, NOTES.md).
 constexpr bool kKeyMaskBallot = true;
 
-template <typename T, int kD_, int kBlockN_, int kConsumers_, bool kPingPong_, bool kPersistent_>
+template <typename T, int kD_, int kBlockN_, int kConsumers_, bool kPingPong_, bool kPersistent_, bool kGeneral_ = false>
 struct Sm90FwdTraits {
   static constexpr int kD = kD_;                       // d == d_v
   static constexpr int kConsumers = kConsumers_;       // consumer warpgroups
@@ -74,10 +74,21 @@ struct Sm90FwdTraits {
                 "setmaxnreg split exceeds the block's register allocation");
   static constexpr int kPanel = 64;                    // elements per 128-byte swizzled row
   static constexpr int kPanels = kD / kPanel;
-  // K+V ring depth: as many stages as fit next to Q in the 227 KiB of an sm_90 block (up to 4).
   static constexpr int64_t kSmemLimit = 227 * 1024;
+  static constexpr int64_t kQKV2Bytes = 2048 + int64_t{kBlockM} * kD * 2 + 2 * (2 * int64_t{kBlockN} * kD * 2);
+  // General kernel: a ring of bias tiles [kBlockM, kBlockN] that the producer loads with TMA
+  // (kBlockN / 64 panels of [kBlockM, 64], 128-byte swizzle, as Q), 2 stages next to Q and a
+  // double-buffered K/V ring.
+  static constexpr bool kGeneral = kGeneral_;
+  static constexpr int64_t kBiasStageBytes = int64_t{kBlockM} * kBlockN * 2;
+  static constexpr int kBiasFit = static_cast<int>((kSmemLimit - kQKV2Bytes) / kBiasStageBytes);
+  static constexpr int kBiasStages = !kGeneral ? 0 : kBiasFit < 2 ? kBiasFit : 2;
+  static_assert(!kGeneral || kBiasStages >= 1, "no room for a staged bias tile");
+  // K+V ring depth: as many stages as fit next to Q (and the bias ring) in the 227 KiB of an sm_90
+  // block (up to 4).
   static constexpr int kFitStages =
-      static_cast<int>((kSmemLimit - 2048 - int64_t{kBlockM} * kD * 2) / (2 * int64_t{kBlockN} * kD * 2));
+      static_cast<int>((kSmemLimit - 2048 - int64_t{kBlockM} * kD * 2 - kBiasStages * kBiasStageBytes) /
+                       (2 * int64_t{kBlockN} * kD * 2));
   static constexpr int kStages = kFitStages < 4 ? kFitStages : 4;
   static_assert(kStages >= 2, "need a double-buffered K/V ring");
   static_assert(kBlockN % 16 == 0 && kBlockN <= 256, "key tile: a multiple of 16, at most 256 (TMA box)");
@@ -96,10 +107,12 @@ struct Sm90FwdTraits {
     alignas(1024) T q[kBlockM * kD];             // [kPanels][kBlockM, 64] swizzled
     alignas(1024) T k[kStages][kBlockN * kD];    // [stage][kPanels][kBlockN, 64] swizzled
     alignas(1024) T v[kStages][kBlockN * kD];    // [stage][kPanels][kBlockN, 64] swizzled
+    alignas(1024) T bias[kGeneral ? kBiasStages : 1][kGeneral ? kBlockM * kBlockN : 8];  // [stage][panel][kBlockM, 64]
   };
   struct Barriers {
     uint64_t q_full, q_empty;
     uint64_t k_full[kStages], k_empty[kStages], v_full[kStages], v_empty[kStages];
+    uint64_t bias_full[kGeneral ? kBiasStages : 1], bias_empty[kGeneral ? kBiasStages : 1];
   };
   // + 1024: the dynamic shared-memory base is only 16-byte aligned; the kernel rounds it up.
   static constexpr int64_t kSmemBytes = sizeof(Smem) + 1024;
@@ -210,13 +223,25 @@ struct PipeState {
   uint32_t it = 0, q_it = 0;
 };
 
+// General kernel: whether the producer can stage the bias tiles in shared memory with TMA (a
+// rank-4 map [b, h, n_q, n_k] of the bias whose broadcast dims have size 1: coordinate 0). TMA
+// needs a unit key stride, the other strides multiples of 16 bytes (8 elements) and a 16-byte
+// aligned base. A query-broadcast bias stages its one row (row 0 of the tile; the rest reads as
+// zeros). Other bias layouts go to the sm80 forward (sm90_fwd_supported).
+__host__ __device__ __forceinline__ bool bias_staged(const FwdParams& p) {
+  const Strided4& s = p.bias_s;
+  return p.bias && s.k == 1 && s.q >= 0 && s.h >= 0 && s.b >= 0 && s.q % 8 == 0 && s.h % 8 == 0 && s.b % 8 == 0 &&
+         (reinterpret_cast<uintptr_t>(p.bias) & 15) == 0;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Producer: one thread. For each query tile: Q once (after the consumers released the previous
-// tile's Q), then its K and V tiles, last key tile first.
+// tile's Q), then per key tile (last first) its K and V, and in the general kernel its bias tile.
 template <typename T, typename Tr>
 __device__ __forceinline__ void produce_tile(typename Tr::Smem& sm, typename Tr::Barriers& bar,
                                              const CUtensorMap* tm_q, const CUtensorMap* tm_k,
-                                             const CUtensorMap* tm_v, const TileCoord& c, PipeState& ps) {
+                                             const CUtensorMap* tm_v, const CUtensorMap* tm_bias, const FwdParams& p,
+                                             const TileCoord& c, PipeState& ps) {
   using namespace sm90;
   if (c.n_tiles == 0) return;
   const int bi = c.bi, hi = c.hi, kvh = c.kvh;
@@ -235,6 +260,18 @@ __device__ __forceinline__ void produce_tile(typename Tr::Smem& sm, typename Tr:
 #pragma unroll
     for (int pn = 0; pn < Tr::kPanels; ++pn)
       tma_load_4d(sm.k[st] + pn * Tr::kBlockN * Tr::kPanel, tm_k, &bar.k_full[st], pn * Tr::kPanel, j0, kvh, bi);
+    if constexpr (Tr::kGeneral) {
+      if (p.bias) {
+        // Broadcast dims have size 1 in the map: coordinate 0 there.
+        const int bst = ps.it % Tr::kBiasStages;
+        mbarrier_wait(&bar.bias_empty[bst], ((ps.it / Tr::kBiasStages) & 1) ^ 1);
+        mbarrier_arrive_expect_tx(&bar.bias_full[bst], static_cast<uint32_t>(Tr::kBiasStageBytes));
+#pragma unroll
+        for (int pn = 0; pn < Tr::kBlockN / Tr::kPanel; ++pn)
+          tma_load_4d(sm.bias[bst] + pn * Tr::kBlockM * Tr::kPanel, tm_bias, &bar.bias_full[bst], j0 + pn * Tr::kPanel,
+                      p.bias_s.q ? c.i0 : 0, p.bias_s.h ? hi : 0, p.bias_s.b ? bi : 0);
+      }
+    }
     mbarrier_wait(&bar.v_empty[st], parity);
     mbarrier_arrive_expect_tx(&bar.v_full[st], Tr::kKVBytes);
 #pragma unroll
@@ -250,59 +287,72 @@ __device__ __forceinline__ void produce_tile(typename Tr::Smem& sm, typename Tr:
 // issued together, the softmax of S_t runs while P V computes, then O is rescaled and P_t formed.
 // Ping-pong: the issue of each tile's GEMMs is a turn taken in round robin by the consumer
 // warpgroups (named barriers), so one warpgroup's softmax overlaps the others' GEMMs.
-// General kernel: the bias / mask elements of this thread's two rows in one key tile (TileExtras,
-// softmax.cuh), fetched while the S wgmma runs. row: the thread's first row (absolute); col: its
-// first column in the tile (absolute). bias_row / mask_row: the (batch, head) slices, or nullptr;
-// bias_vec: unit key stride, even query stride, 4-byte aligned slice (pairs load as one word).
-// Rows >= n_q and columns >= n_k are not read (their scores are never used or are masked by the
-// key bound).
-template <typename T, int kNS>
-__device__ __forceinline__ void load_extras(TileExtras<kNS>& x, const FwdParams& p, const T* bias_row,
-                                            const uint8_t* mask_row, bool bias_vec, int row, int col, int n_k) {
-#pragma unroll
+// General kernel: keep bits of a bool mask varying along the queries (any broadcast): bit
+// 2 nt + e of keep[h] for column col + 8 nt + e of row row + 8 h (row: the thread's first row,
+// col: its first column, both absolute). One row at a time (16-32 loads in flight), a column pair
+// as one 16-bit load where the key stride is 1 and the row 2-byte aligned. Straight-line code:
+// out-of-range elements (rows >= n_q, columns >= n_k, whose scores are never used or are masked by
+// the key bound) read element 0 of the slice and are dropped by a select, so no per-element branch
+// (and its reconvergence) is emitted: ncu showed a branchy version of this kernel spending a
+// quarter of its samples on instruction fetch and BSYNC.
+template <int kNS>
+__device__ __forceinline__ void load_mask(uint32_t (&keep)[2], const FwdParams& p, const uint8_t* mask_row, int row,
+                                          int col, int n_k) {
+  const int n_q = static_cast<int>(p.n_q);
+  const bool pairs = p.mask_s.k == 1 && p.mask_s.q % 2 == 0 && (reinterpret_cast<uintptr_t>(mask_row) & 1) == 0;
+#pragma unroll 1
   for (int h = 0; h < 2; ++h) {
     const int r = row + 8 * h;
-    const bool row_ok = r < p.n_q;
-    const T* br = bias_row ? bias_row + r * p.bias_s.q : nullptr;
-    const uint8_t* mr = mask_row ? mask_row + r * p.mask_s.q : nullptr;
-    x.keep[h] = 0;
+    const uint8_t* mr = mask_row + (r < n_q ? r : 0) * p.mask_s.q;
+    uint32_t bits = 0;
+    if (pairs) {
 #pragma unroll
-    for (int nt = 0; nt < kNS; ++nt) {
-      const int j = col + 8 * nt;
-      uint32_t v = 0;
-      if (br && row_ok) {
-        if (bias_vec && j + 1 < n_k) {
-          v = *reinterpret_cast<const uint32_t*>(br + j);
-        } else {
-          if (j < n_k) v = bits16(br[j * p.bias_s.k]);
-          if (j + 1 < n_k) v |= bits16(br[(j + 1) * p.bias_s.k]) << 16;
+      for (int nt = 0; nt < kNS; ++nt) {
+        const int j = col + 8 * nt;  // even
+        const bool ok0 = r < n_q && j < n_k, ok1 = r < n_q && j + 1 < n_k;
+        const uint32_t m = *reinterpret_cast<const uint16_t*>(mr + (ok0 ? j : 0));
+        bits |= ((ok0 && (m & 0xffu)) ? 1u : 0u) << (2 * nt);
+        bits |= ((ok1 && (m >> 8)) ? 1u : 0u) << (2 * nt + 1);
+      }
+    } else {
+#pragma unroll
+      for (int nt = 0; nt < kNS; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int j = col + 8 * nt + e;
+          const bool ok = r < n_q && j < n_k;
+          const uint8_t m = mr[(ok ? j : 0) * p.mask_s.k];
+          bits |= (ok && m != 0 ? 1u : 0u) << (2 * nt + e);
         }
-      }
-      x.bias2[nt][h] = v;
-      if (mr && row_ok) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e)
-          if (j + e < n_k && mr[(j + e) * p.mask_s.k]) x.keep[h] |= 1u << (2 * nt + e);
-      }
     }
+    if (h == 0) keep[0] = bits; else keep[1] = bits;
   }
 }
 
 // Raw scores -> log2-domain scores s scale log2(e) + bias log2(e), -inf where the mask hides them
 // (the mask wins over any bias value, NaN included, as on the other paths).
-template <typename T, int kNS>
-__device__ __forceinline__ void apply_extras(float (&s)[kNS][4], const TileExtras<kNS>& x, bool has_bias,
-                                             bool has_mask, float scale_log2) {
+// bias_tile: the staged tile in shared memory (layout in consume_tile), or nullptr; bcast: it holds
+// one row (a query-broadcast bias); wrow: this warp's first row in the tile.
+template <typename T, int kBlockM, int kNS>
+__device__ __forceinline__ void apply_extras(float (&s)[kNS][4], const uint32_t (&keep)[2],
+                                             const unsigned char* bias_tile, bool bcast, int wrow, bool has_mask,
+                                             float scale_log2) {
+  const float kNegInf = -__int_as_float(0x7f800000);
+  const int lane = threadIdx.x % 32, sw = bcast ? 0 : lane / 4;
+  const unsigned char* src = bias_tile + (bcast ? 0 : (wrow + lane / 4) * 128) + 4 * (lane % 4);
 #pragma unroll
   for (int nt = 0; nt < kNS; ++nt)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const float2 b = has_bias ? unpack2<T>(x.bias2[nt][h]) : make_float2(0.f, 0.f);
+      float2 b = make_float2(0.f, 0.f);
+      if (bias_tile)
+        b = unpack2<T>(*reinterpret_cast<const uint32_t*>(src + (nt / 8) * kBlockM * 128 + (bcast ? 0 : 8 * h * 128) +
+                                                          (((nt % 8) ^ sw) << 4)));
       s[nt][2 * h] = fmaf(s[nt][2 * h], scale_log2, b.x * kLog2e);
       s[nt][2 * h + 1] = fmaf(s[nt][2 * h + 1], scale_log2, b.y * kLog2e);
       if (has_mask) {
-        if (!((x.keep[h] >> (2 * nt)) & 1)) s[nt][2 * h] = -__int_as_float(0x7f800000);
-        if (!((x.keep[h] >> (2 * nt + 1)) & 1)) s[nt][2 * h + 1] = -__int_as_float(0x7f800000);
+        s[nt][2 * h] = (keep[h] >> (2 * nt)) & 1 ? s[nt][2 * h] : kNegInf;
+        s[nt][2 * h + 1] = (keep[h] >> (2 * nt + 1)) & 1 ? s[nt][2 * h + 1] : kNegInf;
       }
     }
 }
@@ -324,23 +374,19 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
   const int n_tiles = c.n_tiles;
 
   // General kernel (bias / any mask / dropout): the scores reach the softmax in the log2 domain
-  // already (softmax scale 1), from raw q.k, the bias and the mask (load_extras / apply_extras).
+  // already (softmax scale 1), from raw q.k, the staged bias and the mask (load_mask, apply_extras).
   // Dropout: P of each tile (its row sums already taken whole) loses its dropped elements before
   // P V, and the output is scaled by 1 / (1 - p) at the end: the Philox words of every other path.
   Dropout drop;
   uint64_t drop_bh = 0;
-  const T* bias_row = nullptr;
+  const bool has_bias = kGeneral && p.bias;
   const uint8_t* mask_row = nullptr;
-  bool bias_vec = false;
   float softmax_scale = scale_log2;
   if constexpr (kGeneral) {
     drop.init(p);
     drop_bh = static_cast<uint64_t>(c.bi) * p.h + c.hi;
-    if (p.bias) {
-      bias_row = static_cast<const T*>(p.bias) + c.bi * p.bias_s.b + c.hi * p.bias_s.h;
-      bias_vec = p.bias_s.k == 1 && p.bias_s.q % 2 == 0 && (reinterpret_cast<uintptr_t>(bias_row) & 3) == 0;
-    }
-    if (p.mask) mask_row = p.mask + c.bi * p.mask_s.b + c.hi * p.mask_s.h;
+    // A mask varying along the queries (a key mask takes the plain kernel's key_keep below).
+    if (p.mask && p.mask_s.q != 0 && p.n_q > 1) mask_row = p.mask + c.bi * p.mask_s.b + c.hi * p.mask_s.h;
     softmax_scale = 1.f;
   }
   SplitSoftmax softmax;
@@ -356,7 +402,7 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
     // bit 2 nt + e of key_keep(t) is column 8 nt + 2 (lane % 4) + e of key tile t, the columns this
     // thread holds in both of its rows. Loaded after the S wgmma is issued, used after it is done.
     static_assert(2 * kNS <= 32, "key mask bits: one 32-bit word per thread");
-    const uint8_t* key_mask = !kGeneral && p.mask ? p.mask + c.bi * p.mask_s.b + c.hi * p.mask_s.h : nullptr;
+    const uint8_t* key_mask = p.mask && !mask_row ? p.mask + c.bi * p.mask_s.b + c.hi * p.mask_s.h : nullptr;
     auto key_keep = [&](int t) -> uint32_t {
       if (!key_mask) return ~0u;
       if constexpr (kKeyMaskBallot) {
@@ -414,15 +460,31 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
           }
       }
     };
-    // General kernel: bias / mask elements of key tile t, fetched while its S wgmma runs.
-    TileExtras<kNS> extras;
-    auto fetch_extras = [&](int t) {
-      if constexpr (kGeneral)
-        load_extras<T>(extras, p, bias_row, mask_row, bias_vec, row0 + lane / 4,
-                       (n_tiles - 1 - t) * Tr::kBlockN + 2 * (lane % 4), n_k);
-    };
-    auto use_extras = [&](float (&s)[kNS][4]) {
-      if constexpr (kGeneral) apply_extras<T>(s, extras, bias_row != nullptr, mask_row != nullptr, scale_log2);
+    // General kernel: bias / mask elements of key tile t (K/V use `use`), fetched while its S
+    // wgmma runs; a staged bias from its ring stage (the stage is released once read).
+    // General kernel: the scores of key tile t (K/V use `use`) once its S wgmma retired. The
+    // staged bias tile is read from its ring stage as it is added, then the stage is released; the
+    // bits of a mask varying along the queries are loaded here too. (Fetched while the wgmma ran,
+    // their 32-64 registers next to S, O and P made ptxas spill 250-500 bytes.)
+    // Bias tile layout: row r, column c at panel c / 64, row r's 128 bytes, 16-byte chunk
+    // (c % 64) / 8 XOR r % 8. This thread's rows are lane / 4 (+ 8) past a multiple of 8 (a
+    // query-broadcast bias: row 0 for both); 8 rows x 4 columns of a read hit 32 banks.
+    auto use_extras = [&](float (&s)[kNS][4], int t, uint32_t use) {
+      if constexpr (kGeneral) {
+        uint32_t bits[2] = {~0u, ~0u};
+        if (mask_row)
+          load_mask<kNS>(bits, p, mask_row, row0 + lane / 4, (n_tiles - 1 - t) * Tr::kBlockN + 2 * (lane % 4), n_k);
+        const unsigned char* bias_tile = nullptr;
+        int bst = 0;
+        if (has_bias) {
+          bst = use % Tr::kBiasStages;
+          mbarrier_wait(&bar.bias_full[bst], (use / Tr::kBiasStages) & 1);
+          bias_tile = reinterpret_cast<const unsigned char*>(sm.bias[bst]);
+        }
+        apply_extras<T, Tr::kBlockM>(s, bits, bias_tile, p.bias_s.q == 0, 64 * cw + 16 * warp, mask_row != nullptr,
+                                     scale_log2);
+        if (has_bias) mbarrier_arrive(&bar.bias_empty[bst]);
+      }
     };
     // Ping-pong turns: wait for this warpgroup's turn / hand the turn to the next one. Per tile each
     // warpgroup takes n_tiles + 1 turns; the last warpgroup hands warpgroup 0 its first turn and
@@ -457,12 +519,11 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
     wgmma_commit_group();
     turn_end();
     uint32_t keep = key_keep(0);
-    fetch_extras(0);
     wgmma_wait_group<0>();
     fence_regs(s);
     if (lane == 0) mbarrier_arrive(&bar.k_empty[stage(it)]);
     release_q(0);
-    use_extras(s);
+    use_extras(s, 0, it);
     mask(s, 0, keep);
     {
       float alpha[2];
@@ -487,12 +548,11 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
       wgmma_commit_group();
       turn_end();
       keep = key_keep(t);
-      fetch_extras(t);
       wgmma_wait_group<1>();  // S done; P V may still run
       fence_regs(s);
       if (lane == 0) mbarrier_arrive(&bar.k_empty[stage(cur)]);
       release_q(t);
-      use_extras(s);
+      use_extras(s, t, cur);
       mask(s, t, keep);
       float alpha[2];
       softmax.scores(s, softmax_scale, alpha);
@@ -551,6 +611,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     sm90_fwd_kernel(const __grid_constant__ CUtensorMap tm_q,  // [b, h, n_q, d] box [kBlockM, 64]
                     const __grid_constant__ CUtensorMap tm_k,  // [b, h_kv, n_k, d] box [kBlockN, 64]
                     const __grid_constant__ CUtensorMap tm_v,  // [b, h_kv, n_k, d] box [kBlockN, 64]
+                    const __grid_constant__ CUtensorMap tm_bias,  // general: [b, h, n_q, n_k] box [kBlockM, 64]
                     const FwdParams p) {
 #if FLASH_MHA_SM90_ENABLED
   using namespace sm90;
@@ -572,6 +633,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       mbarrier_init(&bar.k_empty[s], 4 * Tr::kConsumers);
       mbarrier_init(&bar.v_empty[s], 4 * Tr::kConsumers);
     }
+    for (int s = 0; s < Tr::kBiasStages; ++s) {
+      mbarrier_init(&bar.bias_full[s], 1);
+      mbarrier_init(&bar.bias_empty[s], 128 * Tr::kConsumers);  // every consumer thread reads it
+    }
     fence_barrier_init();
   }
   __syncthreads();
@@ -587,7 +652,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         int bh, qb_hi, qb_lo;
         const int n = work.tiles(u, bh, qb_hi, qb_lo);
         for (int i = 0; i < n; ++i)
-          produce_tile<T, Tr>(sm, bar, &tm_q, &tm_k, &tm_v,
+          produce_tile<T, Tr>(sm, bar, &tm_q, &tm_k, &tm_v, &tm_bias, p,
                               TileCoord(p, bh, i == 0 ? qb_hi : qb_lo, Tr::kBlockM, Tr::kBlockN), ps);
       }
     }
@@ -618,18 +683,25 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 // Returns false (nothing launched) when a tensor map cannot be built.
 template <typename T, int kD, int kBlockN, int kConsumers, bool kPingPong, bool kPersistent, bool kGeneral = false>
 bool launch(const FwdParams& p, cudaStream_t stream) {
-  using Tr = Sm90FwdTraits<T, kD, kBlockN, kConsumers, kPingPong, kPersistent>;
-  CUtensorMap tq, tk, tv;
+  using Tr = Sm90FwdTraits<T, kD, kBlockN, kConsumers, kPingPong, kPersistent, kGeneral>;
+  CUtensorMap tq, tk, tv, tb{};
   if (!make_map(&tq, p.dtype, p.q, p.b, p.h, p.n_q, p.d, p.q_sb, p.q_sh, p.q_sn, Tr::kBlockM) ||
       !make_map(&tk, p.dtype, p.k, p.b, p.h_kv, p.n_k, p.d, p.k_sb, p.k_sh, p.k_sn, Tr::kBlockN) ||
       !make_map(&tv, p.dtype, p.v, p.b, p.h_kv, p.n_k, p.d_v, p.v_sb, p.v_sh, p.v_sn, Tr::kBlockN))
     return false;
+  // The bias map: broadcast dims (stride 0) have size 1; the key dim plays the role of d.
+  if (kGeneral && p.bias) {
+    const Strided4& s = p.bias_s;
+    if (!make_map(&tb, p.dtype, p.bias, s.b ? p.b : 1, s.h ? p.h : 1, s.q ? p.n_q : 1, p.n_k, s.b, s.h, s.q,
+                  Tr::kBlockM))
+      return false;
+  }
   const int64_t units = WorkList(p, Tr::kBlockM, kPersistent).units;
   const int64_t blocks = kPersistent ? imin(units, sm_count()) : units;
   if (blocks == 0) return true;
   auto kernel = sm90_fwd_kernel<T, Tr, kGeneral>;
   allow_smem(kernel, Tr::kSmemBytes);
-  kernel<<<static_cast<unsigned>(blocks), Tr::kThreads, Tr::kSmemBytes, stream>>>(tq, tk, tv, p);
+  kernel<<<static_cast<unsigned>(blocks), Tr::kThreads, Tr::kSmemBytes, stream>>>(tq, tk, tv, tb, p);
   return true;
 }
 
@@ -676,6 +748,7 @@ bool sm90_fwd_supported(const FwdParams& p) {
   // Without the general kernel: no bias or dropout, and a mask only when it is constant along the
   // queries (key padding: bits per key tile in the plain kernel).
   if (!kSm90FwdGeneral && needs_general(p)) return false;
+  if (p.bias && !bias_staged(p)) return false;  // the bias tiles come by TMA
   // The softmax takes the row maximum of the unscaled scores, then scales it by scale * log2(e) in
   // float: a scale near float's range could turn a finite maximum into +inf and make the row look
   // empty (zeros, lse = +inf). Such scales go to the portable path.
