@@ -76,6 +76,19 @@ __device__ __forceinline__ void red_add_f32(float* p, float v) {
   asm volatile("red.global.add.f32 [%0], %1;\n" ::"l"(p), "f"(v) : "memory");
 }
 
+// Predicated forms (the store / reduction happens iff pred): straight-line code where a C++ `if`
+// around each element made the compiler branch and reconverge per element (sm90_bwd.cu: dbias).
+__device__ __forceinline__ void red_add_f32_if(bool pred, float* p, float v) {
+  asm volatile("{\n .reg .pred q;\n setp.ne.b32 q, %2, 0;\n @q red.global.add.f32 [%0], %1;\n}\n" ::"l"(p), "f"(v),
+               "r"(static_cast<int>(pred))
+               : "memory");
+}
+__device__ __forceinline__ void st_b16_if(bool pred, void* p, uint16_t v) {
+  asm volatile("{\n .reg .pred q;\n setp.ne.b32 q, %2, 0;\n @q st.global.b16 [%0], %1;\n}\n" ::"l"(p), "h"(v),
+               "r"(static_cast<int>(pred))
+               : "memory");
+}
+
 // red.global.add.v2.f32 (sm_90+): p[0] += a, p[1] += b in one 8-byte reduction (p 8-byte aligned);
 // two red.global.add.f32 before sm_90.
 __device__ __forceinline__ void red_add_v2_f32(float* p, float a, float b) {

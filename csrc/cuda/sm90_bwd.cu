@@ -390,27 +390,45 @@ __device__ __forceinline__ void issue_dq(float (&acc)[8][4], uint32_t a_base, ui
 
 // General kernel, per tile: the bias^T / mask elements of this thread's key rows key0 + lane / 4
 // (+ 8) and query columns i0 + 8 nt + 2 (lane % 4) (+ 1) (bias2[nt][h]: the T pair of the two
-// queries, keep[h] bit 2 nt + e), fetched while the S^T / dP^T wgmmas run. Keys >= n_k and
-// queries >= n_q are not read (their P^T is 0 by the key bound and lse2 = +inf).
+// queries, keep[h] bit 2 nt + e), fetched while the S^T / dP^T wgmmas run. Straight-line code:
+// keys >= n_k and queries >= n_q (whose P^T is 0 by the key bound and lse2 = +inf) read element 0
+// of the slice and are dropped by a select, so no per-element branch (and its reconvergence) is
+// emitted (the forward's general kernel lost a quarter of its time to those, ncu).
 template <typename T, int kNS>
 __device__ __forceinline__ void load_extras_keyrows(TileExtras<kNS>& x, const BwdParams& p, const T* bias_bh,
                                                     const uint8_t* mask_bh, int key, int query, int n_k) {
+  const int n_q = static_cast<int>(p.n_q);
+  if (bias_bh) {
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int j = key + 8 * h;
-    const bool key_ok = j < n_k;
-    x.keep[h] = 0;
+    for (int h = 0; h < 2; ++h) {
+      const int j = key + 8 * h;
+      const T* bk = bias_bh + (j < n_k ? j : 0) * p.bias_s.k;
 #pragma unroll
-    for (int nt = 0; nt < kNS; ++nt) {
-      uint32_t v = 0;
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int i = query + 8 * nt + e;
-        if (!key_ok || i >= p.n_q) continue;
-        if (bias_bh) v |= bits16(bias_bh[i * p.bias_s.q + j * p.bias_s.k]) << (16 * e);
-        if (mask_bh && mask_bh[i * p.mask_s.q + j * p.mask_s.k]) x.keep[h] |= 1u << (2 * nt + e);
+      for (int nt = 0; nt < kNS; ++nt) {
+        const int i = query + 8 * nt;
+        const bool ok0 = j < n_k && i < n_q, ok1 = j < n_k && i + 1 < n_q;
+        const uint32_t lo = bits16(bk[(ok0 ? i : 0) * p.bias_s.q]);
+        const uint32_t hi = bits16(bk[(ok1 ? i + 1 : 0) * p.bias_s.q]);
+        x.bias2[nt][h] = (ok0 ? lo : 0u) | (ok1 ? hi << 16 : 0u);
       }
-      x.bias2[nt][h] = v;
+    }
+  }
+  if (mask_bh) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int j = key + 8 * h;
+      const uint8_t* mk = mask_bh + (j < n_k ? j : 0) * p.mask_s.k;
+      uint32_t bits = 0;
+#pragma unroll
+      for (int nt = 0; nt < kNS; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int i = query + 8 * nt + e;
+          const bool ok = j < n_k && i < n_q;
+          const uint8_t m = mk[(ok ? i : 0) * p.mask_s.q];
+          bits |= (ok && m != 0 ? 1u : 0u) << (2 * nt + e);
+        }
+      x.keep[h] = bits;
     }
   }
 }
@@ -516,7 +534,7 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
           const int r = frag_row(lane, e);
           if (check && (r - (c + e % 2) > diag || r >= key_limit)) x = -__int_as_float(0x7f800000);
           if constexpr (kGeneral) {
-            if (has_mask && !((extras.keep[e / 2] >> (2 * nt + e % 2)) & 1)) x = -__int_as_float(0x7f800000);
+            if (has_mask) x = (extras.keep[e / 2] >> (2 * nt + e % 2)) & 1 ? x : -__int_as_float(0x7f800000);
           }
           s[nt][e] = ex2_approx(x);  // 2^-inf = 0 (masked, or lse2 = +inf)
         }
@@ -556,22 +574,29 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
           acc_to_a<T>(pa[kk], s, kk);
           acc_to_a<T>(dsa[kk], dp, kk);
         }
-        // dbias += dS (element (query i, key j) of this tile; the scores' gradient, unscaled).
+        // dbias += dS (element (query i, key j) of this tile; the scores' gradient, unscaled). One
+        // loop per destination kind, a predicated store per element (no per-element branch).
         if (p.dbias) {
+          const Strided4& ds = p.dbias_s;
+          const int64_t base = w.bi * ds.b + hi * ds.h;
+          const int n_q = static_cast<int>(p.n_q);
+          auto for_each = [&](auto&& op) {
 #pragma unroll
-          for (int nt = 0; nt < kNS; ++nt)
+            for (int nt = 0; nt < kNS; ++nt)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int i = i0 + frag_col(lane, nt, e), j = key0 + frag_row(lane, e);
-              if (i >= p.n_q || j >= n_k) continue;
-              const int64_t off = offset4(p.dbias_s, w.bi, hi, i, j);
-              if (dbias_direct)
-                static_cast<T*>(p.dbias)[off] = from_acc<T>(dp[nt][e]);
-              else if (dbias_atomic)
-                red_add_f32(dbias_acc + off, dp[nt][e]);
-              else
-                dbias_acc[off] += dp[nt][e];
-            }
+              for (int e = 0; e < 4; ++e) {
+                const int i = i0 + frag_col(lane, nt, e), j = key0 + frag_row(lane, e);
+                op(i < n_q && j < n_k, base + i * ds.q + j * ds.k, dp[nt][e]);
+              }
+          };
+          // The accumulator: atomics where blocks share an element; where one thread walks a GQA
+          // group's heads, its own reductions to one address apply in program order.
+          if (dbias_direct)
+            for_each([&](bool ok, int64_t off, float g) {
+              st_b16_if(ok, static_cast<T*>(p.dbias) + off, static_cast<uint16_t>(bits16(from_acc<T>(g))));
+            });
+          else
+            for_each([&](bool ok, int64_t off, float g) { red_add_f32_if(ok, dbias_acc + off, g); });
         }
       } else {
 #pragma unroll
