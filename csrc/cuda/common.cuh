@@ -91,6 +91,18 @@ struct Dropout {
   __device__ __forceinline__ bool keep(uint32_t word) const { return word >= threshold; }
 };
 
+// Whether the Hopper kernels can stage the bias tiles in shared memory with TMA (a rank-4 map
+// [b, h, n_q, n_k] of the bias whose broadcast dims have size 1, read at coordinate 0; a
+// query-broadcast bias is a map of one row, read at row 0). TMA needs a unit key stride, the other
+// strides multiples of 16 bytes (8 elements) and a 16-byte aligned base. The sm90 forward sends
+// other bias layouts to sm80; the sm90 backward stages at d = 128 only (d = 64 has no shared
+// memory left) and sends them to sm80 there too. Host and device decide alike.
+__host__ __device__ inline bool bias_tma_ok(const FwdParams& p) {
+  const Strided4& s = p.bias_s;
+  return p.bias && s.k == 1 && s.q >= 0 && s.h >= 0 && s.b >= 0 && s.q % 8 == 0 && s.h % 8 == 0 && s.b % 8 == 0 &&
+         (reinterpret_cast<uintptr_t>(p.bias) & 15) == 0;
+}
+
 // dbias (the backward's bias gradient, strides dbias_s: 0 along the bias's broadcast dims).
 // Whether some element is reached by more than one (block, iteration, thread) of a backward whose
 // blocks own (batch, kv head, key block) and walk the query heads of their group.

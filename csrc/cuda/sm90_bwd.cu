@@ -72,7 +72,7 @@ inline bool use_persistent(const BwdParams& p) {
   return p.d == 64 && (p.causal == Causal::kNone || p.n_k <= 4096);
 }
 
-template <typename T, int kD_>
+template <typename T, int kD_, bool kGeneral_ = false>
 struct Sm90BwdTraits {
   static constexpr int kD = kD_;                     // d == d_v
   static constexpr int kBlockN = 128;                // keys per block: 64 per consumer warpgroup
@@ -111,7 +111,14 @@ struct Sm90BwdTraits {
   static constexpr int kStages = kFitStages < 3 ? kFitStages : 3;
   static_assert(kStages >= 2, "need a double-buffered Q / dO ring");
 
-  struct Smem {
+  // General kernel at d = 128: the bias tile [kBlockM queries, kBlockN keys] of each iteration
+  // rides in its ring stage (TMA, 2 panels of [kBlockM, 64] keys, 128-byte swizzle; the stage's
+  // full barrier counts its bytes). 2 x 16 KiB fit next to the rest; at d = 64 (32 KiB a tile)
+  // they do not, and the consumers load the bias elements themselves.
+  static constexpr bool kStageBias = kGeneral_ && kD == 128;
+  static constexpr uint32_t kBiasBytes = kStageBias ? kBlockM * kBlockN * sizeof(T) : 0;
+
+  struct SmemPlain {
     alignas(1024) T k[kBlockN * kD];                 // [kPanels][kBlockN, 64] swizzled
     alignas(1024) T v[kBlockN * kD];                 // [kPanels][kBlockN, 64] swizzled
     alignas(1024) T q[kStages][kBlockM * kD];        // [stage][kPanels][kBlockM, 64] swizzled
@@ -121,6 +128,10 @@ struct Sm90BwdTraits {
     alignas(16) float dsum[kStages][kBlockM];        // [stage][query] D
     alignas(128) float dq[kDqTileFloats];            // dQ tile staging, fragment order (convert kernel)
   };
+  struct SmemBias : SmemPlain {
+    alignas(1024) T bias[kStages][kBlockM * kBlockN];  // [stage][2][kBlockM, 64] swizzled
+  };
+  using Smem = std::conditional_t<kStageBias, SmemBias, SmemPlain>;
   struct Barriers {
     uint64_t kv_full;
     uint64_t full[kStages], empty[kStages];
@@ -308,7 +319,7 @@ template <typename T, typename Tr, bool kPersistent>
 __device__ __forceinline__ void produce(typename Tr::Smem& sm, typename Tr::Barriers& bar, const BwdParams& p,
                                         const Sm90BwdWorkspace& ws, const BlockWork& w, int tile, int kv,
                                         const CUtensorMap* tm_q, const CUtensorMap* tm_k, const CUtensorMap* tm_v,
-                                        const CUtensorMap* tm_do) {
+                                        const CUtensorMap* tm_do, const CUtensorMap* tm_bias) {
   using namespace sm90;
   if (w.n_iters == 0) return;  // nothing loaded: the consumers only write zeros
   // The consumers are done with the previous item's K / V (for_each_item: kv_empty phase kv - 1).
@@ -326,11 +337,21 @@ __device__ __forceinline__ void produce(typename Tr::Smem& sm, typename Tr::Barr
     int hi, i0;
     w.at(n, Tr::kBlockM, hi, i0);
     mbarrier_wait(&bar.empty[st], parity);
-    mbarrier_arrive_expect_tx(&bar.full[st], Tr::kStageBytes);
+    const bool bias_tile = Tr::kStageBias && p.bias;
+    mbarrier_arrive_expect_tx(&bar.full[st], Tr::kStageBytes + (bias_tile ? Tr::kBiasBytes : 0));
 #pragma unroll
     for (int pn = 0; pn < Tr::kPanels; ++pn) {
       tma_load_4d(sm.q[st] + pn * Tr::kBlockM * Tr::kPanel, tm_q, &bar.full[st], pn * Tr::kPanel, i0, hi, w.bi);
       tma_load_4d(sm.dout[st] + pn * Tr::kBlockM * Tr::kPanel, tm_do, &bar.full[st], pn * Tr::kPanel, i0, hi, w.bi);
+    }
+    if constexpr (Tr::kStageBias) {
+      // Broadcast dims have size 1 in the bias map: coordinate 0 there.
+      if (bias_tile) {
+#pragma unroll
+        for (int pn = 0; pn < Tr::kBlockN / Tr::kPanel; ++pn)
+          tma_load_4d(sm.bias[st] + pn * Tr::kBlockM * Tr::kPanel, tm_bias, &bar.full[st], w.j0 + pn * Tr::kPanel,
+                      p.bias_s.q ? i0 : 0, p.bias_s.h ? hi : 0, p.bias_s.b ? w.bi : 0);
+      }
     }
     const int64_t row = (int64_t{w.bi} * p.h + hi) * ws.n_q_pad + i0;  // 16-byte aligned: n_q_pad % 128 == 0
     bulk_load(sm.lse2[st], ws.lse2 + row, Tr::kRowBytes, &bar.full[st]);
@@ -504,7 +525,8 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
       if constexpr (kGeneral) {
         const T* bias_bh = p.bias ? static_cast<const T*>(p.bias) + w.bi * p.bias_s.b + hi * p.bias_s.h : nullptr;
         const uint8_t* mask_bh = p.mask ? p.mask + w.bi * p.mask_s.b + hi * p.mask_s.h : nullptr;
-        load_extras_keyrows<T>(extras, p, bias_bh, mask_bh, key0 + lane / 4, i0 + 2 * (lane % 4), n_k);
+        load_extras_keyrows<T>(extras, p, Tr::kStageBias ? nullptr : bias_bh, mask_bh, key0 + lane / 4,
+                               i0 + 2 * (lane % 4), n_k);
       }
       wgmma_wait_group<1>();
       fence_regs(s);
@@ -518,6 +540,7 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
       // General kernel: plus bias^T log2(e), and -inf where the mask hides the element (whatever
       // the bias holds); both compile away in the other kernels.
       const bool has_bias = kGeneral && p.bias != nullptr, has_mask = kGeneral && p.mask != nullptr;
+      const bool bias_bcast = p.bias_s.q == 0;
 #pragma unroll
       for (int nt = 0; nt < kNS; ++nt) {
         const int c = 8 * nt + 2 * (lane % 4);
@@ -527,8 +550,22 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
           float x = fmaf(s[nt][e], scale_log2, -(e % 2 ? l2.y : l2.x));
           if constexpr (kGeneral) {
             if (has_bias) {
-              const float2 b = unpack2<T>(extras.bias2[nt][e / 2]);
-              x = fmaf(e % 2 ? b.y : b.x, kLog2e, x);
+              float b;
+              if constexpr (Tr::kStageBias) {
+                // Query r = 8 nt + 2 (lane % 4) + e % 2 of the tile (0 for a query-broadcast bias),
+                // key c = 64 cw + 16 warp + lane / 4 + 8 (e / 2): panel cw, 16-byte chunk
+                // (2 warp + e / 2) XOR r % 8, byte 2 (lane / 4). A read's 32 lanes: 4 rows x one
+                // chunk each (distinct chunks), 8 keys of a chunk: no bank conflict.
+                const int r = bias_bcast ? 0 : 8 * nt + 2 * (lane % 4) + e % 2;
+                const T* bt = reinterpret_cast<const T*>(
+                    reinterpret_cast<const unsigned char*>(sm.bias[st]) + cw * Tr::kBlockM * 128 + r * 128 +
+                    (((2 * warp + e / 2) ^ (r % 8)) << 4) + 2 * (lane / 4));
+                b = to_acc<float>(*bt);
+              } else {
+                const float2 b2 = unpack2<T>(extras.bias2[nt][e / 2]);
+                b = e % 2 ? b2.y : b2.x;
+              }
+              x = fmaf(b, kLog2e, x);
             }
           }
           const int r = frag_row(lane, e);
@@ -696,6 +733,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
                     const __grid_constant__ CUtensorMap tm_k,   // [b, h_kv, n_k, d] box [kBlockN, 64]
                     const __grid_constant__ CUtensorMap tm_v,   // [b, h_kv, n_k, d] box [kBlockN, 64]
                     const __grid_constant__ CUtensorMap tm_do,  // [b, h, n_q, d] box [kBlockM, 64]
+                    const __grid_constant__ CUtensorMap tm_bias,  // kStageBias: [b, h, n_q, n_k] box [kBlockM, 64]
                     const BwdParams p, const Sm90BwdWorkspace ws,
                     const __grid_constant__ ItemGrid grid) {  // persistent kernel only
 #if FLASH_MHA_SM90_ENABLED
@@ -727,7 +765,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       tma_prefetch_desc(&tm_v);
       tma_prefetch_desc(&tm_do);
       for_each_item<kPersistent>(p, grid, first, Tr::kBlockM, Tr::kBlockN, [&](const BlockWork& w, int tile, int kv) {
-        produce<T, Tr, kPersistent>(sm, bar, p, ws, w, tile, kv, &tm_q, &tm_k, &tm_v, &tm_do);
+        produce<T, Tr, kPersistent>(sm, bar, p, ws, w, tile, kv, &tm_q, &tm_k, &tm_v, &tm_do, &tm_bias);
       });
     } else if (threadIdx.x / 32 == 1) {
       for_each_item<kPersistent>(p, grid, first, Tr::kBlockM, Tr::kBlockN,
@@ -751,12 +789,20 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 template <typename T, int kD>
 bool launch(const BwdParams& p, void* workspace, cudaStream_t stream, int persistent_ctas) {
   using Tr = Sm90BwdTraits<T, kD>;
-  CUtensorMap tq, tk, tv, tdo;
+  using TrG = Sm90BwdTraits<T, kD, true>;  // the general kernel's (bias ring at d = 128)
+  CUtensorMap tq, tk, tv, tdo, tb{};
   if (!make_map(&tq, p.dtype, p.q, p.b, p.h, p.n_q, p.d, p.q_sb, p.q_sh, p.q_sn, Tr::kBlockM) ||
       !make_map(&tk, p.dtype, p.k, p.b, p.h_kv, p.n_k, p.d, p.k_sb, p.k_sh, p.k_sn, Tr::kBlockN) ||
       !make_map(&tv, p.dtype, p.v, p.b, p.h_kv, p.n_k, p.d_v, p.v_sb, p.v_sh, p.v_sn, Tr::kBlockN) ||
       !make_map(&tdo, p.dtype, p.dout, p.b, p.h, p.n_q, p.d_v, p.do_sb, p.do_sh, p.do_sn, Tr::kBlockM))
     return false;
+  const bool general = kSm90BwdGeneral && needs_general(p);
+  if (general && TrG::kStageBias && p.bias) {  // broadcast dims (stride 0) have size 1
+    const Strided4& s = p.bias_s;
+    if (!make_map(&tb, p.dtype, p.bias, s.b ? p.b : 1, s.h ? p.h : 1, s.q ? p.n_q : 1, p.n_k, s.b, s.h, s.q,
+                  TrG::kBlockM))
+      return false;
+  }
   const Sm90BwdWorkspace ws(p, workspace);
   // General kernel, a dbias stored directly: causal tiles no iteration visits must read 0.
   if (kSm90BwdGeneral && p.dbias && dbias_once(p))
@@ -766,17 +812,19 @@ bool launch(const BwdParams& p, void* workspace, cudaStream_t stream, int persis
   const int64_t blocks = p.b * p.h_kv * ceil_div(p.n_k, Tr::kBlockN);  // work items
   if (blocks > 0) {
     const ItemGrid grid(p, Tr::kBlockM, Tr::kBlockN);
-    auto run = [&](auto kernel, int64_t n_blocks) {
-      allow_smem(kernel, Tr::kSmemBytes);
-      kernel<<<static_cast<unsigned>(n_blocks), Tr::kThreads, Tr::kSmemBytes, stream>>>(tq, tk, tv, tdo, p, ws, grid);
+    auto run = [&](auto kernel, int64_t n_blocks, int64_t smem_bytes) {
+      allow_smem(kernel, smem_bytes);
+      kernel<<<static_cast<unsigned>(n_blocks), Tr::kThreads, smem_bytes, stream>>>(tq, tk, tv, tdo, tb, p, ws, grid);
     };
     const int64_t ctas = std::min<int64_t>(blocks, std::min(sm_count(), persistent_ctas));
-    if (kSm90BwdGeneral && needs_general(p)) {  // one block per item
-      if constexpr (kSm90BwdGeneral) run(sm90_bwd_kernel<T, Tr, false, true, false>, blocks);
+    if (general) {  // one block per item
+      if constexpr (kSm90BwdGeneral) run(sm90_bwd_kernel<T, TrG, false, true, false>, blocks, TrG::kSmemBytes);
     } else if (persistent_ctas > 0) {
-      run(p.mask ? sm90_bwd_kernel<T, Tr, true, false, true> : sm90_bwd_kernel<T, Tr, true, false, false>, ctas);
+      run(p.mask ? sm90_bwd_kernel<T, Tr, true, false, true> : sm90_bwd_kernel<T, Tr, true, false, false>, ctas,
+          Tr::kSmemBytes);
     } else {
-      run(p.mask ? sm90_bwd_kernel<T, Tr, false, false, true> : sm90_bwd_kernel<T, Tr, false, false, false>, blocks);
+      run(p.mask ? sm90_bwd_kernel<T, Tr, false, false, true> : sm90_bwd_kernel<T, Tr, false, false, false>, blocks,
+          Tr::kSmemBytes);
     }
   }
   const int64_t n4 = p.b * p.h * ws.n_qt * (kDqTileFloats / 4);
@@ -818,6 +866,7 @@ bool sm90_bwd_supported(const BwdParams& p) {
   if (p.deterministic) return false;
   if (p.d != p.d_v || (p.d != 64 && p.d != 128)) return false;
   if (!kSm90BwdGeneral && needs_general(p)) return false;  // else a key mask at most
+  if (p.d == 128 && p.bias && !bias_tma_ok(p)) return false;  // d = 128 stages the bias tiles by TMA
   if (p.h_kv <= 0 || p.h % p.h_kv) return false;
   constexpr int64_t kMaxCoord = (int64_t{1} << 30);
   if (p.n_q > kMaxCoord || p.n_k > kMaxCoord || p.b * p.h > kMaxCoord / 2 ||

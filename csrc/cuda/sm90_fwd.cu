@@ -223,17 +223,6 @@ struct PipeState {
   uint32_t it = 0, q_it = 0;
 };
 
-// General kernel: whether the producer can stage the bias tiles in shared memory with TMA (a
-// rank-4 map [b, h, n_q, n_k] of the bias whose broadcast dims have size 1: coordinate 0). TMA
-// needs a unit key stride, the other strides multiples of 16 bytes (8 elements) and a 16-byte
-// aligned base. A query-broadcast bias stages its one row (row 0 of the tile; the rest reads as
-// zeros). Other bias layouts go to the sm80 forward (sm90_fwd_supported).
-__host__ __device__ __forceinline__ bool bias_staged(const FwdParams& p) {
-  const Strided4& s = p.bias_s;
-  return p.bias && s.k == 1 && s.q >= 0 && s.h >= 0 && s.b >= 0 && s.q % 8 == 0 && s.h % 8 == 0 && s.b % 8 == 0 &&
-         (reinterpret_cast<uintptr_t>(p.bias) & 15) == 0;
-}
-
 // ---------------------------------------------------------------------------------------------
 // Producer: one thread. For each query tile: Q once (after the consumers released the previous
 // tile's Q), then per key tile (last first) its K and V, and in the general kernel its bias tile.
@@ -748,7 +737,7 @@ bool sm90_fwd_supported(const FwdParams& p) {
   // Without the general kernel: no bias or dropout, and a mask only when it is constant along the
   // queries (key padding: bits per key tile in the plain kernel).
   if (!kSm90FwdGeneral && needs_general(p)) return false;
-  if (p.bias && !bias_staged(p)) return false;  // the bias tiles come by TMA
+  if (p.bias && !bias_tma_ok(p)) return false;  // the bias tiles come by TMA
   // The softmax takes the row maximum of the unscaled scores, then scales it by scale * log2(e) in
   // float: a scale near float's range could turn a finite maximum into +inf and make the row look
   // empty (zeros, lse = +inf). Such scales go to the portable path.
