@@ -346,7 +346,7 @@ __device__ __forceinline__ void apply_extras(float (&s)[kNS][4], const uint32_t 
     }
 }
 
-template <typename T, typename Tr, bool kGeneral>
+template <typename T, typename Tr, bool kGeneral, bool kFull>
 __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr::Barriers& bar, const FwdParams& p,
                                              const TileCoord& c, int cw, PipeState& ps) {
   using namespace sm90;
@@ -371,12 +371,12 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
   const bool has_bias = kGeneral && p.bias;
   const uint8_t* mask_row = nullptr;
   float softmax_scale = scale_log2;
-  if constexpr (kGeneral) {
+  if constexpr (kGeneral) softmax_scale = 1.f;
+  if constexpr (kFull) {
     drop.init(p);
     drop_bh = static_cast<uint64_t>(c.bi) * p.h + c.hi;
     // A mask varying along the queries (a key mask takes the plain kernel's key_keep below).
     if (p.mask && p.mask_s.q != 0 && p.n_q > 1) mask_row = p.mask + c.bi * p.mask_s.b + c.hi * p.mask_s.h;
-    softmax_scale = 1.f;
   }
   SplitSoftmax softmax;
   softmax.init();
@@ -461,7 +461,7 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
     auto use_extras = [&](float (&s)[kNS][4], int t, uint32_t use) {
       if constexpr (kGeneral) {
         uint32_t bits[2] = {~0u, ~0u};
-        if (mask_row)
+        if (kFull && mask_row)
           load_mask<kNS>(bits, p, mask_row, row0 + lane / 4, (n_tiles - 1 - t) * Tr::kBlockN + 2 * (lane % 4), n_k);
         const unsigned char* bias_tile = nullptr;
         int bst = 0;
@@ -470,7 +470,7 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
           mbarrier_wait(&bar.bias_full[bst], (use / Tr::kBiasStages) & 1);
           bias_tile = reinterpret_cast<const unsigned char*>(sm.bias[bst]);
         }
-        apply_extras<T, Tr::kBlockM>(s, bits, bias_tile, p.bias_s.q == 0, 64 * cw + 16 * warp, mask_row != nullptr,
+        apply_extras<T, Tr::kBlockM>(s, bits, bias_tile, p.bias_s.q == 0, 64 * cw + 16 * warp, kFull && mask_row,
                                      scale_log2);
         if (has_bias) mbarrier_arrive(&bar.bias_empty[bst]);
       }
@@ -517,7 +517,7 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
     {
       float alpha[2];
       softmax.scores(s, softmax_scale, alpha);  // O is still zero: no rescale
-      if constexpr (kGeneral) {
+      if constexpr (kFull) {
         if (drop.on) dropout_tile_rows(drop, drop_bh, s, row0, (n_tiles - 1) * Tr::kBlockN);
       }
     }
@@ -545,7 +545,7 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
       mask(s, t, keep);
       float alpha[2];
       softmax.scores(s, softmax_scale, alpha);
-      if constexpr (kGeneral) {
+      if constexpr (kFull) {
         if (drop.on) dropout_tile_rows(drop, drop_bh, s, row0, (n_tiles - 1 - t) * Tr::kBlockN);
       }
       wgmma_wait_group<0>();  // P V done: O and P may be touched again
@@ -579,7 +579,7 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
     const int64_t i = row0 + lane / 4 + 8 * h;
     if (i >= p.n_q) continue;  // rows past n_q: TMA read zeros for them
     const float l = softmax.l[h];
-    const float inv = l == 0.f ? 0.f : (kGeneral ? drop.keep_scale : 1.f) / l;
+    const float inv = l == 0.f ? 0.f : (kFull ? drop.keep_scale : 1.f) / l;
     T* og = static_cast<T*>(p.o) + int64_t{c.bi} * p.o_sb + int64_t{c.hi} * p.o_sh + i * p.o_sn;
 #pragma unroll
     for (int nt = 0; nt < kNO; ++nt) {
@@ -595,7 +595,7 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
 
 // Grid: one block per SM (persistent) walking the work list with stride gridDim.x, or one block
 // per work unit. Every role walks the same list.
-template <typename T, typename Tr, bool kGeneral>
+template <typename T, typename Tr, bool kGeneral, bool kFull>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
     sm90_fwd_kernel(const __grid_constant__ CUtensorMap tm_q,  // [b, h, n_q, d] box [kBlockM, 64]
                     const __grid_constant__ CUtensorMap tm_k,  // [b, h_kv, n_k, d] box [kBlockN, 64]
@@ -652,7 +652,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         int bh, qb_hi, qb_lo;
         const int n = work.tiles(u, bh, qb_hi, qb_lo);
         for (int i = 0; i < n; ++i)
-          consume_tile<T, Tr, kGeneral>(sm, bar, p, TileCoord(p, bh, i == 0 ? qb_hi : qb_lo, Tr::kBlockM, Tr::kBlockN),
+          consume_tile<T, Tr, kGeneral, kFull>(sm, bar, p,
+                                               TileCoord(p, bh, i == 0 ? qb_hi : qb_lo, Tr::kBlockM, Tr::kBlockN),
                                         wg - 1, ps);
       }
     } else {
@@ -660,7 +661,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       // 3 consumer warpgroups has 160 each).
       int bh, qb_hi, qb_lo;
       work.tiles(blockIdx.x, bh, qb_hi, qb_lo);
-      consume_tile<T, Tr, kGeneral>(sm, bar, p, TileCoord(p, bh, qb_hi, Tr::kBlockM, Tr::kBlockN), wg - 1, ps);
+      consume_tile<T, Tr, kGeneral, kFull>(sm, bar, p, TileCoord(p, bh, qb_hi, Tr::kBlockM, Tr::kBlockN), wg - 1, ps);
     }
   }
 #endif
@@ -670,7 +671,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 // Host side
 
 // Returns false (nothing launched) when a tensor map cannot be built.
-template <typename T, int kD, int kBlockN, int kConsumers, bool kPingPong, bool kPersistent, bool kGeneral = false>
+template <typename T, int kD, int kBlockN, int kConsumers, bool kPingPong, bool kPersistent, bool kGeneral = false,
+          bool kFull = false>
 bool launch(const FwdParams& p, cudaStream_t stream) {
   using Tr = Sm90FwdTraits<T, kD, kBlockN, kConsumers, kPingPong, kPersistent, kGeneral>;
   CUtensorMap tq, tk, tv, tb{};
@@ -688,7 +690,7 @@ bool launch(const FwdParams& p, cudaStream_t stream) {
   const int64_t units = WorkList(p, Tr::kBlockM, kPersistent).units;
   const int64_t blocks = kPersistent ? imin(units, sm_count()) : units;
   if (blocks == 0) return true;
-  auto kernel = sm90_fwd_kernel<T, Tr, kGeneral>;
+  auto kernel = sm90_fwd_kernel<T, Tr, kGeneral, kFull>;
   allow_smem(kernel, Tr::kSmemBytes);
   kernel<<<static_cast<unsigned>(blocks), Tr::kThreads, Tr::kSmemBytes, stream>>>(tq, tk, tv, tb, p);
   return true;
@@ -700,15 +702,21 @@ inline bool needs_general(const FwdParams& p) {
 }
 
 // The configurations sm90_fwd runs (see NOTES.md for the measurements behind them):
-// <T, d, key tile, consumer warpgroups, ping-pong, persistent, general>.
+// <T, d, key tile, consumer warpgroups, ping-pong, persistent, general, full>.
 template <typename T>
 bool dispatch_dim(const FwdParams& p, cudaStream_t stream) {
   // General: 2 consumer warpgroups at either d (240 registers each; with 3 at d = 64, dropout's
-  // Philox state alone made ptxas spill 736 bytes).
+  // Philox state alone made ptxas spill 736 bytes). Two instantiations: a bias (and a key mask)
+  // only, without spills; full: also dropout and masks varying along the queries (their code made
+  // ptxas spill 36 / 220 bytes at d = 64 / 128 in the bias-only case too).
   if constexpr (kSm90FwdGeneral) {
     if (needs_general(p)) {
-      if (p.d == 64) return launch<T, 64, 128, 2, false, true, true>(p, stream);
-      return launch<T, 128, 128, 2, false, true, true>(p, stream);
+      const bool full = p.dropout_p > 0.0 || (p.mask && p.mask_s.q != 0 && p.n_q > 1);
+      if (p.d == 64)
+        return full ? launch<T, 64, 128, 2, false, true, true, true>(p, stream)
+                    : launch<T, 64, 128, 2, false, true, true, false>(p, stream);
+      return full ? launch<T, 128, 128, 2, false, true, true, true>(p, stream)
+                  : launch<T, 128, 128, 2, false, true, true, false>(p, stream);
     }
   }
   // d = 64: 3 consumer warpgroups, ping-pong, persistent (24-76 bytes of spills at 160 registers
@@ -722,7 +730,7 @@ bool dispatch_dim(const FwdParams& p, cudaStream_t stream) {
 // Whether this binary holds the sm_90a body of the kernels (asked once, of one configuration).
 bool kernel_compiled_for_sm90a() {
   using Tr = Sm90FwdTraits<__nv_bfloat16, 64, 128, 3, true, true>;
-  static const bool ok = has_sm90a_body(sm90_fwd_kernel<__nv_bfloat16, Tr, false>);
+  static const bool ok = has_sm90a_body(sm90_fwd_kernel<__nv_bfloat16, Tr, false, false>);
   return ok;
 }
 
