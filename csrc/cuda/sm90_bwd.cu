@@ -438,18 +438,7 @@ __device__ __forceinline__ void load_extras_keyrows(TileExtras<kNS>& x, const Bw
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int j = key + 8 * h;
-      const uint8_t* mk = mask_bh + (j < n_k ? j : 0) * p.mask_s.k;
-      uint32_t bits = 0;
-#pragma unroll
-      for (int nt = 0; nt < kNS; ++nt)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int i = query + 8 * nt + e;
-          const bool ok = j < n_k && i < n_q;
-          const uint8_t m = mk[(ok ? i : 0) * p.mask_s.q];
-          bits |= (ok && m != 0 ? 1u : 0u) << (2 * nt + e);
-        }
-      x.keep[h] = bits;
+      x.keep[h] = mask_line_bits<kNS>(mask_bh + (j < n_k ? j : 0) * p.mask_s.k, p.mask_s.q, query, n_q, j < n_k);
     }
   }
 }

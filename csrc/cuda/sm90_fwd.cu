@@ -304,15 +304,7 @@ __device__ __forceinline__ void load_mask(uint32_t (&keep)[2], const FwdParams& 
         bits |= ((ok1 && (m >> 8)) ? 1u : 0u) << (2 * nt + 1);
       }
     } else {
-#pragma unroll
-      for (int nt = 0; nt < kNS; ++nt)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int j = col + 8 * nt + e;
-          const bool ok = r < n_q && j < n_k;
-          const uint8_t m = mr[(ok ? j : 0) * p.mask_s.k];
-          bits |= (ok && m != 0 ? 1u : 0u) << (2 * nt + e);
-        }
+      bits = mask_line_bits<kNS>(mr, p.mask_s.k, col, n_k, r < n_q);
     }
     if (h == 0) keep[0] = bits; else keep[1] = bits;
   }

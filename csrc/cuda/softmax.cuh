@@ -171,6 +171,27 @@ struct TileExtras {
   uint32_t keep[2];
 };
 
+// Keep bits of kN 8-column groups of one line of a bool mask (the Hopper general kernels): bit
+// 2 nt + e for element first + 8 nt + e of the line, `stride` bytes apart, visible iff the line is
+// in range (line_ok), the element is below `limit` and its byte is nonzero. Straight-line code:
+// out-of-range elements read element 0 of the line and are dropped by a select (no per-element
+// branch and reconvergence: ncu showed a branchy version costing a quarter of a kernel's time).
+template <int kN>
+__device__ __forceinline__ uint32_t mask_line_bits(const uint8_t* line, int64_t stride, int first, int limit,
+                                                   bool line_ok) {
+  uint32_t bits = 0;
+#pragma unroll
+  for (int nt = 0; nt < kN; ++nt)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int j = first + 8 * nt + e;
+      const bool ok = line_ok && j < limit;
+      const uint8_t m = line[(ok ? j : 0) * stride];
+      bits |= (ok && m != 0 ? 1u : 0u) << (2 * nt + e);
+    }
+  return bits;
+}
+
 template <typename T>
 __device__ __forceinline__ uint32_t bits16(T x) {
   return *reinterpret_cast<const uint16_t*>(&x);
