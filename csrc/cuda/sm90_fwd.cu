@@ -441,8 +441,6 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
           }
       }
     };
-    // General kernel: bias / mask elements of key tile t (K/V use `use`), fetched while its S
-    // wgmma runs; a staged bias from its ring stage (the stage is released once read).
     // General kernel: the scores of key tile t (K/V use `use`) once its S wgmma retired. The
     // staged bias tile is read from its ring stage as it is added, then the stage is released; the
     // bits of a mask varying along the queries are loaded here too. (Fetched while the wgmma ran,
@@ -646,7 +644,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         for (int i = 0; i < n; ++i)
           consume_tile<T, Tr, kGeneral, kFull>(sm, bar, p,
                                                TileCoord(p, bh, i == 0 ? qb_hi : qb_lo, Tr::kBlockM, Tr::kBlockN),
-                                        wg - 1, ps);
+                                               wg - 1, ps);
       }
     } else {
       // One unit of one tile per block, no loop: the loop's live state costs registers (d = 64 with
