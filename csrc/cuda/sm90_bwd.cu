@@ -459,15 +459,14 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
   const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
 
   // General kernel: dropout, and where dbias goes: stored in T (each element produced once, after a
-  // memset), added to the float accumulator with atomics (shared by blocks) or plainly (one thread
-  // walks a GQA group's heads), then converted.
+  // memset), or reduced into the float accumulator (elements shared by blocks, or summed by one
+  // thread over a GQA group's heads), then converted.
   Dropout drop;
-  bool dbias_direct = false, dbias_atomic = false;
+  bool dbias_direct = false;
   float* dbias_acc = nullptr;
   if constexpr (kGeneral) {
     drop.init(p);
     dbias_direct = p.dbias && dbias_once(p);
-    dbias_atomic = dbias_shared(p);
     dbias_acc = ws.dbias_acc(p);
   }
   float dk[kNO][4], dv[kNO][4];  // [64 keys of the warpgroup, kD], wgmma accumulator layout

@@ -162,7 +162,7 @@ struct OnlineSoftmax {
 };
 
 // The bias / mask elements of one thread's share of a [16, 8 kN] fragment tile, fetched while
-// the tile's wgmma runs (the Hopper general kernels): bias2[nt][h] holds the T pair of columns
+// the tile's wgmma runs (the Hopper general backward where the bias is not staged): bias2[nt][h] holds the T pair of columns
 // 8 nt + 2 (lane % 4), + 1 of fragment row lane / 4 + 8 h; keep[h] bit 2 nt + e: column
 // 8 nt + 2 (lane % 4) + e of that row is visible under the mask.
 template <int kN>
