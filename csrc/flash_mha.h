@@ -68,8 +68,9 @@ void cpu_bwd(const BwdParams& p);
 #ifdef FLASH_MHA_WITH_CUDA
 namespace flash_mha {
 // CUDA kernels (csrc/cuda/). `stream` is a cudaStream_t. ops.cpp checks sm >= 80 before calling.
-// The backward needs a zeroed scratch buffer of cuda_bwd_workspace_bytes(p) bytes
-// (float32 dQ accumulator, rowsum(dO * O), dbias accumulator, ...), allocated by ops.cpp.
+// The backward needs a scratch buffer of cuda_bwd_workspace_bytes(p) bytes (float32 dQ
+// accumulator, rowsum(dO * O), dbias accumulator, ...), allocated by ops.cpp uninitialised:
+// cuda_bwd zeroes what its kernels need.
 void cuda_fwd(const FwdParams& p, void* stream);
 int64_t cuda_bwd_workspace_bytes(const BwdParams& p);
 void cuda_bwd(const BwdParams& p, void* workspace, void* stream);

@@ -281,7 +281,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout_in, const Tens
     check_cuda_arch(q);
     const c10::cuda::CUDAGuard guard(q.device());
     const int64_t ws_bytes = cuda_bwd_workspace_bytes(p);
-    Tensor ws = at::zeros({std::max<int64_t>(ws_bytes, 1)}, q.options().dtype(at::kByte));
+    Tensor ws = at::empty({std::max<int64_t>(ws_bytes, 1)}, q.options().dtype(at::kByte));  // cuda_bwd zeroes it
     cuda_bwd(p, ws.data_ptr(), at::cuda::getCurrentCUDAStream().stream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 #else

@@ -33,7 +33,9 @@ void sm90_fwd(const FwdParams& p, cudaStream_t stream);
 // float16 / bfloat16, d == d_v in {64, 128}, no bias / dropout / dbias, no mask or a key mask (as
 // the forward), not deterministic
 // mode, any causal mode, GQA, any n_q / n_k, TMA-describable strides. The workspace
-// (sm90_bwd_workspace_bytes) must be zeroed: float32 dQ accumulator plus padded lse2 / D rows.
+// (sm90_bwd_workspace_bytes, or sm80_bwd_workspace_bytes if larger: sm90_bwd falls back to sm80_bwd
+// when TMA refuses a view) may hold anything: sm90_bwd zeroes what it needs (its prep kernel the
+// float32 dQ accumulator). sm80_bwd and simt_bwd need theirs zeroed.
 bool sm90_bwd_supported(const BwdParams& p);
 int64_t sm90_bwd_workspace_bytes(const BwdParams& p);
 void sm90_bwd(const BwdParams& p, void* workspace, cudaStream_t stream);

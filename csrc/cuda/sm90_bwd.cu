@@ -8,7 +8,8 @@
 // 1. prep kernel: per (batch, head) row padded to a multiple of 128 queries, lse2 = lse log2(e)
 //    (+inf for rows past n_q or with no visible key) and D, into the workspace, so the main kernel
 //    can fetch a tile's rows with one 16-byte-aligned bulk copy each.
-// 2. main kernel: one block per (batch, kv head, 128 keys). Warpgroup 0 (24 registers) holds the
+// 2. main kernel: one block per (batch, kv head, 128 keys); causal items in bands of heads, key
+//    block slowest inside a band (ItemGrid::band). Warpgroup 0 (24 registers) holds the
 //    producer thread and the dQ writer warp. The producer loads K and V of the block once, then
 //    for each query head of the GQA group and each query tile of kBlockM rows that can see the
 //    block (causal: from the diagonal on), Q, dO (TMA, 128-byte swizzle) and the lse2 / D rows
@@ -30,11 +31,13 @@
 // 3. convert kernel: dq = scale * workspace (undoing the fragment order), in the input dtype.
 // GQA: a block walks every query head of its kv head's group, so dK / dV need no atomics.
 // Persistent variant (use_persistent: d = 64 but long causal): min(#SMs, #items) blocks, each
-// walking the work items blockIdx.x + k gridDim.x. The producer loads the next item's K / V as
+// taking one item of every round of gridDim.x items (for_each_item). The producer loads the next item's K / V as
 // soon as the consumers' last wgmma of the current item has read them (kv_empty), so the loads
 // overlap the dK / dV epilogue; the ring, the dS^T buffers and the dQ hand-off run on across items.
 // Keys past n_k read as zeros (TMA) and are masked (P = 0) in the last key block; their dK / dV
 // rows are never stored. Queries past n_q read as zeros and have lse2 = +inf, so P = 0.
+#include <algorithm>
+
 #include <cuda.h>          // CUtensorMap and its enums (types only: nothing links libcuda)
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 
@@ -141,7 +144,7 @@ struct Sm90BwdTraits {
   static_assert(kSmemBytes + sizeof(Barriers) <= kSmemLimit, "exceeds the sm_90 shared-memory limit");
 };
 
-// Workspace: dq_acc [b, h, n_qt, kDqTileFloats] float32 (zeroed by the caller; each query tile in
+// Workspace: dq_acc [b, h, n_qt, kDqTileFloats] float32 (zeroed by the prep kernel; each query tile in
 // the consumers' fragment order, see sm90_bwd_convert_kernel), lse2 and dsum [b, h, n_q_pad];
 // general kernel with a broadcast dbias: its float accumulator (dbias's shape) after them.
 struct Sm90BwdWorkspace {
@@ -175,54 +178,105 @@ struct Sm90BwdWorkspace {
   __host__ __device__ static int64_t align_up_elems(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 };
 
-// One warp per padded row: D = sum_c dO[c] O[c] and lse2 = lse log2(e) (+inf and 0 past n_q).
+// Per padded row: D = sum_c dO[c] O[c] and lse2 = lse log2(e) (+inf and 0 past n_q). d_v / 8
+// threads a row (8 or 16: a row's threads share a warp), each summing 8 columns: one 16-byte load
+// of o and of dout when `vec` (both 16-byte aligned, strides multiples of 8), else 2-byte loads.
+// Grid-stride over threads rounded up to whole warps, so every lane of a warp reaches the shuffles.
+// Thread t also zeroes dq_acc[8 t, 8 t + 8): the dQ accumulator (n_qt kBlockM <= n_q_pad rows of d
+// floats a (batch, head)) has at most as many 8-float groups as there are threads.
 template <typename T>
-__global__ void __launch_bounds__(128) sm90_bwd_prep_kernel(const BwdParams p, Sm90BwdWorkspace ws) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * 4 + threadIdx.x / 32;  // (bi h + hi) n_q_pad + i
-  if (row >= p.b * p.h * ws.n_q_pad) return;
-  const int lane = threadIdx.x % 32;
-  const int64_t i = row % ws.n_q_pad, bh = row / ws.n_q_pad, hi = bh % p.h, bi = bh / p.h;
-  if (i >= p.n_q) {
-    if (lane == 0) {
-      ws.lse2[row] = __int_as_float(0x7f800000);
-      ws.dsum[row] = 0.f;
+__global__ void __launch_bounds__(256) sm90_bwd_prep_kernel(const BwdParams p, Sm90BwdWorkspace ws, bool vec) {
+  const int per_row = p.d_v / 8;
+  const int64_t rows = p.b * p.h * ws.n_q_pad;
+  const int64_t threads = (rows * per_row + 31) / 32 * 32;
+  const int64_t dq_groups = p.b * p.h * ws.n_qt * (kDqTileFloats / 8);
+  for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < threads;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    if (t < dq_groups) {
+      float4* z = reinterpret_cast<float4*>(ws.dq_acc) + 2 * t;
+      z[0] = make_float4(0.f, 0.f, 0.f, 0.f);
+      z[1] = make_float4(0.f, 0.f, 0.f, 0.f);
     }
-    return;
-  }
-  const T* o = static_cast<const T*>(p.o) + bi * p.o_sb + hi * p.o_sh + i * p.o_sn;         // [d_v]
-  const T* dout = static_cast<const T*>(p.dout) + bi * p.do_sb + hi * p.do_sh + i * p.do_sn;  // [d_v]
-  float acc = 0.f;
-  for (int64_t c = lane; c < p.d_v; c += 32) acc += to_acc<float>(o[c]) * to_acc<float>(dout[c]);
+    const int64_t row = t / per_row;  // (bi h + hi) n_q_pad + i
+    const int c = static_cast<int>(t - row * per_row) * 8;
+    const int64_t i = row % ws.n_q_pad, bh = row / ws.n_q_pad, hi = bh % p.h, bi = bh / p.h;
+    float acc = 0.f;
+    if (row < rows && i < p.n_q) {
+      const T* o = static_cast<const T*>(p.o) + bi * p.o_sb + hi * p.o_sh + i * p.o_sn + c;
+      const T* dout = static_cast<const T*>(p.dout) + bi * p.do_sb + hi * p.do_sh + i * p.do_sn + c;
+      T a[8], b[8];
+      if (vec) {
+        *reinterpret_cast<uint4*>(a) = __ldg(reinterpret_cast<const uint4*>(o));
+        *reinterpret_cast<uint4*>(b) = __ldg(reinterpret_cast<const uint4*>(dout));
+      } else {
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-  if (lane == 0) {
-    ws.dsum[row] = acc;
-    // lse = +inf (no visible key) stays +inf: 2^(s - inf) = 0.
-    ws.lse2[row] = static_cast<const float*>(p.lse)[bh * p.n_q + i] * kLog2e;
+        for (int j = 0; j < 8; ++j) {
+          a[j] = o[j];
+          b[j] = dout[j];
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc += to_acc<float>(a[j]) * to_acc<float>(b[j]);
+    }
+    for (int off = per_row / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    if (row < rows && c == 0) {
+      // lse = +inf (no visible key) stays +inf: 2^(s - inf) = 0.
+      ws.dsum[row] = i < p.n_q ? acc : 0.f;
+      ws.lse2[row] = i < p.n_q ? static_cast<const float*>(p.lse)[bh * p.n_q + i] * kLog2e
+                               : __int_as_float(0x7f800000);
+    }
   }
 }
 
-// dq = scale * dq_acc in the input dtype (dq contiguous [b, h, n_q, d]). A query tile of dq_acc
-// holds float4 `nt` of consumer thread t at [nt][t]: rows r, r + 8 and columns c, c + 1 of the tile,
-// r = row0 + 16 warp + lane / 4, c = col0 + 8 nt + 2 (lane % 4) (warpgroup cw = t / 128: row0 or
-// col0 = 64 cw, as the consumers split dQ). One thread per float4; rows past n_q are dropped.
+// dq = scale * dq_acc in the input dtype (dq contiguous [b, h, n_q, d]), one block of 256 threads per
+// query tile (grid-stride). A tile of dq_acc holds float4 `nt` of consumer thread t at [nt][t]:
+// rows r, r + 8 and columns c, c + 1 of the tile, r = row0 + 16 warp + lane / 4,
+// c = col0 + 8 nt + 2 (lane % 4) (warpgroup cw = t / 128: row0 or col0 = 64 cw, as the consumers
+// split dQ). Coalesced 16-byte reads, scaled and packed into a shared [kBlockM, kD] tile (row pitch
+// kD + 8 elements: the 8 rows a warp writes start 4 banks apart), then rows out in 16-byte chunks
+// (`vec`: dq 16-byte aligned; else 4-byte stores). Rows past n_q are dropped.
 template <typename T, typename Tr>
-__global__ void sm90_bwd_convert_kernel(const BwdParams p, const Sm90BwdWorkspace ws) {
-  constexpr int kTile4 = kDqTileFloats / 4, kThreadsC = 128 * Tr::kConsumers;
-  const int64_t n4 = p.b * p.h * ws.n_qt * kTile4;
+__global__ void __launch_bounds__(256) sm90_bwd_convert_kernel(const BwdParams p, const Sm90BwdWorkspace ws,
+                                                               bool vec) {
+  constexpr int kTile4 = kDqTileFloats / 4, kThreadsC = 128 * Tr::kConsumers, kPitch = Tr::kD + 8;
+  static_assert(kThreadsC == 256, "one convert thread per consumer thread");
+  __shared__ alignas(16) T tile_s[Tr::kBlockM * kPitch];
+  const int t = threadIdx.x;
+  const int cw = t / 128, warp = (t % 128) / 32, lane = t % 32;
+  const int row = (Tr::kDqSplitRows ? 64 * cw : 0) + 16 * warp + lane / 4;
+  const int col0 = (Tr::kDqSplitRows ? 0 : 64 * cw) + 2 * (lane % 4);
   const float scale = static_cast<float>(p.scale);
-  for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < n4;
-       g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t tile = g / kTile4, bh = tile / ws.n_qt;
-    const int q = static_cast<int>(g - tile * kTile4), nt = q / kThreadsC, t = q % kThreadsC;
-    const int cw = t / 128, warp = (t % 128) / 32, lane = t % 32;
-    const int row = (Tr::kDqSplitRows ? 64 * cw : 0) + 16 * warp + lane / 4;
-    const int col = (Tr::kDqSplitRows ? 0 : 64 * cw) + 8 * nt + 2 * (lane % 4);
-    const int64_t i = (tile - bh * ws.n_qt) * Tr::kBlockM + row;
-    const float4 v = reinterpret_cast<const float4*>(ws.dq_acc)[g];
-    T* dst = static_cast<T*>(p.dq) + (bh * p.n_q + i) * Tr::kD + col;
-    if (i < p.n_q) *reinterpret_cast<uint32_t*>(dst) = pack2<T>(v.x * scale, v.y * scale);
-    if (i + 8 < p.n_q) *reinterpret_cast<uint32_t*>(dst + 8 * Tr::kD) = pack2<T>(v.z * scale, v.w * scale);
+  const int64_t tiles = p.b * p.h * ws.n_qt;
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const float4* src = reinterpret_cast<const float4*>(ws.dq_acc) + tile * kTile4;
+#pragma unroll
+    for (int nt = 0; nt < kTile4 / kThreadsC; ++nt) {
+      const float4 v = src[nt * kThreadsC + t];
+      T* d = tile_s + row * kPitch + col0 + 8 * nt;
+      *reinterpret_cast<uint32_t*>(d) = pack2<T>(v.x * scale, v.y * scale);
+      *reinterpret_cast<uint32_t*>(d + 8 * kPitch) = pack2<T>(v.z * scale, v.w * scale);
+    }
+    __syncthreads();
+    const int64_t bh = tile / ws.n_qt, i0 = (tile - bh * ws.n_qt) * Tr::kBlockM;
+    constexpr int kChunks = Tr::kD / 8;  // 16-byte chunks a row
+#pragma unroll
+    for (int k = 0; k < Tr::kBlockM * kChunks / 256; ++k) {
+      const int q = k * 256 + t, r = q / kChunks, c = (q % kChunks) * 8;
+      if (i0 + r < p.n_q) {
+        const uint4 v = *reinterpret_cast<const uint4*>(tile_s + r * kPitch + c);
+        T* dst = static_cast<T*>(p.dq) + (bh * p.n_q + i0 + r) * Tr::kD + c;
+        if (vec) {
+          *reinterpret_cast<uint4*>(dst) = v;
+        } else {
+          uint32_t* d4 = reinterpret_cast<uint32_t*>(dst);
+          d4[0] = v.x;
+          d4[1] = v.y;
+          d4[2] = v.z;
+          d4[3] = v.w;
+        }
+      }
+    }
+    __syncthreads();  // before the next tile overwrites tile_s
   }
 }
 
@@ -231,6 +285,7 @@ __global__ void sm90_bwd_convert_kernel(const BwdParams p, const Sm90BwdWorkspac
 // the kernel are held, and spilled, across its items. The one-item kernel derives them in place.
 struct ItemGrid {
   int n_kb, heads, items, group, n_qb;
+  int band;       // causal: (batch, kv head) pairs per band of the item order (see BlockWork)
   int64_t shift;  // causal_shift
   ItemGrid(const BwdParams& p, int block_m, int block_n)
       : n_kb(static_cast<int>(ceil_div(p.n_k, block_n))),
@@ -238,7 +293,15 @@ struct ItemGrid {
         items(n_kb * heads),
         group(static_cast<int>(p.h / p.h_kv)),
         n_qb(static_cast<int>(ceil_div(p.n_q, block_m))),
+        band(causal_band(p, n_kb, heads)),
         shift(causal_shift(p)) {}
+  // About one SM's worth of items per band: the blocks running at once come from a few heads, whose
+  // Q / dO rows and dQ accumulator stay in L2 (with key block slowest over every head, the blocks
+  // running at once each add into a different head's dQ and ~2/3 of those adds went to DRAM).
+  static int causal_band(const BwdParams& p, int n_kb, int heads) {
+    if (p.causal == Causal::kNone || n_kb == 0) return heads;
+    return static_cast<int>(std::min<int64_t>(heads, ceil_div(sm_count(), n_kb)));
+  }
 };
 
 // One item's work: (batch, kv head, key block) and its iterations (query head of the group x
@@ -246,16 +309,21 @@ struct ItemGrid {
 struct BlockWork {
   int bi, kvh, kb, j0;
   int group, first_qt, n_qt, n_iters;
-  // g: the sizes from the host (persistent kernel), or nullptr: derived from p here.
-  __device__ __forceinline__ BlockWork(const BwdParams& p, const ItemGrid* g, int item, int block_m, int block_n) {
+  // g: the sizes from the host (persistent kernel), or nullptr: derived from p here. band: ItemGrid.
+  __device__ __forceinline__ BlockWork(const BwdParams& p, const ItemGrid* g, int band, int item, int block_m,
+                                       int block_n) {
     const int n_kb = g ? g->n_kb : static_cast<int>((p.n_k + block_n - 1) / block_n);
     const int heads = g ? g->heads : static_cast<int>(p.b * p.h_kv);
-    // Causal: key block 0 has the most query tiles; items go heaviest first (key block slowest).
-    // Otherwise the key blocks of one head are neighbours, so they share its Q / dO in L2.
+    // Causal: key block 0 has the most query tiles; the items go in bands of g.band heads, inside a
+    // band heaviest first (key block slowest). Otherwise the key blocks of one head are neighbours,
+    // so they share its Q / dO in L2.
     int bkv;
     if (p.causal != Causal::kNone) {
-      kb = item / heads;
-      bkv = item - kb * heads;
+      const int bi0 = item / (band * n_kb) * band;          // first head of the item's band
+      const int in_band = min(band, heads - bi0);           // heads in it (the last may be short)
+      const int rem = item - bi0 * n_kb;
+      kb = rem / in_band;
+      bkv = bi0 + rem - kb * in_band;
     } else {
       bkv = item / n_kb;
       kb = item - bkv * n_kb;
@@ -283,7 +351,7 @@ struct BlockWork {
 };
 
 // Calls f(w, tile, kv) for each work item of this block in order: `first` (item blockIdx.x)
-// alone, or (persistent) items blockIdx.x + k gridDim.x, so causal grids still go heaviest first.
+// alone, or (persistent) one item of each round of gridDim.x items (below).
 // tile: iterations of the block's earlier items; kv: its earlier items with iterations. Every role
 // walks the same items, so all agree on both, and the barrier phases run on across items:
 //  - Ring: iteration t = tile + n uses stage t % kStages; full / empty complete one phase per use
@@ -302,9 +370,15 @@ __device__ __forceinline__ void for_each_item(const BwdParams& p, const ItemGrid
   if constexpr (!kPersistent) {
     f(first, 0, 0);
   } else {
+    // Round r takes items [r gridDim.x, (r + 1) gridDim.x), block b the b-th of them in even rounds and
+    // the b-th from the end in odd ones: a causal band puts heavy items on low blocks, so a block's
+    // heavy and light items alternate.
     int tile = 0, kv = 0;
-    for (int item = blockIdx.x; item < g.items; item += gridDim.x) {
-      const BlockWork w(p, &g, item, block_m, block_n);
+    const int rounds = (g.items + gridDim.x - 1) / gridDim.x;
+    for (int r = 0; r < rounds; ++r) {
+      const int item = r * gridDim.x + ((r & 1) ? gridDim.x - 1 - blockIdx.x : blockIdx.x);
+      if (item >= g.items) continue;
+      const BlockWork w(p, &g, g.band, item, block_m, block_n);
       f(w, tile, kv);
       tile += w.n_iters;
       kv += w.n_iters > 0;
@@ -732,7 +806,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const uint32_t base = smem_addr(smem_raw);
   auto& sm = *reinterpret_cast<typename Tr::Smem*>(smem_raw + (((base + 1023) & ~1023u) - base));
 
-  const BlockWork first(p, nullptr, blockIdx.x, Tr::kBlockM, Tr::kBlockN);  // persistent: recomputed per item
+  const BlockWork first(p, nullptr, grid.band, blockIdx.x, Tr::kBlockM, Tr::kBlockN);  // persistent: recomputed per item
   const int wg = threadIdx.x / 128;
   if (threadIdx.x == 0) {
     mbarrier_init(&bar.kv_full, 1);
@@ -792,11 +866,20 @@ bool launch(const BwdParams& p, void* workspace, cudaStream_t stream, int persis
       return false;
   }
   const Sm90BwdWorkspace ws(p, workspace);
-  // General kernel, a dbias stored directly: causal tiles no iteration visits must read 0.
+  // General kernel, a dbias stored directly: causal tiles no iteration visits must read 0; else
+  // its float accumulator starts from 0 (the prep kernel zeroes dq_acc, and writes lse2 / D).
   if (kSm90BwdGeneral && p.dbias && dbias_once(p))
     cudaMemsetAsync(p.dbias, 0, static_cast<size_t>(p.b * p.h * p.n_q * p.n_k) * sizeof(T), stream);
+  if (kSm90BwdGeneral && p.dbias && !dbias_once(p))
+    cudaMemsetAsync(ws.dbias_acc(p), 0, static_cast<size_t>(Sm90BwdWorkspace::dbias_acc_elems(p)) * 4, stream);
   const int64_t rows = p.b * p.h * ws.n_q_pad;
-  if (rows > 0) sm90_bwd_prep_kernel<T><<<static_cast<unsigned>(ceil_div(rows, 4)), 128, 0, stream>>>(p, ws);
+  if (rows > 0) {
+    const bool vec = aligned16(p.o) && aligned16(p.dout) && p.o_sb % 8 == 0 && p.o_sh % 8 == 0 && p.o_sn % 8 == 0 &&
+                     p.do_sb % 8 == 0 && p.do_sh % 8 == 0 && p.do_sn % 8 == 0;
+    const int64_t threads = rows * (p.d_v / 8);
+    sm90_bwd_prep_kernel<T>
+        <<<static_cast<unsigned>(std::min<int64_t>(ceil_div(threads, 256), 1 << 20)), 256, 0, stream>>>(p, ws, vec);
+  }
   const int64_t blocks = p.b * p.h_kv * ceil_div(p.n_k, Tr::kBlockN);  // work items
   if (blocks > 0) {
     const ItemGrid grid(p, Tr::kBlockM, Tr::kBlockN);
@@ -815,10 +898,10 @@ bool launch(const BwdParams& p, void* workspace, cudaStream_t stream, int persis
           Tr::kSmemBytes);
     }
   }
-  const int64_t n4 = p.b * p.h * ws.n_qt * (kDqTileFloats / 4);
+  const int64_t dq_tiles = p.b * p.h * ws.n_qt;
   if (p.b * p.h * p.n_q > 0)
-    sm90_bwd_convert_kernel<T, Tr>
-        <<<static_cast<unsigned>(std::min<int64_t>(ceil_div(n4, 256), 65536)), 256, 0, stream>>>(p, ws);
+    sm90_bwd_convert_kernel<T, Tr><<<static_cast<unsigned>(std::min<int64_t>(dq_tiles, 1 << 20)), 256, 0, stream>>>(
+        p, ws, aligned16(p.dq));
   if constexpr (kSm90BwdGeneral) {
     if (p.dbias && !dbias_once(p)) {  // the float accumulator -> dbias
       const int64_t n = Sm90BwdWorkspace::dbias_acc_elems(p);
@@ -878,10 +961,12 @@ void sm90_bwd_variant(const BwdParams& p, void* workspace, cudaStream_t stream, 
   const bool launched = p.dtype == Dtype::kFloat16
                             ? dispatch_dim<__half>(p, workspace, stream, persistent_ctas)
                             : dispatch_dim<__nv_bfloat16>(p, workspace, stream, persistent_ctas);
-  // A view TMA cannot describe (e.g. overlapping strides): the sm80 backward. Its workspace layout
-  // differs, but it needs dq_acc [b h n_q d] zeroed and dsum [b h n_q] after it, which fits in ours
-  // (ours is larger: padded rows, two of them) and is still zero: nothing was launched.
-  if (!launched) sm80_bwd(p, workspace, stream);
+  // A view TMA cannot describe (e.g. overlapping strides): the sm80 backward, on the same workspace
+  // (dispatch.cu sizes it for both), zeroed first as sm80_bwd needs. Nothing was launched yet.
+  if (!launched) {
+    cudaMemsetAsync(workspace, 0, static_cast<size_t>(sm80_bwd_workspace_bytes(p)), stream);
+    sm80_bwd(p, workspace, stream);
+  }
 }
 
 void sm90_bwd(const BwdParams& p, void* workspace, cudaStream_t stream) {

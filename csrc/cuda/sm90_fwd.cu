@@ -710,9 +710,14 @@ bool dispatch_dim(const FwdParams& p, cudaStream_t stream) {
     }
   }
   // d = 64: 3 consumer warpgroups, ping-pong, persistent (24-76 bytes of spills at 160 registers
-  // a thread, still the fastest: +2-7% over one block per unit). d = 128: persistent without
+  // a thread, still the fastest: +2-7% over one block per unit), except causal with n_q <= 2k: there
+  // 192-row query tiles waste a third of their work on the diagonal and the short last tile, and 2
+  // warpgroups ran +48% (512), +22% (1k), +10% (2k) but -7% at 4k. d = 128: persistent without
   // ping-pong measured 1-3% faster than with it (H200, NOTES.md).
-  if (p.d == 64) return launch<T, 64, 128, 3, true, true>(p, stream);
+  if (p.d == 64) {
+    if (p.causal != Causal::kNone && p.n_q <= 2048) return launch<T, 64, 128, 2, false, true>(p, stream);
+    return launch<T, 64, 128, 3, true, true>(p, stream);
+  }
   return launch<T, 128, 128, 2, false, true>(p, stream);
 }
 
