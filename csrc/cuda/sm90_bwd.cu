@@ -31,9 +31,10 @@
 // 3. convert kernel: dq = scale * workspace (undoing the fragment order), in the input dtype.
 // GQA: a block walks every query head of its kv head's group, so dK / dV need no atomics.
 // Persistent variant (use_persistent: d = 64 but long causal): min(#SMs, #items) blocks, each
-// taking one item of every round of gridDim.x items (for_each_item). The producer loads the next item's K / V as
-// soon as the consumers' last wgmma of the current item has read them (kv_empty), so the loads
-// overlap the dK / dV epilogue; the ring, the dS^T buffers and the dQ hand-off run on across items.
+// taking one item of every round of gridDim.x items (for_each_item). The producer loads the next
+// item's K / V as soon as the consumers' last wgmma of the current item has read them (kv_empty),
+// so the loads overlap the dK / dV epilogue; the ring, the dS^T buffers and the dQ hand-off run on
+// across items.
 // Keys past n_k read as zeros (TMA) and are masked (P = 0) in the last key block; their dK / dV
 // rows are never stored. Queries past n_q read as zeros and have lse2 = +inf, so P = 0.
 #include <algorithm>
@@ -314,13 +315,13 @@ struct BlockWork {
                                        int block_n) {
     const int n_kb = g ? g->n_kb : static_cast<int>((p.n_k + block_n - 1) / block_n);
     const int heads = g ? g->heads : static_cast<int>(p.b * p.h_kv);
-    // Causal: key block 0 has the most query tiles; the items go in bands of g.band heads, inside a
-    // band heaviest first (key block slowest). Otherwise the key blocks of one head are neighbours,
+    // Causal: key block 0 has the most query tiles; the items go in bands of `band` heads, inside
+    // a band heaviest first (key block slowest). Otherwise the key blocks of one head are neighbours,
     // so they share its Q / dO in L2.
     int bkv;
     if (p.causal != Causal::kNone) {
-      const int bi0 = item / (band * n_kb) * band;          // first head of the item's band
-      const int in_band = min(band, heads - bi0);           // heads in it (the last may be short)
+      const int bi0 = item / (band * n_kb) * band;  // first head of the item's band
+      const int in_band = min(band, heads - bi0);   // heads in it (the last may be short)
       const int rem = item - bi0 * n_kb;
       kb = rem / in_band;
       bkv = bi0 + rem - kb * in_band;
@@ -370,9 +371,9 @@ __device__ __forceinline__ void for_each_item(const BwdParams& p, const ItemGrid
   if constexpr (!kPersistent) {
     f(first, 0, 0);
   } else {
-    // Round r takes items [r gridDim.x, (r + 1) gridDim.x), block b the b-th of them in even rounds and
-    // the b-th from the end in odd ones: a causal band puts heavy items on low blocks, so a block's
-    // heavy and light items alternate.
+    // Round r takes items [r gridDim.x, (r + 1) gridDim.x), block b the b-th of them in even rounds
+    // and the b-th from the end in odd ones: a causal band puts heavy items on low blocks, so a
+    // block's heavy and light items alternate.
     int tile = 0, kv = 0;
     const int rounds = (g.items + gridDim.x - 1) / gridDim.x;
     for (int r = 0; r < rounds; ++r) {
@@ -806,7 +807,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const uint32_t base = smem_addr(smem_raw);
   auto& sm = *reinterpret_cast<typename Tr::Smem*>(smem_raw + (((base + 1023) & ~1023u) - base));
 
-  const BlockWork first(p, nullptr, grid.band, blockIdx.x, Tr::kBlockM, Tr::kBlockN);  // persistent: recomputed per item
+  // The one-item kernel's work (the persistent kernel recomputes it per item).
+  const BlockWork first(p, nullptr, grid.band, blockIdx.x, Tr::kBlockM, Tr::kBlockN);
   const int wg = threadIdx.x / 128;
   if (threadIdx.x == 0) {
     mbarrier_init(&bar.kv_full, 1);
