@@ -57,6 +57,15 @@ namespace {
 constexpr int kRowPad = 128;  // lse2 / D rows per (batch, head) are padded to this multiple
 constexpr int kDqTileFloats = 8192;  // one query tile of dQ: kBlockM x d = 64 x 128 or 128 x 64
 constexpr int kBarDs = 1, kBarDqFull = 2, kBarDqEmpty = 3;  // named barrier ids (0: __syncthreads)
+constexpr int kBarConvert = 4;                                // kFusedConvert's hand-off
+// Prepared, off (not yet run on a GPU): the one-item kernel converts dQ itself. Per (batch, kv
+// head) a counter in the workspace (zeroed by the prep kernel) counts the key blocks done; the last
+// of them converts the whole group's dQ rows from dq_acc, still in L2, with its consumer threads
+// after its dK / dV stores, and the convert kernel is skipped. Saves re-reading the float
+// accumulator from DRAM (the convert kernel: 50 us on an H200, 68 on an H100, at every grid
+// point); costs the converting blocks' tensor time, so only for short rows (kFusedConvertRows).
+constexpr bool kFusedConvert = false;
+constexpr int64_t kFusedConvertRows = 2048;  // n_q x (query heads per kv head) at most
 // Bias (and its gradient), masks of any broadcast shape and dropout on this path: an instantiation
 // of its own of the one-block-per-item kernel (kGeneral). False sends those shapes to the sm80
 // backward (key masks alone stay on kKeyMask).
@@ -167,6 +176,8 @@ struct Sm90BwdWorkspace {
     dsum = reinterpret_cast<float*>(c + dq_bytes + row_bytes);
     bytes = dq_bytes + 2 * row_bytes;
     if (kSm90BwdGeneral && p.dbias && !dbias_once(p)) bytes += align_up(dbias_acc_elems(p) * 4, 256);
+    // kFusedConvert: key blocks finished per (batch, kv head) (ItemGrid::done), after the rest.
+    if (kFusedConvert) bytes += align_up(p.b * p.h_kv * 4, 256);
   }
   // General kernel: float dbias accumulator right after dsum (when dbias is not stored directly:
   // a broadcast dbias, summed by atomics or by one thread across a GQA group), then converted.
@@ -229,42 +240,48 @@ __global__ void __launch_bounds__(256) sm90_bwd_prep_kernel(const BwdParams p, S
   }
 }
 
-// dq = scale * dq_acc in the input dtype (dq contiguous [b, h, n_q, d]), one block of 256 threads per
-// query tile (grid-stride). A tile of dq_acc holds float4 `nt` of consumer thread t at [nt][t]:
-// rows r, r + 8 and columns c, c + 1 of the tile, r = row0 + 16 warp + lane / 4,
-// c = col0 + 8 nt + 2 (lane % 4) (warpgroup cw = t / 128: row0 or col0 = 64 cw, as the consumers
-// split dQ). Coalesced 16-byte reads, scaled and packed into a shared [kBlockM, kD] tile (row pitch
-// kD + 8 elements: the 8 rows a warp writes start 4 banks apart), then rows out in 16-byte chunks
-// (`vec`: dq 16-byte aligned; else 4-byte stores). Rows past n_q are dropped.
+// dq = scale * dq_acc in the input dtype (dq contiguous [b, h, n_q, d]), one query tile a call, by
+// 256 threads (t: the consumer thread whose fragments it reads) sharing `stage`; sync() is their
+// barrier. A tile of dq_acc holds float4 `nt` of consumer thread t at [nt][t]: rows r, r + 8 and
+// columns c, c + 1 of the tile, r = row0 + 16 warp + lane / 4, c = col0 + 8 nt + 2 (lane % 4)
+// (warpgroup cw = t / 128: row0 or col0 = 64 cw, as the consumers split dQ). Coalesced 16-byte
+// reads (kL2: ld.global.cg, for data other blocks just wrote), scaled and packed into the shared
+// [kBlockM, kD] tile (row pitch kD + 8 elements: the 8 rows a warp writes start 4 banks apart),
+// then rows out in 16-byte chunks (`vec`: dq 16-byte aligned; else 4-byte stores). Rows past n_q
+// are dropped.
 template <typename T, typename Tr>
-__global__ void __launch_bounds__(256) sm90_bwd_convert_kernel(const BwdParams p, const Sm90BwdWorkspace ws,
-                                                               bool vec) {
-  constexpr int kTile4 = kDqTileFloats / 4, kThreadsC = 128 * Tr::kConsumers, kPitch = Tr::kD + 8;
+struct DqTileConverter {
+  static constexpr int kTile4 = kDqTileFloats / 4, kThreadsC = 128 * Tr::kConsumers, kPitch = Tr::kD + 8;
+  static constexpr int kStageElems = Tr::kBlockM * kPitch;
   static_assert(kThreadsC == 256, "one convert thread per consumer thread");
-  __shared__ alignas(16) T tile_s[Tr::kBlockM * kPitch];
-  const int t = threadIdx.x;
-  const int cw = t / 128, warp = (t % 128) / 32, lane = t % 32;
-  const int row = (Tr::kDqSplitRows ? 64 * cw : 0) + 16 * warp + lane / 4;
-  const int col0 = (Tr::kDqSplitRows ? 0 : 64 * cw) + 2 * (lane % 4);
-  const float scale = static_cast<float>(p.scale);
-  const int64_t tiles = p.b * p.h * ws.n_qt;
-  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+  int t, row, col0;
+  float scale;
+  __device__ __forceinline__ DqTileConverter(const BwdParams& p, int t_) : t(t_) {
+    const int cw = t / 128, warp = (t % 128) / 32, lane = t % 32;
+    row = (Tr::kDqSplitRows ? 64 * cw : 0) + 16 * warp + lane / 4;
+    col0 = (Tr::kDqSplitRows ? 0 : 64 * cw) + 2 * (lane % 4);
+    scale = static_cast<float>(p.scale);
+  }
+
+  template <bool kL2, typename Sync>
+  __device__ __forceinline__ void run(const BwdParams& p, const Sm90BwdWorkspace& ws, int64_t tile, T* stage,
+                                      bool vec, Sync&& sync) const {
     const float4* src = reinterpret_cast<const float4*>(ws.dq_acc) + tile * kTile4;
 #pragma unroll
     for (int nt = 0; nt < kTile4 / kThreadsC; ++nt) {
-      const float4 v = src[nt * kThreadsC + t];
-      T* d = tile_s + row * kPitch + col0 + 8 * nt;
+      const float4 v = kL2 ? __ldcg(src + nt * kThreadsC + t) : src[nt * kThreadsC + t];
+      T* d = stage + row * kPitch + col0 + 8 * nt;
       *reinterpret_cast<uint32_t*>(d) = pack2<T>(v.x * scale, v.y * scale);
       *reinterpret_cast<uint32_t*>(d + 8 * kPitch) = pack2<T>(v.z * scale, v.w * scale);
     }
-    __syncthreads();
+    sync();
     const int64_t bh = tile / ws.n_qt, i0 = (tile - bh * ws.n_qt) * Tr::kBlockM;
     constexpr int kChunks = Tr::kD / 8;  // 16-byte chunks a row
 #pragma unroll
     for (int k = 0; k < Tr::kBlockM * kChunks / 256; ++k) {
       const int q = k * 256 + t, r = q / kChunks, c = (q % kChunks) * 8;
       if (i0 + r < p.n_q) {
-        const uint4 v = *reinterpret_cast<const uint4*>(tile_s + r * kPitch + c);
+        const uint4 v = *reinterpret_cast<const uint4*>(stage + r * kPitch + c);
         T* dst = static_cast<T*>(p.dq) + (bh * p.n_q + i0 + r) * Tr::kD + c;
         if (vec) {
           *reinterpret_cast<uint4*>(dst) = v;
@@ -277,8 +294,20 @@ __global__ void __launch_bounds__(256) sm90_bwd_convert_kernel(const BwdParams p
         }
       }
     }
-    __syncthreads();  // before the next tile overwrites tile_s
+    sync();  // before the next tile overwrites the stage
   }
+};
+
+// The convert pass: one block of 256 threads per query tile (grid-stride).
+template <typename T, typename Tr>
+__global__ void __launch_bounds__(256) sm90_bwd_convert_kernel(const BwdParams p, const Sm90BwdWorkspace ws,
+                                                               bool vec) {
+  using Cv = DqTileConverter<T, Tr>;
+  __shared__ alignas(16) T tile_s[Cv::kStageElems];
+  const Cv cv(p, threadIdx.x);
+  const int64_t tiles = p.b * p.h * ws.n_qt;
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x)
+    cv.template run<false>(p, ws, tile, tile_s, vec, [] { __syncthreads(); });
 }
 
 // Sizes that place the work items. The persistent kernel reads them from the host (a kernel
@@ -288,6 +317,10 @@ struct ItemGrid {
   int n_kb, heads, items, group, n_qb;
   int band;       // causal: (batch, kv head) pairs per band of the item order (see BlockWork)
   int64_t shift;  // causal_shift
+  // kFusedConvert: whether the one-item kernel converts dQ (set by launch), and how many key blocks
+  // of a (batch, kv head) have iterations (the last of them to finish converts).
+  int fused_convert = 0, contributors = 0;
+  int* done = nullptr;  // the counters (workspace, zeroed by launch)
   ItemGrid(const BwdParams& p, int block_m, int block_n)
       : n_kb(static_cast<int>(ceil_div(p.n_k, block_n))),
         heads(static_cast<int>(p.b * p.h_kv)),
@@ -295,7 +328,11 @@ struct ItemGrid {
         group(static_cast<int>(p.h / p.h_kv)),
         n_qb(static_cast<int>(ceil_div(p.n_q, block_m))),
         band(causal_band(p, n_kb, heads)),
-        shift(causal_shift(p)) {}
+        shift(causal_shift(p)) {
+    if (kFusedConvert) {  // contributors: the key blocks some query sees (all of them unless causal)
+      for (int kb = 0; kb < n_kb; ++kb) contributors += p.causal == Causal::kNone || kb * int64_t{block_n} - shift < p.n_q;
+    }
+  }
   // About one SM's worth of items per band: the blocks running at once come from a few heads, whose
   // Q / dO rows and dQ accumulator stay in L2 (with key block slowest over every head, the blocks
   // running at once each add into a different head's dQ and ~2/3 of those adds went to DRAM).
@@ -798,7 +835,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
                     const __grid_constant__ CUtensorMap tm_do,  // [b, h, n_q, d] box [kBlockM, 64]
                     const __grid_constant__ CUtensorMap tm_bias,  // kStageBias: [b, h, n_q, n_k] box [kBlockM, 64]
                     const BwdParams p, const Sm90BwdWorkspace ws,
-                    const __grid_constant__ ItemGrid grid) {  // persistent kernel only
+                    const __grid_constant__ ItemGrid grid) {  // sizes (persistent), band, fused convert
 #if FLASH_MHA_SM90_ENABLED
   using namespace sm90;
   // Static shared memory exists only in the sm_90a body (the host checks it, as sm90_fwd.cu).
@@ -807,8 +844,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const uint32_t base = smem_addr(smem_raw);
   auto& sm = *reinterpret_cast<typename Tr::Smem*>(smem_raw + (((base + 1023) & ~1023u) - base));
 
+  __shared__ int convert_here;  // kFusedConvert: this block finished its head group's dQ last
   // The one-item kernel's work (the persistent kernel recomputes it per item).
   const BlockWork first(p, nullptr, grid.band, blockIdx.x, Tr::kBlockM, Tr::kBlockN);
+  // kFusedConvert's code only in the one-item kernels at d = 128 (at d = 64 it made ptxas spill 28
+  // more bytes; d = 64 runs the persistent kernel on most short shapes anyway).
+  const bool fused = kFusedConvert && !kPersistent && Tr::kD == 128 && grid.fused_convert && first.n_iters > 0;
   const int wg = threadIdx.x / 128;
   if (threadIdx.x == 0) {
     mbarrier_init(&bar.kv_full, 1);
@@ -835,12 +876,39 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       for_each_item<kPersistent>(p, grid, first, Tr::kBlockM, Tr::kBlockN,
                                  [&](const BlockWork& w, int, int) { write_dq<Tr, kPersistent>(sm, p, ws, w); });
       if (kPersistent && threadIdx.x % 32 == 0) bulk_wait_group<0>();
+      if (fused) {
+        // write_dq waited for its last reduction to complete (its writes are then visible to the
+        // generic proxy); the fence orders them before the count other blocks read.
+        if (threadIdx.x % 32 == 0) {
+          __threadfence();
+          const int before = atomicAdd(grid.done + (first.bi * static_cast<int>(p.h_kv) + first.kvh), 1);
+          __threadfence();  // and the group's other reductions before this block's reads (acquire)
+          convert_here = before == grid.contributors - 1;
+        }
+        __syncwarp();
+        named_barrier_arrive(kBarConvert, Tr::kDqSyncThreads);
+      }
     }
   } else {
     setmaxnreg_inc<Tr::kConsumerRegs>();
     for_each_item<kPersistent>(p, grid, first, Tr::kBlockM, Tr::kBlockN, [&](const BlockWork& w, int tile, int kv) {
       consume<T, Tr, kPersistent, kGeneral, kKeyMask>(sm, bar, p, ws, w, wg - 1, tile, kv);
     });
+    if (fused) {
+      // The dQ staging tile is free (the writer waited for its last reduction before arriving).
+      named_barrier_sync(kBarConvert, Tr::kDqSyncThreads);
+      if (convert_here) {
+        __threadfence();  // every other block's reductions into the group's tiles happened before
+        using Cv = DqTileConverter<T, Tr>;
+        static_assert(Cv::kStageElems * sizeof(T) <= sizeof(sm.dq), "the convert stage fits the dQ staging tile");
+        const Cv cv(p, threadIdx.x - 128);
+        const bool vec = (reinterpret_cast<uintptr_t>(p.dq) & 15) == 0;
+        const int64_t bh0 = int64_t{first.bi} * p.h + int64_t{first.kvh} * first.group;
+        for (int64_t tile = bh0 * ws.n_qt; tile < (bh0 + first.group) * ws.n_qt; ++tile)
+          cv.template run<true>(p, ws, tile, reinterpret_cast<T*>(sm.dq), vec,
+                                [] { named_barrier_sync(kBarDs, 128 * Tr::kConsumers); });
+      }
+    }
   }
 #endif
 }
@@ -883,8 +951,15 @@ bool launch(const BwdParams& p, void* workspace, cudaStream_t stream, int persis
         <<<static_cast<unsigned>(std::min<int64_t>(ceil_div(threads, 256), 1 << 20)), 256, 0, stream>>>(p, ws, vec);
   }
   const int64_t blocks = p.b * p.h_kv * ceil_div(p.n_k, Tr::kBlockN);  // work items
+  ItemGrid grid(p, Tr::kBlockM, Tr::kBlockN);
+  grid.fused_convert = kFusedConvert && kD == 128 && blocks > 0 && (general || persistent_ctas == 0) &&
+                       grid.contributors > 0 && p.n_q * (p.h / p.h_kv) <= kFusedConvertRows;
+  if (grid.fused_convert) {  // the counters sit at the end of the workspace
+    const int64_t count_bytes = p.b * p.h_kv * 4;
+    grid.done = reinterpret_cast<int*>(static_cast<char*>(workspace) + ws.bytes - align_up(count_bytes, 256));
+    cudaMemsetAsync(grid.done, 0, static_cast<size_t>(count_bytes), stream);
+  }
   if (blocks > 0) {
-    const ItemGrid grid(p, Tr::kBlockM, Tr::kBlockN);
     auto run = [&](auto kernel, int64_t n_blocks, int64_t smem_bytes) {
       allow_smem(kernel, smem_bytes);
       kernel<<<static_cast<unsigned>(n_blocks), Tr::kThreads, smem_bytes, stream>>>(tq, tk, tv, tdo, tb, p, ws, grid);
@@ -901,7 +976,7 @@ bool launch(const BwdParams& p, void* workspace, cudaStream_t stream, int persis
     }
   }
   const int64_t dq_tiles = p.b * p.h * ws.n_qt;
-  if (p.b * p.h * p.n_q > 0)
+  if (p.b * p.h * p.n_q > 0 && !grid.fused_convert)
     sm90_bwd_convert_kernel<T, Tr><<<static_cast<unsigned>(std::min<int64_t>(dq_tiles, 1 << 20)), 256, 0, stream>>>(
         p, ws, aligned16(p.dq));
   if constexpr (kSm90BwdGeneral) {
