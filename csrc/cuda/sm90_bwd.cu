@@ -28,7 +28,8 @@
 //    (fragment order) and the dQ writer warp adds the whole tile to the float32 workspace with one
 //    cp.reduce.async.bulk (named barriers "full" / "empty" hand the staging tile back and forth).
 //    dS^T is double buffered, so one barrier per tile orders writes and reads.
-// 3. convert kernel: dq = scale * workspace (undoing the fragment order), in the input dtype.
+// 3. convert kernel: dq = scale * workspace (undoing the fragment order), in the input dtype
+//    (kFusedConvert, off: the last key block of each (batch, kv head) does it instead).
 // GQA: a block walks every query head of its kv head's group, so dK / dV need no atomics.
 // Persistent variant (use_persistent: d = 64 but long causal): min(#SMs, #items) blocks, each
 // taking one item of every round of gridDim.x items (for_each_item). The producer loads the next
@@ -59,7 +60,7 @@ constexpr int kDqTileFloats = 8192;  // one query tile of dQ: kBlockM x d = 64 x
 constexpr int kBarDs = 1, kBarDqFull = 2, kBarDqEmpty = 3;  // named barrier ids (0: __syncthreads)
 constexpr int kBarConvert = 4;                                // kFusedConvert's hand-off
 // Prepared, off (not yet run on a GPU): the one-item kernel converts dQ itself. Per (batch, kv
-// head) a counter in the workspace (zeroed by the prep kernel) counts the key blocks done; the last
+// head) a counter at the end of the workspace (memset by launch) counts the key blocks done; the last
 // of them converts the whole group's dQ rows from dq_acc, still in L2, with its consumer threads
 // after its dK / dV stores, and the convert kernel is skipped. Saves re-reading the float
 // accumulator from DRAM (the convert kernel: 50 us on an H200, 68 on an H100, at every grid
