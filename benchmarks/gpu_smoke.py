@@ -58,6 +58,11 @@ def main():
         # sm80 forward with the bias / mask staged in shared memory (n_k a multiple of 16).
         (torch.bfloat16, 2, 4, 2, 200, 256, 64, 64, "top_left", (1, 4, 200, 256), (2, 1, 1, 256), 0.0),
         (torch.float16, 2, 2, 2, 100, 160, 128, 128, None, (2, 2, 100, 160), (1, 1, 100, 160), 0.1),
+        # Hopper general backward: dbias stored directly by the dbias writer warps (causal: after a
+        # memset; GQA), and reduced into the float accumulator in 16-byte steps.
+        (torch.bfloat16, 2, 2, 1, 150, 200, 128, 128, "bottom_right", (2, 2, 150, 200), None, 0.0),
+        (torch.float16, 1, 2, 2, 130, 256, 64, 64, None, (1, 2, 130, 256), None, 0.0),
+        (torch.bfloat16, 3, 2, 2, 70, 256, 128, 128, None, (1, 2, 70, 256), None, 0.0),
     ]
     results = []
     for c in cases:

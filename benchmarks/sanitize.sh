@@ -6,8 +6,13 @@ cd "$(dirname "$0")/.."
 status=0
 for tool in memcheck racecheck initcheck; do
   echo "== compute-sanitizer --tool $tool"
-  compute-sanitizer --tool "$tool" --error-exitcode 99 python3 benchmarks/gpu_smoke.py 2>&1 | tail -4
-  rc=${PIPESTATUS[0]}
+  log=$(mktemp)
+  compute-sanitizer --tool "$tool" --error-exitcode 99 python3 benchmarks/gpu_smoke.py >"$log" 2>&1
+  rc=$?
+  # The first reports in full (kernel, access, source line), then the summary.
+  grep -m 12 -A 8 -E "^========= (Error|Race reported|Invalid|Uninitialized|Warning)" "$log" | cut -c1-900
+  tail -4 "$log"
+  rm -f "$log"
   echo "== $tool exit code: $rc"
   [ "$rc" = 0 ] || status=1
 done

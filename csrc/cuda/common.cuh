@@ -119,12 +119,30 @@ __host__ __device__ inline bool dbias_once(const BwdParams& p) {
 }
 
 namespace {
-// dst[e] = src[e] in T (float accumulators to the output dtype).
+// dst[e] = src[e] in T (float accumulators to the output dtype). 16-bit T with both pointers
+// 16-byte aligned: 8 elements a thread per step (two 16-byte loads, one 16-byte store).
 template <typename T>
 __global__ void to_dtype_kernel(T* dst, const float* src, int64_t n) {
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    dst[e] = from_acc<T>(src[e]);
+  const int64_t first = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  int64_t done = 0;
+  if constexpr (sizeof(T) == 2) {
+    if (((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) & 15) == 0) {
+      const int64_t n8 = n / 8;
+      for (int64_t v = first; v < n8; v += step) {
+        const float4 a = reinterpret_cast<const float4*>(src)[2 * v];
+        const float4 b = reinterpret_cast<const float4*>(src)[2 * v + 1];
+        auto pack = [](float x, float y) {
+          const T lo = from_acc<T>(x), hi = from_acc<T>(y);
+          const uint32_t l = *reinterpret_cast<const uint16_t*>(&lo), h = *reinterpret_cast<const uint16_t*>(&hi);
+          return l | h << 16;
+        };
+        reinterpret_cast<uint4*>(dst)[v] = make_uint4(pack(a.x, a.y), pack(a.z, a.w), pack(b.x, b.y), pack(b.z, b.w));
+      }
+      done = n8 * 8;
+    }
+  }
+  for (int64_t e = done + first; e < n; e += step) dst[e] = from_acc<T>(src[e]);
 }
 }  // namespace
 

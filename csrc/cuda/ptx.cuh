@@ -100,6 +100,27 @@ __device__ __forceinline__ void red_add_v2_f32(float* p, float a, float b) {
 #endif
 }
 
+// 16-bit load from a shared-memory address (zero-extended).
+__device__ __forceinline__ uint32_t ld_shared_u16(uint32_t addr) {
+  uint16_t v;
+  asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(v) : "r"(addr));
+  return v;
+}
+
+// red.global.add.v4.f32 (sm_90+): p[0..3] += v in one 16-byte reduction (p 16-byte aligned); four
+// red.global.add.f32 before sm_90.
+__device__ __forceinline__ void red_add_v4_f32(float* p, float a, float b, float c, float d) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("red.add.global.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "f"(a), "f"(b), "f"(c), "f"(d)
+               : "memory");
+#else
+  red_add_f32(p, a);
+  red_add_f32(p + 1, b);
+  red_add_f32(p + 2, c);
+  red_add_f32(p + 3, d);
+#endif
+}
+
 // Two floats -> one register of two 16-bit values (low half = x).
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float x, float y) {

@@ -10,16 +10,17 @@
 //    can fetch a tile's rows with one 16-byte-aligned bulk copy each.
 // 2. main kernel: one block per (batch, kv head, 128 keys); causal items in bands of heads, key
 //    block slowest inside a band (ItemGrid::band). Warpgroup 0 (24 registers) holds the
-//    producer thread and the dQ writer warp. The producer loads K and V of the block once, then
-//    for each query head of the GQA group and each query tile of kBlockM rows that can see the
-//    block (causal: from the diagonal on), Q, dO (TMA, 128-byte swizzle) and the lse2 / D rows
+//    producer thread, the dQ writer warp and (with a bias gradient) two dbias writer warps. The
+//    producer loads K and V of the block once, then for each query head of the GQA group and each
+//    query tile of kBlockM rows that can see the block (causal: from the diagonal on), Q, dO (TMA, 128-byte swizzle) and the lse2 / D rows
 //    (bulk copies) into a kStages-deep ring (full / empty mbarriers per stage). Consumer
 //    warpgroups 1, 2 own keys 64 (wg - 1) .. + 63 and keep their dK, dV [64, d] in registers.
 //    Per query tile, in the transposed (key-row) layout:
 //      S^T = K Q^T, dP^T = V dO^T            (wgmma SS, both K-major, N = kBlockM)
 //      P^T = 2^(S^T scale log2e - lse2)       (causal mask on diagonal tiles only; key mask rows;
 //                                             kGeneral: + bias^T log2e, any mask, dropout Z)
-//      dS^T = P^T (dP^T - D)                  (kGeneral: P^T (dP^T Z - D), also added to dbias)
+//      dS^T = P^T (dP^T - D)                  (kGeneral: P^T (dP^T Z - D); dbias = dS, stored from
+//                                             the dS^T buffer by warps 2, 3 of warpgroup 0)
 //      dV += P^T dO, dK += dS^T Q             (wgmma RS: A = P^T / dS^T from registers, B MN-major)
 //      dS^T -> shared memory [keys, queries]; named barrier over both consumer warpgroups
 //      dQ[64, 64] = dS K                      (wgmma SS, both operands MN-major (transpose bits))
@@ -28,8 +29,7 @@
 //    (fragment order) and the dQ writer warp adds the whole tile to the float32 workspace with one
 //    cp.reduce.async.bulk (named barriers "full" / "empty" hand the staging tile back and forth).
 //    dS^T is double buffered, so one barrier per tile orders writes and reads.
-// 3. convert kernel: dq = scale * workspace (undoing the fragment order), in the input dtype
-//    (kFusedConvert, off: the last key block of each (batch, kv head) does it instead).
+// 3. convert kernel: dq = scale * workspace (undoing the fragment order), in the input dtype.
 // GQA: a block walks every query head of its kv head's group, so dK / dV need no atomics.
 // Persistent variant (use_persistent: d = 64 but long causal): min(#SMs, #items) blocks, each
 // taking one item of every round of gridDim.x items (for_each_item). The producer loads the next
@@ -58,15 +58,6 @@ namespace {
 constexpr int kRowPad = 128;  // lse2 / D rows per (batch, head) are padded to this multiple
 constexpr int kDqTileFloats = 8192;  // one query tile of dQ: kBlockM x d = 64 x 128 or 128 x 64
 constexpr int kBarDs = 1, kBarDqFull = 2, kBarDqEmpty = 3;  // named barrier ids (0: __syncthreads)
-constexpr int kBarConvert = 4;                                // kFusedConvert's hand-off
-// Prepared, off (not yet run on a GPU): the one-item kernel converts dQ itself. Per (batch, kv
-// head) a counter at the end of the workspace (memset by launch) counts the key blocks done; the last
-// of them converts the whole group's dQ rows from dq_acc, still in L2, with its consumer threads
-// after its dK / dV stores, and the convert kernel is skipped. Saves re-reading the float
-// accumulator from DRAM (the convert kernel: 50 us on an H200, 68 on an H100, at every grid
-// point); costs the converting blocks' tensor time, so only for short rows (kFusedConvertRows).
-constexpr bool kFusedConvert = false;
-constexpr int64_t kFusedConvertRows = 2048;  // n_q x (query heads per kv head) at most
 // Bias (and its gradient), masks of any broadcast shape and dropout on this path: an instantiation
 // of its own of the one-block-per-item kernel (kGeneral). False sends those shapes to the sm80
 // backward (key masks alone stay on kKeyMask).
@@ -177,8 +168,6 @@ struct Sm90BwdWorkspace {
     dsum = reinterpret_cast<float*>(c + dq_bytes + row_bytes);
     bytes = dq_bytes + 2 * row_bytes;
     if (kSm90BwdGeneral && p.dbias && !dbias_once(p)) bytes += align_up(dbias_acc_elems(p) * 4, 256);
-    // kFusedConvert: key blocks finished per (batch, kv head) (ItemGrid::done), after the rest.
-    if (kFusedConvert) bytes += align_up(p.b * p.h_kv * 4, 256);
   }
   // General kernel: float dbias accumulator right after dsum (when dbias is not stored directly:
   // a broadcast dbias, summed by atomics or by one thread across a GQA group), then converted.
@@ -264,18 +253,17 @@ struct DqTileConverter {
     scale = static_cast<float>(p.scale);
   }
 
-  template <bool kL2, typename Sync>
   __device__ __forceinline__ void run(const BwdParams& p, const Sm90BwdWorkspace& ws, int64_t tile, T* stage,
-                                      bool vec, Sync&& sync) const {
+                                      bool vec) const {
     const float4* src = reinterpret_cast<const float4*>(ws.dq_acc) + tile * kTile4;
 #pragma unroll
     for (int nt = 0; nt < kTile4 / kThreadsC; ++nt) {
-      const float4 v = kL2 ? __ldcg(src + nt * kThreadsC + t) : src[nt * kThreadsC + t];
+      const float4 v = src[nt * kThreadsC + t];
       T* d = stage + row * kPitch + col0 + 8 * nt;
       *reinterpret_cast<uint32_t*>(d) = pack2<T>(v.x * scale, v.y * scale);
       *reinterpret_cast<uint32_t*>(d + 8 * kPitch) = pack2<T>(v.z * scale, v.w * scale);
     }
-    sync();
+    __syncthreads();
     const int64_t bh = tile / ws.n_qt, i0 = (tile - bh * ws.n_qt) * Tr::kBlockM;
     constexpr int kChunks = Tr::kD / 8;  // 16-byte chunks a row
 #pragma unroll
@@ -295,7 +283,7 @@ struct DqTileConverter {
         }
       }
     }
-    sync();  // before the next tile overwrites the stage
+    __syncthreads();  // before the next tile overwrites the stage
   }
 };
 
@@ -308,7 +296,7 @@ __global__ void __launch_bounds__(256) sm90_bwd_convert_kernel(const BwdParams p
   const Cv cv(p, threadIdx.x);
   const int64_t tiles = p.b * p.h * ws.n_qt;
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x)
-    cv.template run<false>(p, ws, tile, tile_s, vec, [] { __syncthreads(); });
+    cv.run(p, ws, tile, tile_s, vec);
 }
 
 // Sizes that place the work items. The persistent kernel reads them from the host (a kernel
@@ -318,10 +306,6 @@ struct ItemGrid {
   int n_kb, heads, items, group, n_qb;
   int band;       // causal: (batch, kv head) pairs per band of the item order (see BlockWork)
   int64_t shift;  // causal_shift
-  // kFusedConvert: whether the one-item kernel converts dQ (set by launch), and how many key blocks
-  // of a (batch, kv head) have iterations (the last of them to finish converts).
-  int fused_convert = 0, contributors = 0;
-  int* done = nullptr;  // the counters (workspace, zeroed by launch)
   ItemGrid(const BwdParams& p, int block_m, int block_n)
       : n_kb(static_cast<int>(ceil_div(p.n_k, block_n))),
         heads(static_cast<int>(p.b * p.h_kv)),
@@ -329,16 +313,16 @@ struct ItemGrid {
         group(static_cast<int>(p.h / p.h_kv)),
         n_qb(static_cast<int>(ceil_div(p.n_q, block_m))),
         band(causal_band(p, n_kb, heads)),
-        shift(causal_shift(p)) {
-    if (kFusedConvert) {  // contributors: the key blocks some query sees (all of them unless causal)
-      for (int kb = 0; kb < n_kb; ++kb) contributors += p.causal == Causal::kNone || kb * int64_t{block_n} - shift < p.n_q;
-    }
-  }
+        shift(causal_shift(p)) {}
   // About one SM's worth of items per band: the blocks running at once come from a few heads, whose
   // Q / dO rows and dQ accumulator stay in L2 (with key block slowest over every head, the blocks
   // running at once each add into a different head's dQ and ~2/3 of those adds went to DRAM).
+  // Non-causal with a dbias broadcast over the batch (general kernel only): 0, batch fastest, so
+  // that the batches' reductions into one float accumulator tile come close in time and meet in L2
+  // (key block fastest, they were ~500 items apart and every reduction went to DRAM).
   static int causal_band(const BwdParams& p, int n_kb, int heads) {
-    if (p.causal == Causal::kNone || n_kb == 0) return heads;
+    if (p.causal == Causal::kNone) return p.dbias && p.dbias_s.b == 0 && p.b > 1 ? 0 : heads;
+    if (n_kb == 0) return heads;
     return static_cast<int>(std::min<int64_t>(heads, ceil_div(sm_count(), n_kb)));
   }
 };
@@ -349,13 +333,16 @@ struct BlockWork {
   int bi, kvh, kb, j0;
   int group, first_qt, n_qt, n_iters;
   // g: the sizes from the host (persistent kernel), or nullptr: derived from p here. band: ItemGrid.
+  // batch_order: the general kernel, whose non-causal band 0 means batch fastest (the plain
+  // kernels never see it).
   __device__ __forceinline__ BlockWork(const BwdParams& p, const ItemGrid* g, int band, int item, int block_m,
-                                       int block_n) {
+                                       int block_n, bool batch_order = false) {
     const int n_kb = g ? g->n_kb : static_cast<int>((p.n_k + block_n - 1) / block_n);
     const int heads = g ? g->heads : static_cast<int>(p.b * p.h_kv);
     // Causal: key block 0 has the most query tiles; the items go in bands of `band` heads, inside
     // a band heaviest first (key block slowest). Otherwise the key blocks of one head are neighbours,
-    // so they share its Q / dO in L2.
+    // so they share its Q / dO in L2; band 0 (non-causal): the batch fastest, then the key block
+    // (ItemGrid::causal_band says when).
     int bkv;
     if (p.causal != Causal::kNone) {
       const int bi0 = item / (band * n_kb) * band;  // first head of the item's band
@@ -363,6 +350,10 @@ struct BlockWork {
       const int rem = item - bi0 * n_kb;
       kb = rem / in_band;
       bkv = bi0 + rem - kb * in_band;
+    } else if (batch_order && band == 0) {
+      const int b = static_cast<int>(p.b), rest = item / b;
+      kb = rest % n_kb;
+      bkv = (item - rest * b) * static_cast<int>(p.h_kv) + rest / n_kb;
     } else {
       bkv = item / n_kb;
       kb = item - bkv * n_kb;
@@ -511,6 +502,83 @@ __device__ __forceinline__ uint32_t sw128_offset(int row, int col, int rows) {
   return (col / 64) * rows * 128 + row * 128 + ((((col % 64) / 8) ^ (row % 8)) << 4) + (col % 8) * 2;
 }
 
+// Threads on named barrier kBarDs: the consumers, plus in the general kernel the dbias writer warps
+// (with or without a bias gradient: a count fixed at compile time).
+template <typename Tr, bool kGeneral>
+constexpr int kDsBarrierThreads = 128 * Tr::kConsumers + (kGeneral ? 64 : 0);
+
+// dbias writer (general kernel): warps 2 and 3 of the producer warpgroup (without a bias gradient
+// they only keep kBarDs's count).
+// dbias = dS, which the consumers have already rounded to T and written to the dS^T buffer t & 1
+// (the dQ product's operand) by the time they pass kBarDs of tile t; these warps pass it with them,
+// read the tile back transposed and store it. Buffer t & 1 is written again at tile t + 2, after the
+// consumers' kBarDs of tile t + 1, which these warps reach only once they have read tile t.
+// Thread x takes queries r = x, x + 64, .. of the tile and walks its keys 8 at a time: one 16-byte
+// store of dbias (direct) or two 16-byte float reductions (the float accumulator of a broadcast
+// dbias) where the keys are contiguous and the tile's keys all in range; element by element
+// otherwise. A read: the warp's 32 queries of one key row, 64 bytes in 4 distinct 16-byte chunks
+// of the swizzled row (no bank conflict). 24 registers here (setmaxnreg): keep it lean.
+template <typename T, typename Tr>
+__device__ __forceinline__ void write_dbias(typename Tr::Smem& sm, const BwdParams& p, const Sm90BwdWorkspace& ws,
+                                            const BlockWork& w, int tile, int thread) {
+  using namespace sm90;
+  const Strided4& s = p.dbias_s;
+  const bool direct = dbias_once(p);
+  const bool vec = s.k == 1 && s.q % 8 == 0 && s.h % 8 == 0 && s.b % 8 == 0 &&
+                   (!direct || (reinterpret_cast<uintptr_t>(p.dbias) & 15) == 0) && w.j0 + Tr::kBlockN <= p.n_k;
+  for (int n = 0; n < w.n_iters; ++n) {
+    const int t = tile + n;
+    int hi, i0;
+    w.at(n, Tr::kBlockM, hi, i0);
+    // bar.sync is warp-aligned: lanes that left the query loop early (rows past n_q) rejoin first.
+    __syncwarp();
+    named_barrier_sync(kBarDs, kDsBarrierThreads<Tr, true>);  // dS^T of tile t in buffer t & 1
+    if (!p.dbias) continue;  // only keeping the barrier's count
+#pragma unroll 1
+    for (int r = thread; r < Tr::kBlockM && i0 + r < p.n_q; r += 64) {
+      // Key row 0 of query r: panel r / 64 (1024-byte aligned), chunk (r % 64) / 8, byte 2 (r % 8).
+      // Key row j: + (j / 8) 1024, and row j % 8 of those 8 is XOR (j % 8) 0x90 (+ 128 (j % 8),
+      // chunk XOR j % 8: the 128-byte swizzle; the bit fields do not overlap).
+      const uint32_t x0 =
+          (smem_addr(sm.ds[t & 1]) + (r / 64) * Tr::kBlockN * 128) | (((r % 64) / 8) << 4) | ((r % 8) << 1);
+      const int64_t row = int64_t{w.bi} * s.b + int64_t{hi} * s.h + int64_t{i0 + r} * s.q + int64_t{w.j0} * s.k;
+      if (vec) {
+        // 8 keys at a time: one 16-byte store, or two 16-byte float reductions.
+        T* const dst = static_cast<T*>(p.dbias) + row;
+        float* const acc = ws.dbias_acc(p) + row;
+#pragma unroll 1
+        for (int g = 0; g < Tr::kBlockN / 8; ++g) {
+          const uint32_t x = x0 + g * 1024;
+          uint32_t v[4];  // keys 8 g + 2 m (low half), 8 g + 2 m + 1
+#pragma unroll
+          for (int m = 0; m < 4; ++m)
+            v[m] = ld_shared_u16(x ^ (2 * m * 0x90)) | (ld_shared_u16(x ^ ((2 * m + 1) * 0x90)) << 16);
+          if (direct) {
+            *reinterpret_cast<uint4*>(dst + 8 * g) = make_uint4(v[0], v[1], v[2], v[3]);
+          } else {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const float2 a = unpack2<T>(v[2 * h]), b = unpack2<T>(v[2 * h + 1]);
+              red_add_v4_f32(acc + 8 * g + 4 * h, a.x, a.y, b.x, b.y);
+            }
+          }
+        }
+      } else {  // element by element (keys strided or broadcast, the last key block, misaligned)
+#pragma unroll 1
+        for (int j = 0; j < Tr::kBlockN; ++j) {
+          const bool ok = w.j0 + j < p.n_k;
+          const uint32_t bits = ld_shared_u16((x0 + (j / 8) * 1024) ^ ((j % 8) * 0x90));
+          const int64_t o = ok ? row + j * s.k : 0;
+          if (direct)
+            st_b16_if(ok, static_cast<T*>(p.dbias) + o, static_cast<uint16_t>(bits));
+          else
+            red_add_f32_if(ok, ws.dbias_acc(p) + o, unpack2<T>(bits).x);
+        }
+      }
+    }
+  }
+}
+
 // dQ tile [64, 64] = dS[64 queries, kBlockN] K[kBlockN, 64 columns]; dS from the dS^T tile (MN-major
 // A), K MN-major B. a_base / b_base: the panel of the warpgroup's rows / columns. Issue only.
 template <typename T, typename Tr>
@@ -571,17 +639,8 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
   const bool causal = p.causal != Causal::kNone;
   const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
 
-  // General kernel: dropout, and where dbias goes: stored in T (each element produced once, after a
-  // memset), or reduced into the float accumulator (elements shared by blocks, or summed by one
-  // thread over a GQA group's heads), then converted.
-  Dropout drop;
-  bool dbias_direct = false;
-  float* dbias_acc = nullptr;
-  if constexpr (kGeneral) {
-    drop.init(p);
-    dbias_direct = p.dbias && dbias_once(p);
-    dbias_acc = ws.dbias_acc(p);
-  }
+  Dropout drop;  // general kernel: dropout
+  if constexpr (kGeneral) drop.init(p);
   float dk[kNO][4], dv[kNO][4];  // [64 keys of the warpgroup, kD], wgmma accumulator layout
   zero_acc(dk);
   zero_acc(dv);
@@ -642,10 +701,23 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
       // the bias holds); both compile away in the other kernels.
       const bool has_bias = kGeneral && p.bias != nullptr, has_mask = kGeneral && p.mask != nullptr;
       const bool bias_bcast = p.bias_s.q == 0;
+      uint32_t bias_t[4];  // kStageBias: bias^T of n-tiles nt, nt + 1 (even nt), as pairs of queries
 #pragma unroll
       for (int nt = 0; nt < kNS; ++nt) {
         const int c = 8 * nt + 2 * (lane % 4);
         const float2 l2 = *reinterpret_cast<const float2*>(&sm.lse2[st][c]);
+        if constexpr (kGeneral && Tr::kStageBias) {
+          // The staged tile is [queries, keys] (panel cw: this warpgroup's keys, 128-byte swizzle);
+          // ldmatrix .trans hands each thread key lane / 4 (+ 8 h) at queries 2 (lane % 4), + 1 of
+          // an 8 x 8 block: the S^T fragment's pair. Matrix m (lanes 8 m ..): n-tile nt + m / 2,
+          // keys 8 (2 warp + m % 2) ..; lane gives its query row (row 0 for a query-broadcast bias).
+          if (has_bias && nt % 2 == 0) {
+            const int q = bias_bcast ? 0 : 8 * (nt + lane / 16) + lane % 8;
+            const int chunk = 2 * warp + (lane / 8) % 2;
+            ldmatrix_x4_trans(bias_t, smem_addr(sm.bias[st]) + cw * Tr::kBlockM * 128 + q * 128 +
+                                          ((chunk ^ (q % 8)) << 4));
+          }
+        }
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           float x = fmaf(s[nt][e], scale_log2, -(e % 2 ? l2.y : l2.x));
@@ -653,15 +725,8 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
             if (has_bias) {
               float b;
               if constexpr (Tr::kStageBias) {
-                // Query r = 8 nt + 2 (lane % 4) + e % 2 of the tile (0 for a query-broadcast bias),
-                // key c = 64 cw + 16 warp + lane / 4 + 8 (e / 2): panel cw, 16-byte chunk
-                // (2 warp + e / 2) XOR r % 8, byte 2 (lane / 4). A read's 32 lanes: 4 rows x one
-                // chunk each (distinct chunks), 8 keys of a chunk: no bank conflict.
-                const int r = bias_bcast ? 0 : 8 * nt + 2 * (lane % 4) + e % 2;
-                const T* bt = reinterpret_cast<const T*>(
-                    reinterpret_cast<const unsigned char*>(sm.bias[st]) + cw * Tr::kBlockM * 128 + r * 128 +
-                    (((2 * warp + e / 2) ^ (r % 8)) << 4) + 2 * (lane / 4));
-                b = to_acc<float>(*bt);
+                const float2 b2 = unpack2<T>(bias_t[2 * (nt % 2) + e / 2]);
+                b = e % 2 ? b2.y : b2.x;
               } else {
                 const float2 b2 = unpack2<T>(extras.bias2[nt][e / 2]);
                 b = e % 2 ? b2.y : b2.x;
@@ -689,15 +754,33 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
       }
       uint32_t pa[kKP][4];   // P^T (dropout: P^T Z) as A fragments (16-bit)
       uint32_t dsa[kKP][4];  // dS^T as A fragments
-      if constexpr (kGeneral) {
-        // Z = keep / (1 - p) or 0 (the forward's Philox words; 1 without dropout): dV takes
-        // (P^T Z) dO and dS^T = P^T (dP^T Z - D). Both need P^T whole, so dP^T is waited for first.
+      // Without dropout: P^T packed while dP^T computes, then dS^T = P^T (dP^T - D[query]).
+      auto plain_ds = [&] {
+#pragma unroll
+        for (int kk = 0; kk < kKP; ++kk) acc_to_a<T>(pa[kk], s, kk);
+
+        wgmma_wait_group<0>();
+        fence_regs(dp);
+#pragma unroll
+        for (int nt = 0; nt < kNS; ++nt) {
+          const int c = 8 * nt + 2 * (lane % 4);
+          const float2 dd = *reinterpret_cast<const float2*>(&sm.dsum[st][c]);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) dp[nt][e] = s[nt][e] * (dp[nt][e] - (e % 2 ? dd.y : dd.x));
+        }
+#pragma unroll
+        for (int kk = 0; kk < kKP; ++kk) acc_to_a<T>(dsa[kk], dp, kk);
+      };
+      // The general kernel's dbias = dS: the dbias writer warps store it from the dS^T buffer.
+      if (kGeneral && drop.on) {
+        // Z = keep / (1 - p) or 0 (the forward's Philox words): dV takes (P^T Z) dO and
+        // dS^T = P^T (dP^T Z - D). Both need P^T whole, so dP^T is waited for first.
         const uint64_t bh = static_cast<uint64_t>(w.bi) * p.h + hi;
         wgmma_wait_group<0>();
         fence_regs(dp);
 #pragma unroll
         for (int nt = 0; nt < kNS; ++nt) {
-          const uint32_t keep = drop.on ? dropout_bits_keyrows(drop, bh, key0, i0, nt) : 0xFu;
+          const uint32_t keep = dropout_bits_keyrows(drop, bh, key0, i0, nt);
           const int c = 8 * nt + 2 * (lane % 4);
           const float2 dd = *reinterpret_cast<const float2*>(&sm.dsum[st][c]);
 #pragma unroll
@@ -712,46 +795,8 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
           acc_to_a<T>(pa[kk], s, kk);
           acc_to_a<T>(dsa[kk], dp, kk);
         }
-        // dbias += dS (element (query i, key j) of this tile; the scores' gradient, unscaled). One
-        // loop per destination kind, a predicated store per element (no per-element branch).
-        if (p.dbias) {
-          const Strided4& ds = p.dbias_s;
-          const int64_t base = w.bi * ds.b + hi * ds.h;
-          const int n_q = static_cast<int>(p.n_q);
-          auto for_each = [&](auto&& op) {
-#pragma unroll
-            for (int nt = 0; nt < kNS; ++nt)
-#pragma unroll
-              for (int e = 0; e < 4; ++e) {
-                const int i = i0 + frag_col(lane, nt, e), j = key0 + frag_row(lane, e);
-                op(i < n_q && j < n_k, base + i * ds.q + j * ds.k, dp[nt][e]);
-              }
-          };
-          // The accumulator: atomics where blocks share an element; where one thread walks a GQA
-          // group's heads, its own reductions to one address apply in program order.
-          if (dbias_direct)
-            for_each([&](bool ok, int64_t off, float g) {
-              st_b16_if(ok, static_cast<T*>(p.dbias) + off, static_cast<uint16_t>(bits16(from_acc<T>(g))));
-            });
-          else
-            for_each([&](bool ok, int64_t off, float g) { red_add_f32_if(ok, dbias_acc + off, g); });
-        }
       } else {
-#pragma unroll
-        for (int kk = 0; kk < kKP; ++kk) acc_to_a<T>(pa[kk], s, kk);
-
-        wgmma_wait_group<0>();
-        fence_regs(dp);
-        // dS^T = P^T (dP^T - D[query])
-#pragma unroll
-        for (int nt = 0; nt < kNS; ++nt) {
-          const int c = 8 * nt + 2 * (lane % 4);
-          const float2 dd = *reinterpret_cast<const float2*>(&sm.dsum[st][c]);
-#pragma unroll
-          for (int e = 0; e < 4; ++e) dp[nt][e] = s[nt][e] * (dp[nt][e] - (e % 2 ? dd.y : dd.x));
-        }
-#pragma unroll
-        for (int kk = 0; kk < kKP; ++kk) acc_to_a<T>(dsa[kk], dp, kk);
+        plain_ds();
       }
 
       // dS^T -> shared memory buffer t & 1 ([kBlockN keys, kBlockM queries], 64-query panels).
@@ -772,7 +817,9 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
       // wait_group<0> (dQ read buffer (t - 1) & 1) before arriving, so buffer t & 1, last read at
       // tile t - 2, is free by the time anyone writes it again at tile t + 2 (t runs on across
       // items, so this holds at item boundaries too).
-      named_barrier_sync(kBarDs, 128 * Tr::kConsumers);
+      // In the general kernel the dbias writer warps pass it too (write_dbias), once they have
+      // read the previous tile's buffer.
+      named_barrier_sync(kBarDs, kDsBarrierThreads<Tr, kGeneral>);
 
       float dq[8][4];  // [64, 64] dQ tile of this warpgroup
       wgmma_fence();
@@ -836,7 +883,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
                     const __grid_constant__ CUtensorMap tm_do,  // [b, h, n_q, d] box [kBlockM, 64]
                     const __grid_constant__ CUtensorMap tm_bias,  // kStageBias: [b, h, n_q, n_k] box [kBlockM, 64]
                     const BwdParams p, const Sm90BwdWorkspace ws,
-                    const __grid_constant__ ItemGrid grid) {  // sizes (persistent), band, fused convert
+                    const __grid_constant__ ItemGrid grid) {  // sizes (persistent), band
 #if FLASH_MHA_SM90_ENABLED
   using namespace sm90;
   // Static shared memory exists only in the sm_90a body (the host checks it, as sm90_fwd.cu).
@@ -845,12 +892,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const uint32_t base = smem_addr(smem_raw);
   auto& sm = *reinterpret_cast<typename Tr::Smem*>(smem_raw + (((base + 1023) & ~1023u) - base));
 
-  __shared__ int convert_here;  // kFusedConvert: this block finished its head group's dQ last
   // The one-item kernel's work (the persistent kernel recomputes it per item).
-  const BlockWork first(p, nullptr, grid.band, blockIdx.x, Tr::kBlockM, Tr::kBlockN);
-  // kFusedConvert's code only in the one-item kernels at d = 128 (at d = 64 it made ptxas spill 28
-  // more bytes; d = 64 runs the persistent kernel on most short shapes anyway).
-  const bool fused = kFusedConvert && !kPersistent && Tr::kD == 128 && grid.fused_convert && first.n_iters > 0;
+  const BlockWork first(p, nullptr, grid.band, blockIdx.x, Tr::kBlockM, Tr::kBlockN, kGeneral);
   const int wg = threadIdx.x / 128;
   if (threadIdx.x == 0) {
     mbarrier_init(&bar.kv_full, 1);
@@ -877,17 +920,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       for_each_item<kPersistent>(p, grid, first, Tr::kBlockM, Tr::kBlockN,
                                  [&](const BlockWork& w, int, int) { write_dq<Tr, kPersistent>(sm, p, ws, w); });
       if (kPersistent && threadIdx.x % 32 == 0) bulk_wait_group<0>();
-      if (fused) {
-        // write_dq waited for its last reduction to complete (its writes are then visible to the
-        // generic proxy); the fence orders them before the count other blocks read.
-        if (threadIdx.x % 32 == 0) {
-          __threadfence();
-          const int before = atomicAdd(grid.done + (first.bi * static_cast<int>(p.h_kv) + first.kvh), 1);
-          __threadfence();  // and the group's other reductions before this block's reads (acquire)
-          convert_here = before == grid.contributors - 1;
-        }
-        __syncwarp();
-        named_barrier_arrive(kBarConvert, Tr::kDqSyncThreads);
+    } else if constexpr (kGeneral) {
+      if (threadIdx.x >= 64) {  // warps 2, 3: the dbias writers (on kBarDs even without a dbias)
+        for_each_item<kPersistent>(p, grid, first, Tr::kBlockM, Tr::kBlockN, [&](const BlockWork& w, int tile, int) {
+          write_dbias<T, Tr>(sm, p, ws, w, tile, threadIdx.x - 64);
+        });
       }
     }
   } else {
@@ -895,21 +932,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     for_each_item<kPersistent>(p, grid, first, Tr::kBlockM, Tr::kBlockN, [&](const BlockWork& w, int tile, int kv) {
       consume<T, Tr, kPersistent, kGeneral, kKeyMask>(sm, bar, p, ws, w, wg - 1, tile, kv);
     });
-    if (fused) {
-      // The dQ staging tile is free (the writer waited for its last reduction before arriving).
-      named_barrier_sync(kBarConvert, Tr::kDqSyncThreads);
-      if (convert_here) {
-        __threadfence();  // every other block's reductions into the group's tiles happened before
-        using Cv = DqTileConverter<T, Tr>;
-        static_assert(Cv::kStageElems * sizeof(T) <= sizeof(sm.dq), "the convert stage fits the dQ staging tile");
-        const Cv cv(p, threadIdx.x - 128);
-        const bool vec = (reinterpret_cast<uintptr_t>(p.dq) & 15) == 0;
-        const int64_t bh0 = int64_t{first.bi} * p.h + int64_t{first.kvh} * first.group;
-        for (int64_t tile = bh0 * ws.n_qt; tile < (bh0 + first.group) * ws.n_qt; ++tile)
-          cv.template run<true>(p, ws, tile, reinterpret_cast<T*>(sm.dq), vec,
-                                [] { named_barrier_sync(kBarDs, 128 * Tr::kConsumers); });
-      }
-    }
   }
 #endif
 }
@@ -937,9 +959,10 @@ bool launch(const BwdParams& p, void* workspace, cudaStream_t stream, int persis
       return false;
   }
   const Sm90BwdWorkspace ws(p, workspace);
-  // General kernel, a dbias stored directly: causal tiles no iteration visits must read 0; else
-  // its float accumulator starts from 0 (the prep kernel zeroes dq_acc, and writes lse2 / D).
-  if (kSm90BwdGeneral && p.dbias && dbias_once(p))
+  // General kernel, a dbias stored directly: causal tiles no iteration visits must read 0 (without
+  // causality every element in range is stored); else its float accumulator starts from 0 (the
+  // prep kernel zeroes dq_acc, and writes lse2 / D).
+  if (kSm90BwdGeneral && p.dbias && dbias_once(p) && p.causal != Causal::kNone)
     cudaMemsetAsync(p.dbias, 0, static_cast<size_t>(p.b * p.h * p.n_q * p.n_k) * sizeof(T), stream);
   if (kSm90BwdGeneral && p.dbias && !dbias_once(p))
     cudaMemsetAsync(ws.dbias_acc(p), 0, static_cast<size_t>(Sm90BwdWorkspace::dbias_acc_elems(p)) * 4, stream);
@@ -952,14 +975,7 @@ bool launch(const BwdParams& p, void* workspace, cudaStream_t stream, int persis
         <<<static_cast<unsigned>(std::min<int64_t>(ceil_div(threads, 256), 1 << 20)), 256, 0, stream>>>(p, ws, vec);
   }
   const int64_t blocks = p.b * p.h_kv * ceil_div(p.n_k, Tr::kBlockN);  // work items
-  ItemGrid grid(p, Tr::kBlockM, Tr::kBlockN);
-  grid.fused_convert = kFusedConvert && kD == 128 && blocks > 0 && (general || persistent_ctas == 0) &&
-                       grid.contributors > 0 && p.n_q * (p.h / p.h_kv) <= kFusedConvertRows;
-  if (grid.fused_convert) {  // the counters sit at the end of the workspace
-    const int64_t count_bytes = p.b * p.h_kv * 4;
-    grid.done = reinterpret_cast<int*>(static_cast<char*>(workspace) + ws.bytes - align_up(count_bytes, 256));
-    cudaMemsetAsync(grid.done, 0, static_cast<size_t>(count_bytes), stream);
-  }
+  const ItemGrid grid(p, Tr::kBlockM, Tr::kBlockN);
   if (blocks > 0) {
     auto run = [&](auto kernel, int64_t n_blocks, int64_t smem_bytes) {
       allow_smem(kernel, smem_bytes);
@@ -977,7 +993,7 @@ bool launch(const BwdParams& p, void* workspace, cudaStream_t stream, int persis
     }
   }
   const int64_t dq_tiles = p.b * p.h * ws.n_qt;
-  if (p.b * p.h * p.n_q > 0 && !grid.fused_convert)
+  if (p.b * p.h * p.n_q > 0)
     sm90_bwd_convert_kernel<T, Tr><<<static_cast<unsigned>(std::min<int64_t>(dq_tiles, 1 << 20)), 256, 0, stream>>>(
         p, ws, aligned16(p.dq));
   if constexpr (kSm90BwdGeneral) {

@@ -313,22 +313,40 @@ __device__ __forceinline__ void load_mask(uint32_t (&keep)[2], const FwdParams& 
 // Raw scores -> log2-domain scores s scale log2(e) + bias log2(e), -inf where the mask hides them
 // (the mask wins over any bias value, NaN included, as on the other paths).
 // bias_tile: the staged tile in shared memory (layout in consume_tile), or nullptr; bcast: it holds
-// one row (a query-broadcast bias); wrow: this warp's first row in the tile.
-template <typename T, int kBlockM, int kNS>
+// one row (a query-broadcast bias); wrow: this warp's first row in the tile. kMatrixLoads: the bias
+// by ldmatrix, 8 loads a tile instead of 32 (ptxas spilled ~20% more with it in the kFull kernel,
+// which keeps the 4-byte loads).
+template <typename T, int kBlockM, int kNS, bool kMatrixLoads>
 __device__ __forceinline__ void apply_extras(float (&s)[kNS][4], const uint32_t (&keep)[2],
                                              const unsigned char* bias_tile, bool bcast, int wrow, bool has_mask,
                                              float scale_log2) {
+  static_assert(kNS % 2 == 0, "bias pairs of n-tiles");
   const float kNegInf = -__int_as_float(0x7f800000);
-  const int lane = threadIdx.x % 32, sw = bcast ? 0 : lane / 4;
+  const int lane = threadIdx.x % 32;
+  // 4-byte loads: this thread's pair of columns 2 (lane % 4) in rows lane / 4 (+ 8 h).
+  const int sw = bcast ? 0 : lane / 4;
   const unsigned char* src = bias_tile + (bcast ? 0 : (wrow + lane / 4) * 128) + 4 * (lane % 4);
+  // ldmatrix (x4) hands each thread row lane / 4 (+ 8 h), columns 2 (lane % 4), + 1 of an 8 x 8
+  // block: the same pair. Matrix m (lanes 8 m ..): rows + 8 (m % 2), n-tile nt + m / 2; each lane
+  // gives its row (row 0 for a query-broadcast bias), whose chunk is XOR row % 8.
+  const int row = bcast ? 0 : wrow + 8 * ((lane / 8) % 2) + lane % 8;
+  const uint32_t msrc = kMatrixLoads && bias_tile ? smem_addr(bias_tile) + row * 128 : 0;
+  uint32_t bias2[4];
 #pragma unroll
   for (int nt = 0; nt < kNS; ++nt)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       float2 b = make_float2(0.f, 0.f);
-      if (bias_tile)
+      if constexpr (kMatrixLoads) {
+        if (bias_tile && nt % 2 == 0 && h == 0) {
+          const int n = nt + lane / 16;
+          ldmatrix_x4(bias2, msrc + (n / 8) * kBlockM * 128 + (((n % 8) ^ (row % 8)) << 4));
+        }
+        if (bias_tile) b = unpack2<T>(bias2[2 * (nt % 2) + h]);
+      } else if (bias_tile) {
         b = unpack2<T>(*reinterpret_cast<const uint32_t*>(src + (nt / 8) * kBlockM * 128 + (bcast ? 0 : 8 * h * 128) +
                                                           (((nt % 8) ^ sw) << 4)));
+      }
       s[nt][2 * h] = fmaf(s[nt][2 * h], scale_log2, b.x * kLog2e);
       s[nt][2 * h + 1] = fmaf(s[nt][2 * h + 1], scale_log2, b.y * kLog2e);
       if (has_mask) {
@@ -460,7 +478,8 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
           mbarrier_wait(&bar.bias_full[bst], (use / Tr::kBiasStages) & 1);
           bias_tile = reinterpret_cast<const unsigned char*>(sm.bias[bst]);
         }
-        apply_extras<T, Tr::kBlockM>(s, bits, bias_tile, p.bias_s.q == 0, 64 * cw + 16 * warp, kFull && mask_row,
+        apply_extras<T, Tr::kBlockM, kNS, !kFull>(s, bits, bias_tile, p.bias_s.q == 0, 64 * cw + 16 * warp,
+                                                  kFull && mask_row,
                                      scale_log2);
         if (has_bias) mbarrier_arrive(&bar.bias_empty[bst]);
       }
