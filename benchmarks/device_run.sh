@@ -71,11 +71,12 @@ phase_quick() {
 phase_flags_on() {
   sed -i 's/^constexpr bool kSm90FwdGeneral = false;/constexpr bool kSm90FwdGeneral = true;/;
           s/^constexpr bool kKeyMaskBallot = false;/constexpr bool kKeyMaskBallot = true;/' csrc/cuda/sm90_fwd.cu
-  sed -i 's/^constexpr bool kSm90BwdGeneral = false;/constexpr bool kSm90BwdGeneral = true;/' csrc/cuda/sm90_bwd.cu
+  sed -i 's/^constexpr bool kSm90BwdGeneral = false;/constexpr bool kSm90BwdGeneral = true;/;
+          s/^constexpr bool kDbiasWriterWarps = false;/constexpr bool kDbiasWriterWarps = true;/' csrc/cuda/sm90_bwd.cu
   local on
-  on=$(grep -hE "^constexpr bool k(Sm90FwdGeneral|KeyMaskBallot|Sm90BwdGeneral) = true;" csrc/cuda/sm90_*.cu | wc -l)
-  echo "prepared flags on: $on / 3"
-  summary+=("flags_on: $on / 3")
+  on=$(grep -hE "^constexpr bool k(Sm90FwdGeneral|KeyMaskBallot|Sm90BwdGeneral|DbiasWriterWarps) = true;" csrc/cuda/sm90_*.cu | wc -l)
+  echo "prepared flags on: $on / 4"
+  summary+=("flags_on: $on / 4")
 }
 
 # Random shapes through the Hopper kernels against the portable path (a hang names its case).

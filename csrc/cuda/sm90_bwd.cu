@@ -62,6 +62,13 @@ constexpr int kBarDs = 1, kBarDqFull = 2, kBarDqEmpty = 3;  // named barrier ids
 // of its own of the one-block-per-item kernel (kGeneral). False sends those shapes to the sm80
 // backward (key masks alone stay on kKeyMask).
 constexpr bool kSm90BwdGeneral = true;
+// dbias stored by warps 2, 3 of the producer warpgroup from the dS^T buffer (write_dbias) instead of
+// element by element by the consumers. Correct on an H200 (whole suite, stress, fuzz) and ~9% faster
+// on a bias backward, but compute-sanitizer racecheck reports RAW hazards between the consumers'
+// dS^T stores and these warps' reads, which the kBarDs protocol should exclude; a 40-line probe of
+// the same protocol (benchmarks/racecheck_probe.cu) was clean. Off until that is understood
+// (NOTES.md, GPU record 2026-11-27 11:20, item 6).
+constexpr bool kDbiasWriterWarps = false;
 
 // What only the general kernel takes: a bias or its gradient, dropout, or a mask that varies along
 // the queries.
@@ -503,9 +510,9 @@ __device__ __forceinline__ uint32_t sw128_offset(int row, int col, int rows) {
 }
 
 // Threads on named barrier kBarDs: the consumers, plus in the general kernel the dbias writer warps
-// (with or without a bias gradient: a count fixed at compile time).
+// when kDbiasWriterWarps (with or without a bias gradient: a count fixed at compile time).
 template <typename Tr, bool kGeneral>
-constexpr int kDsBarrierThreads = 128 * Tr::kConsumers + (kGeneral ? 64 : 0);
+constexpr int kDsBarrierThreads = 128 * Tr::kConsumers + (kGeneral && kDbiasWriterWarps ? 64 : 0);
 
 // dbias writer (general kernel): warps 2 and 3 of the producer warpgroup (without a bias gradient
 // they only keep kBarDs's count).
@@ -771,7 +778,6 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
 #pragma unroll
         for (int kk = 0; kk < kKP; ++kk) acc_to_a<T>(dsa[kk], dp, kk);
       };
-      // The general kernel's dbias = dS: the dbias writer warps store it from the dS^T buffer.
       if (kGeneral && drop.on) {
         // Z = keep / (1 - p) or 0 (the forward's Philox words): dV takes (P^T Z) dO and
         // dS^T = P^T (dP^T Z - D). Both need P^T whole, so dP^T is waited for first.
@@ -797,6 +803,35 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
         }
       } else {
         plain_ds();
+      }
+      // dbias += dS (element (query i, key j) of this tile; the scores' gradient, unscaled): with
+      // kDbiasWriterWarps the writer warps store it from the dS^T buffer; else here, one loop per
+      // destination kind, a predicated store per element (no per-element branch).
+      if constexpr (kGeneral && !kDbiasWriterWarps) {
+        if (p.dbias) {
+          const Strided4& ds = p.dbias_s;
+          const int64_t base = w.bi * ds.b + hi * ds.h;
+          const int n_q = static_cast<int>(p.n_q);
+          auto for_each = [&](auto&& op) {
+#pragma unroll
+            for (int nt = 0; nt < kNS; ++nt)
+#pragma unroll
+              for (int e = 0; e < 4; ++e) {
+                const int i = i0 + frag_col(lane, nt, e), j = key0 + frag_row(lane, e);
+                op(i < n_q && j < n_k, base + i * ds.q + j * ds.k, dp[nt][e]);
+              }
+          };
+          // The accumulator: atomics where blocks share an element; where one thread walks a GQA
+          // group's heads, its own reductions to one address apply in program order.
+          if (dbias_once(p)) {
+            for_each([&](bool ok, int64_t off, float g) {
+              st_b16_if(ok, static_cast<T*>(p.dbias) + off, static_cast<uint16_t>(bits16(from_acc<T>(g))));
+            });
+          } else {
+            float* const acc = ws.dbias_acc(p);
+            for_each([&](bool ok, int64_t off, float g) { red_add_f32_if(ok, acc + off, g); });
+          }
+        }
       }
 
       // dS^T -> shared memory buffer t & 1 ([kBlockN keys, kBlockM queries], 64-query panels).
@@ -920,7 +955,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       for_each_item<kPersistent>(p, grid, first, Tr::kBlockM, Tr::kBlockN,
                                  [&](const BlockWork& w, int, int) { write_dq<Tr, kPersistent>(sm, p, ws, w); });
       if (kPersistent && threadIdx.x % 32 == 0) bulk_wait_group<0>();
-    } else if constexpr (kGeneral) {
+    } else if constexpr (kGeneral && kDbiasWriterWarps) {
       if (threadIdx.x >= 64) {  // warps 2, 3: the dbias writers (on kBarDs even without a dbias)
         for_each_item<kPersistent>(p, grid, first, Tr::kBlockM, Tr::kBlockN, [&](const BlockWork& w, int tile, int) {
           write_dbias<T, Tr>(sm, p, ws, w, tile, threadIdx.x - 64);
