@@ -5,6 +5,7 @@
 #   bash benchmarks/device_run.sh bench                 # second call, same warm machine
 #   bash benchmarks/device_run.sh build quick           # after a kernel change: forced paths + smoke
 #   bash benchmarks/device_run.sh flags_on build quick  # the prepared (off) Hopper paths switched on
+#   bash benchmarks/device_run.sh probe                 # racecheck_probe.cu under racecheck
 #
 # Phases run in the order given; each writes $OUT/<phase>.log and prints a short summary last.
 # Wheels for packages the machine lacks (hypothesis, ...) are taken from .whl/ when present.
@@ -95,6 +96,20 @@ phase_sanitize() {
   local rc=$?
   grep -E "^== |ERROR SUMMARY|RACECHECK SUMMARY|FAIL" "$OUT/sanitize.log" | head -20
   summary+=("sanitize rc=$rc in $((SECONDS - t0)) s")
+}
+
+# benchmarks/racecheck_probe.cu under racecheck: does the tool follow the dbias writer warps'
+# named-barrier hand-off (kDbiasWriterWarps, NOTES.md)?
+phase_probe() {
+  local t0=$SECONDS
+  nvcc -lineinfo -gencode arch=compute_90a,code=sm_90a -o /tmp/racecheck_probe benchmarks/racecheck_probe.cu &&
+    timeout 60 /tmp/racecheck_probe &&
+    timeout 120 compute-sanitizer --tool racecheck --racecheck-report hazard --print-limit 10 /tmp/racecheck_probe \
+      >"$OUT/probe.log" 2>&1
+  local rc=$?
+  grep -m 4 -A 3 -E "hazard|Race" "$OUT/probe.log" | cut -c1-200
+  tail -2 "$OUT/probe.log"
+  summary+=("probe rc=$rc in $((SECONDS - t0)) s")
 }
 
 phase_bench() {

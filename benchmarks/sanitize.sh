@@ -4,7 +4,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 status=0
-for tool in memcheck racecheck initcheck; do
+# SANITIZE_TOOLS overrides the list (e.g. add synccheck: invalid barrier use).
+for tool in ${SANITIZE_TOOLS:-memcheck racecheck initcheck}; do
   echo "== compute-sanitizer --tool $tool"
   log=$(mktemp)
   compute-sanitizer --tool "$tool" --error-exitcode 99 python3 benchmarks/gpu_smoke.py >"$log" 2>&1
