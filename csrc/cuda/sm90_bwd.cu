@@ -10,17 +10,19 @@
 //    can fetch a tile's rows with one 16-byte-aligned bulk copy each.
 // 2. main kernel: one block per (batch, kv head, 128 keys); causal items in bands of heads, key
 //    block slowest inside a band (ItemGrid::band). Warpgroup 0 (24 registers) holds the
-//    producer thread, the dQ writer warp and (with a bias gradient) two dbias writer warps. The
+//    producer thread, the dQ writer warp and (kDbiasWriterWarps, off) two dbias writer warps. The
 //    producer loads K and V of the block once, then for each query head of the GQA group and each
-//    query tile of kBlockM rows that can see the block (causal: from the diagonal on), Q, dO (TMA, 128-byte swizzle) and the lse2 / D rows
-//    (bulk copies) into a kStages-deep ring (full / empty mbarriers per stage). Consumer
+//    query tile of kBlockM rows that can see the block (causal: from the diagonal on), Q, dO (TMA,
+//    128-byte swizzle) and the lse2 / D rows (bulk copies) into a kStages-deep ring (full / empty
+//    mbarriers per stage). Consumer
 //    warpgroups 1, 2 own keys 64 (wg - 1) .. + 63 and keep their dK, dV [64, d] in registers.
 //    Per query tile, in the transposed (key-row) layout:
 //      S^T = K Q^T, dP^T = V dO^T            (wgmma SS, both K-major, N = kBlockM)
 //      P^T = 2^(S^T scale log2e - lse2)       (causal mask on diagonal tiles only; key mask rows;
 //                                             kGeneral: + bias^T log2e, any mask, dropout Z)
-//      dS^T = P^T (dP^T - D)                  (kGeneral: P^T (dP^T Z - D); dbias = dS, stored from
-//                                             the dS^T buffer by warps 2, 3 of warpgroup 0)
+//      dS^T = P^T (dP^T - D)                  (kGeneral: P^T (dP^T Z - D); dbias = dS, stored by
+//                                             the consumers, or from the dS^T buffer by warps 2, 3
+//                                             of warpgroup 0 with kDbiasWriterWarps)
 //      dV += P^T dO, dK += dS^T Q             (wgmma RS: A = P^T / dS^T from registers, B MN-major)
 //      dS^T -> shared memory [keys, queries]; named barrier over both consumer warpgroups
 //      dQ[64, 64] = dS K                      (wgmma SS, both operands MN-major (transpose bits))
