@@ -1,0 +1,264 @@
+// Hopper backward (sm90_bwd.cu): configuration, tile shapes (Sm90BwdTraits), the workspace layout,
+// and the work items (ItemGrid, BlockWork, for_each_item). Included by sm90_bwd.cu only.
+#pragma once
+
+#include <algorithm>
+
+#include "common.cuh"
+#include "kernels.h"
+#include "sm90.cuh"
+#include "sm90_host.h"
+
+namespace flash_mha::cuda {
+namespace {
+
+constexpr int kRowPad = 128;  // lse2 / D rows per (batch, head) are padded to this multiple
+constexpr int kDqTileFloats = 8192;  // one query tile of dQ: kBlockM x d = 64 x 128 or 128 x 64
+// Bias (and its gradient), masks of any broadcast shape and dropout on this path: an instantiation
+// of its own of the one-block-per-item kernel (kGeneral). False sends those shapes to the sm80
+// backward (key masks alone stay on kKeyMask).
+constexpr bool kSm90BwdGeneral = true;
+// dbias stored by warps 2, 3 of the producer warpgroup from the dS^T buffer (write_dbias) instead of
+// element by element by the consumers. Correct on an H200 (whole suite, stress, fuzz) and ~9% faster
+// on a bias backward, but compute-sanitizer racecheck reports RAW hazards between the consumers'
+// dS^T stores and these warps' reads, which the kBarDs protocol should exclude; a 40-line probe of
+// the same protocol (benchmarks/racecheck_probe.cu) was clean. Off until that is understood
+// (NOTES.md, GPU record 2026-11-27 11:20, item 6).
+constexpr bool kDbiasWriterWarps = false;
+
+// What only the general kernel takes: a bias or its gradient, dropout, or a mask that varies along
+// the queries.
+inline bool needs_general(const BwdParams& p) {
+  return p.bias || p.dbias || p.dropout_p > 0.0 || (p.mask && p.mask_s.q != 0 && p.n_q > 1);
+}
+
+// Whether sm90_bwd launches the persistent grid (else one block per work item). Measured on an
+// H200 (benchmarks/sm90_bwd_run.sh time, 2026-11-27, bwd TFLOP/s at 1k..16k): d = 64 persistent
+// +3..+5% non-causal and causal up to 4k, -5% causal at 8k / 16k; d = 128 -1..-4% non-causal and
+// up to -15% causal from 4k on.
+inline bool use_persistent(const BwdParams& p) {
+  return p.d == 64 && (p.causal == Causal::kNone || p.n_k <= 4096);
+}
+
+template <typename T, int kD_, bool kGeneral_ = false>
+struct Sm90BwdTraits {
+  static constexpr int kD = kD_;                     // d == d_v
+  static constexpr int kBlockN = 128;                // keys per block: 64 per consumer warpgroup
+  // Query rows per tile: 64 for d = 128 (registers: dK + dV are 128 floats a thread), 128 for
+  // d = 64. Either way the dQ product of a warpgroup is one [64, 64] tile (see the header).
+  static constexpr int kBlockM = kD == 128 ? 64 : 128;
+  static constexpr int kConsumers = 2;
+  static constexpr int kThreads = 128 * (1 + kConsumers);
+  // setmaxnreg only moves registers within the launch allocation: cap 65536 / 384 = 170 -> 168
+  // a thread; 24 + 2 x 240 = 504 = 3 x 168 (NOTES.md: over-asking hangs setmaxnreg.inc).
+  static constexpr int kProducerRegs = 24;
+  static constexpr int kConsumerRegs = 240;
+  static constexpr int kEntryRegs = (65536 / kThreads) / 8 * 8;
+  static_assert(kProducerRegs + kConsumers * kConsumerRegs <= (1 + kConsumers) * kEntryRegs,
+                "setmaxnreg split exceeds the block's register allocation");
+  static constexpr int kPanel = 64;                  // elements per 128-byte swizzled row
+  static constexpr int kPanels = kD / kPanel;
+  static_assert(kD % kPanel == 0 && kBlockM % 64 == 0, "whole 64-element panels");
+  static_assert(kBlockM <= kRowPad && kRowPad % kBlockM == 0, "lse2 / D padding covers every tile");
+  // dQ split between the two consumer warpgroups: one [64 rows, 64 columns] wgmma tile each.
+  static constexpr bool kDqSplitRows = kBlockM == 128;  // else split the columns (kD == 128)
+  static_assert(kDqSplitRows ? kD == 64 : (kBlockM == 64 && kD == 128), "dQ tile split");
+  static_assert(kBlockM * kD == kDqTileFloats && kDqTileFloats == 8 * 4 * 128 * kConsumers,
+                "a dQ tile is 8 float4 per consumer thread");
+  static constexpr int kDqSyncThreads = 128 * kConsumers + 32;  // consumers + the dQ writer warp
+
+  static constexpr uint32_t kKVBytes = kBlockN * kD * sizeof(T);
+  static constexpr uint32_t kQBytes = kBlockM * kD * sizeof(T);
+  static constexpr uint32_t kRowBytes = kBlockM * sizeof(float);
+  static constexpr uint32_t kStageBytes = 2 * kQBytes + 2 * kRowBytes;  // Q, dO, lse2, D
+
+  static constexpr int64_t kSmemLimit = 227 * 1024;
+  static constexpr int64_t kFixedBytes =
+      2 * int64_t{kKVBytes} + 2 * int64_t{kBlockN} * kBlockM * 2 + int64_t{kDqTileFloats} * 4 + 2048;
+  static constexpr int kFitStages = static_cast<int>((kSmemLimit - kFixedBytes) / kStageBytes);
+  static constexpr int kStages = kFitStages < 3 ? kFitStages : 3;
+  static_assert(kStages >= 2, "need a double-buffered Q / dO ring");
+
+  // General kernel at d = 128: the bias tile [kBlockM queries, kBlockN keys] of each iteration
+  // rides in its ring stage (TMA, 2 panels of [kBlockM, 64] keys, 128-byte swizzle; the stage's
+  // full barrier counts its bytes). 2 x 16 KiB fit next to the rest; at d = 64 (32 KiB a tile)
+  // they do not, and the consumers load the bias elements themselves.
+  static constexpr bool kStageBias = kGeneral_ && kD == 128;
+  static constexpr uint32_t kBiasBytes = kStageBias ? kBlockM * kBlockN * sizeof(T) : 0;
+
+  struct SmemPlain {
+    alignas(1024) T k[kBlockN * kD];                 // [kPanels][kBlockN, 64] swizzled
+    alignas(1024) T v[kBlockN * kD];                 // [kPanels][kBlockN, 64] swizzled
+    alignas(1024) T q[kStages][kBlockM * kD];        // [stage][kPanels][kBlockM, 64] swizzled
+    alignas(1024) T dout[kStages][kBlockM * kD];     // [stage][kPanels][kBlockM, 64] swizzled
+    alignas(1024) T ds[2][kBlockN * kBlockM];        // dS^T [buf][kBlockM / 64][kBlockN, 64] swizzled
+    alignas(16) float lse2[kStages][kBlockM];        // [stage][query] lse log2(e), +inf past n_q
+    alignas(16) float dsum[kStages][kBlockM];        // [stage][query] D
+    alignas(128) float dq[kDqTileFloats];            // dQ tile staging, fragment order (convert kernel)
+  };
+  struct SmemBias : SmemPlain {
+    alignas(1024) T bias[kStages][kBlockM * kBlockN];  // [stage][2][kBlockM, 64] swizzled
+  };
+  using Smem = std::conditional_t<kStageBias, SmemBias, SmemPlain>;
+  struct Barriers {
+    uint64_t kv_full;
+    uint64_t full[kStages], empty[kStages];
+    uint64_t kv_empty;  // persistent kernel only: the consumers are done with K / V
+  };
+  static constexpr int64_t kSmemBytes = sizeof(Smem) + 1024;  // + 1024: the kernel aligns the base
+  static_assert(kSmemBytes + sizeof(Barriers) <= kSmemLimit, "exceeds the sm_90 shared-memory limit");
+};
+
+// Workspace: dq_acc [b, h, n_qt, kDqTileFloats] float32 (zeroed by the prep kernel; each query tile in
+// the consumers' fragment order, see sm90_bwd_convert_kernel), lse2 and dsum [b, h, n_q_pad];
+// general kernel with a broadcast dbias: its float accumulator (dbias's shape) after them.
+struct Sm90BwdWorkspace {
+  float* dq_acc;
+  float* lse2;
+  float* dsum;
+  int64_t n_q_pad;
+  int64_t n_qt;  // query tiles per (batch, head)
+  int64_t bytes;
+  Sm90BwdWorkspace(const BwdParams& p, void* base) {
+    n_q_pad = align_up(p.n_q > 0 ? p.n_q : 1, kRowPad);
+    const int64_t block_m = kDqTileFloats / (p.d == 128 ? 128 : 64);  // Sm90BwdTraits::kBlockM
+    n_qt = ceil_div(p.n_q > 0 ? p.n_q : 1, block_m);
+    const int64_t dq_bytes = align_up(p.b * p.h * n_qt * kDqTileFloats * 4, 256);
+    const int64_t row_bytes = align_up(p.b * p.h * n_q_pad * 4, 256);
+    char* c = static_cast<char*>(base);
+    dq_acc = reinterpret_cast<float*>(c);
+    lse2 = reinterpret_cast<float*>(c + dq_bytes);
+    dsum = reinterpret_cast<float*>(c + dq_bytes + row_bytes);
+    bytes = dq_bytes + 2 * row_bytes;
+    if (kSm90BwdGeneral && p.dbias && !dbias_once(p)) bytes += align_up(dbias_acc_elems(p) * 4, 256);
+  }
+  // General kernel: float dbias accumulator right after dsum (when dbias is not stored directly:
+  // a broadcast dbias, summed by atomics or by one thread across a GQA group), then converted.
+  static int64_t dbias_acc_elems(const BwdParams& p) {
+    return (p.dbias_s.b ? p.b : 1) * (p.dbias_s.h ? p.h : 1) * (p.dbias_s.q ? p.n_q : 1) * (p.dbias_s.k ? p.n_k : 1);
+  }
+  __host__ __device__ float* dbias_acc(const BwdParams& p) const {
+    return dsum + align_up_elems(p.b * p.h * n_q_pad, 64);
+  }
+  __host__ __device__ static int64_t align_up_elems(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+};
+
+// Sizes that place the work items. The persistent kernel reads them from the host (a kernel
+// parameter): constant-bank operands cost its 24-register producer nothing, where copies derived in
+// the kernel are held, and spilled, across its items. The one-item kernel derives them in place.
+struct ItemGrid {
+  int n_kb, heads, items, group, n_qb;
+  int band;       // causal: (batch, kv head) pairs per band of the item order (see BlockWork)
+  int64_t shift;  // causal_shift
+  ItemGrid(const BwdParams& p, int block_m, int block_n)
+      : n_kb(static_cast<int>(ceil_div(p.n_k, block_n))),
+        heads(static_cast<int>(p.b * p.h_kv)),
+        items(n_kb * heads),
+        group(static_cast<int>(p.h / p.h_kv)),
+        n_qb(static_cast<int>(ceil_div(p.n_q, block_m))),
+        band(causal_band(p, n_kb, heads)),
+        shift(causal_shift(p)) {}
+  // About one SM's worth of items per band: the blocks running at once come from a few heads, whose
+  // Q / dO rows and dQ accumulator stay in L2 (with key block slowest over every head, the blocks
+  // running at once each add into a different head's dQ and ~2/3 of those adds went to DRAM).
+  // Non-causal with a dbias broadcast over the batch (general kernel only): 0, batch fastest, so
+  // that the batches' reductions into one float accumulator tile come close in time and meet in L2
+  // (key block fastest, they were ~500 items apart and every reduction went to DRAM).
+  static int causal_band(const BwdParams& p, int n_kb, int heads) {
+    if (p.causal == Causal::kNone) return p.dbias && p.dbias_s.b == 0 && p.b > 1 ? 0 : heads;
+    if (n_kb == 0) return heads;
+    return static_cast<int>(std::min<int64_t>(heads, ceil_div(sm_count(), n_kb)));
+  }
+};
+
+// One item's work: (batch, kv head, key block) and its iterations (query head of the group x
+// query tile from first_qt on). 32-bit: sm90_bwd_supported bounds the sizes.
+struct BlockWork {
+  int bi, kvh, kb, j0;
+  int group, first_qt, n_qt, n_iters;
+  // g: the sizes from the host (persistent kernel), or nullptr: derived from p here. band: ItemGrid.
+  // batch_order: the general kernel, whose non-causal band 0 means batch fastest (the plain
+  // kernels never see it).
+  __device__ __forceinline__ BlockWork(const BwdParams& p, const ItemGrid* g, int band, int item, int block_m,
+                                       int block_n, bool batch_order = false) {
+    const int n_kb = g ? g->n_kb : static_cast<int>((p.n_k + block_n - 1) / block_n);
+    const int heads = g ? g->heads : static_cast<int>(p.b * p.h_kv);
+    // Causal: key block 0 has the most query tiles; the items go in bands of `band` heads, inside
+    // a band heaviest first (key block slowest). Otherwise the key blocks of one head are neighbours,
+    // so they share its Q / dO in L2; band 0 (non-causal): the batch fastest, then the key block
+    // (ItemGrid::causal_band says when).
+    int bkv;
+    if (p.causal != Causal::kNone) {
+      const int bi0 = item / (band * n_kb) * band;  // first head of the item's band
+      const int in_band = min(band, heads - bi0);   // heads in it (the last may be short)
+      const int rem = item - bi0 * n_kb;
+      kb = rem / in_band;
+      bkv = bi0 + rem - kb * in_band;
+    } else if (batch_order && band == 0) {
+      const int b = static_cast<int>(p.b), rest = item / b;
+      kb = rest % n_kb;
+      bkv = (item - rest * b) * static_cast<int>(p.h_kv) + rest / n_kb;
+    } else {
+      bkv = item / n_kb;
+      kb = item - bkv * n_kb;
+    }
+    bi = bkv / static_cast<int>(p.h_kv);
+    kvh = bkv - bi * static_cast<int>(p.h_kv);
+    j0 = kb * block_n;
+    group = g ? g->group : static_cast<int>(p.h / p.h_kv);
+    int64_t first_row = 0;  // first_row_seeing(p, j0)
+    if (p.causal != Causal::kNone) {
+      const int64_t r = j0 - (g ? g->shift : causal_shift(p));
+      first_row = r < 0 ? 0 : (r > p.n_q ? p.n_q : r);
+    }
+    first_qt = static_cast<int>(first_row / block_m);
+    const int n_qb = g ? g->n_qb : static_cast<int>((p.n_q + block_m - 1) / block_m);
+    n_qt = first_row < p.n_q ? n_qb - first_qt : 0;  // no query sees the block: no iteration
+    n_iters = n_qt > 0 ? group * n_qt : 0;
+  }
+  // Iteration n: query head and first query row.
+  __device__ __forceinline__ void at(int n, int block_m, int& hi, int& i0) const {
+    const int g = n / n_qt;
+    hi = kvh * group + g;
+    i0 = (first_qt + (n - g * n_qt)) * block_m;
+  }
+};
+
+// Calls f(w, tile, kv) for each work item of this block in order: `first` (item blockIdx.x)
+// alone, or (persistent) one item of each round of gridDim.x items (below).
+// tile: iterations of the block's earlier items; kv: its earlier items with iterations. Every role
+// walks the same items, so all agree on both, and the barrier phases run on across items:
+//  - Ring: iteration t = tile + n uses stage t % kStages; full / empty complete one phase per use
+//    of their stage, so the consumers wait full parity (t / kStages) & 1 and the producer waits
+//    empty parity ((t / kStages) & 1) ^ 1 (the release of iteration t - kStages; a fresh barrier
+//    passes it at once). dS^T buffer t & 1 (see consume).
+//  - K / V (persistent): item number kv with iterations loads on kv_full phase kv (consumers wait
+//    parity kv & 1) once kv_empty phase kv - 1 has completed (all 256 consumer threads are done
+//    with the previous load; parity (kv & 1) ^ 1, passed at once by the fresh barrier for kv = 0).
+//    Each phase of one barrier needs the other's previous phase, so no waiter is two phases behind.
+//  - dQ staging: one "empty" / "full" handshake per iteration, in iteration order (see write_dq).
+//  - Items without iterations touch no barrier and advance neither count.
+template <bool kPersistent, typename F>
+__device__ __forceinline__ void for_each_item(const BwdParams& p, const ItemGrid& g, const BlockWork& first,
+                                              int block_m, int block_n, F&& f) {
+  if constexpr (!kPersistent) {
+    f(first, 0, 0);
+  } else {
+    // Round r takes items [r gridDim.x, (r + 1) gridDim.x), block b the b-th of them in even rounds
+    // and the b-th from the end in odd ones: a causal band puts heavy items on low blocks, so a
+    // block's heavy and light items alternate.
+    int tile = 0, kv = 0;
+    const int rounds = (g.items + gridDim.x - 1) / gridDim.x;
+    for (int r = 0; r < rounds; ++r) {
+      const int item = r * gridDim.x + ((r & 1) ? gridDim.x - 1 - blockIdx.x : blockIdx.x);
+      if (item >= g.items) continue;
+      const BlockWork w(p, &g, g.band, item, block_m, block_n);
+      f(w, tile, kv);
+      tile += w.n_iters;
+      kv += w.n_iters > 0;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace flash_mha::cuda
