@@ -71,11 +71,11 @@ phase_quick() {
 #   bash benchmarks/device_run.sh flags_on build quick sanitize
 phase_flags_on() {
   sed -i 's/^constexpr bool kSm90FwdGeneral = false;/constexpr bool kSm90FwdGeneral = true;/;
-          s/^constexpr bool kKeyMaskBallot = false;/constexpr bool kKeyMaskBallot = true;/' csrc/cuda/sm90_fwd.cu
+          s/^constexpr bool kKeyMaskBallot = false;/constexpr bool kKeyMaskBallot = true;/' csrc/cuda/sm90_fwd_work.cuh
   sed -i 's/^constexpr bool kSm90BwdGeneral = false;/constexpr bool kSm90BwdGeneral = true;/;
-          s/^constexpr bool kDbiasWriterWarps = false;/constexpr bool kDbiasWriterWarps = true;/' csrc/cuda/sm90_bwd.cu
+          s/^constexpr bool kDbiasWriterWarps = false;/constexpr bool kDbiasWriterWarps = true;/' csrc/cuda/sm90_bwd_work.cuh
   local on
-  on=$(grep -hE "^constexpr bool k(Sm90FwdGeneral|KeyMaskBallot|Sm90BwdGeneral|DbiasWriterWarps) = true;" csrc/cuda/sm90_*.cu | wc -l)
+  on=$(grep -hE "^constexpr bool k(Sm90FwdGeneral|KeyMaskBallot|Sm90BwdGeneral|DbiasWriterWarps) = true;" csrc/cuda/sm90_*_work.cuh | wc -l)
   echo "prepared flags on: $on / 4"
   summary+=("flags_on: $on / 4")
 }

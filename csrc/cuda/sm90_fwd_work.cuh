@@ -1,0 +1,191 @@
+// Hopper forward (sm90_fwd.cu): configuration flags, tile shapes (Sm90FwdTraits), the work list
+// and the consumers' pipeline / softmax state. Included by sm90_fwd.cu only.
+#pragma once
+
+#include "common.cuh"
+#include "kernels.h"
+#include "sm90.cuh"
+#include "softmax.cuh"
+
+namespace flash_mha::cuda {
+namespace {
+
+// Bias, masks of any broadcast shape and dropout on this path: a kernel instantiation of its own
+// (kGeneral), since folding dropout alone into the plain kernel made ptxas spill 728 bytes at
+// d = 64. False sends those shapes to the sm80 forward (key masks alone stay on the plain kernel).
+constexpr bool kSm90FwdGeneral = true;
+
+// Key-mask bits of a key tile from one 32-bit load per lane (4 adjacent mask bytes: the warp reads
+// the tile's 128 bytes at once) and four ballots, where the mask row is contiguous and 4-byte
+// aligned; else one byte load per column (the key-padding forward paid ~40% for those, NOTES.md).
+constexpr bool kKeyMaskBallot = true;
+
+template <typename T, int kD_, int kBlockN_, int kConsumers_, bool kPingPong_, bool kPersistent_, bool kGeneral_ = false>
+struct Sm90FwdTraits {
+  static constexpr int kD = kD_;                       // d == d_v
+  static constexpr int kConsumers = kConsumers_;       // consumer warpgroups
+  static constexpr int kBlockM = 64 * kConsumers;      // a wgmma is 64 rows: one per warpgroup
+  static constexpr int kBlockN = kBlockN_;             // keys per tile (S: m64 n kBlockN k16)
+  static constexpr int kThreads = 128 * (1 + kConsumers);
+  // Register split. setmaxnreg only moves registers within the block's launch allocation, which
+  // is the per-thread cap of __launch_bounds__(kThreads, 1) (65536 / kThreads rounded down to a
+  // multiple of 8) times kThreads: 168 x 384 = 128 x (24 + 2 x 240) for 2 consumer warpgroups,
+  // 128 x 512 = 128 x (32 + 3 x 160) for 3. Asking for more blocks setmaxnreg.inc forever.
+  static constexpr int kProducerRegs = kConsumers == 2 ? 24 : 32;
+  static constexpr int kConsumerRegs = kConsumers == 2 ? 240 : 160;
+  static constexpr int kEntryRegs = (65536 / kThreads) / 8 * 8;
+  static_assert(kProducerRegs + kConsumers * kConsumerRegs <= (1 + kConsumers) * kEntryRegs,
+                "setmaxnreg split exceeds the block's register allocation");
+  static constexpr int kPanel = 64;                    // elements per 128-byte swizzled row
+  static constexpr int kPanels = kD / kPanel;
+  static constexpr int64_t kSmemLimit = 227 * 1024;
+  static constexpr int64_t kQKV2Bytes = 2048 + int64_t{kBlockM} * kD * 2 + 2 * (2 * int64_t{kBlockN} * kD * 2);
+  // General kernel: a ring of bias tiles [kBlockM, kBlockN] that the producer loads with TMA
+  // (kBlockN / 64 panels of [kBlockM, 64], 128-byte swizzle, as Q), 2 stages next to Q and a
+  // double-buffered K/V ring.
+  static constexpr bool kGeneral = kGeneral_;
+  static constexpr int64_t kBiasStageBytes = int64_t{kBlockM} * kBlockN * 2;
+  static constexpr int kBiasFit = static_cast<int>((kSmemLimit - kQKV2Bytes) / kBiasStageBytes);
+  static constexpr int kBiasStages = !kGeneral ? 0 : kBiasFit < 2 ? kBiasFit : 2;
+  static_assert(!kGeneral || kBiasStages >= 1, "no room for a staged bias tile");
+  // K+V ring depth: as many stages as fit next to Q (and the bias ring) in the 227 KiB of an sm_90
+  // block (up to 4).
+  static constexpr int kFitStages =
+      static_cast<int>((kSmemLimit - 2048 - int64_t{kBlockM} * kD * 2 - kBiasStages * kBiasStageBytes) /
+                       (2 * int64_t{kBlockN} * kD * 2));
+  static constexpr int kStages = kFitStages < 4 ? kFitStages : 4;
+  static_assert(kStages >= 2, "need a double-buffered K/V ring");
+  static_assert(kBlockN % 16 == 0 && kBlockN <= 256, "key tile: a multiple of 16, at most 256 (TMA box)");
+  // Ping-pong: the consumer warpgroups take turns issuing their GEMMs (named barriers
+  // kSchedBarrier + warpgroup), so one's softmax runs while the others' GEMMs run.
+  static constexpr bool kPingPong = kPingPong_;
+  static constexpr int kSchedBarrier = 1;
+  // Persistent: one block per SM walks the work list, so the next tile's Q and K/V loads overlap
+  // the current tile's last GEMMs and output stores.
+  static constexpr bool kPersistent = kPersistent_;
+  static constexpr uint32_t kQBytes = kBlockM * kD * sizeof(T);
+  static constexpr uint32_t kKVBytes = kBlockN * kD * sizeof(T);
+  static_assert(kD % kPanel == 0, "head dim must be whole 64-element panels");
+
+  struct Smem {
+    alignas(1024) T q[kBlockM * kD];             // [kPanels][kBlockM, 64] swizzled
+    alignas(1024) T k[kStages][kBlockN * kD];    // [stage][kPanels][kBlockN, 64] swizzled
+    alignas(1024) T v[kStages][kBlockN * kD];    // [stage][kPanels][kBlockN, 64] swizzled
+    alignas(1024) T bias[kGeneral ? kBiasStages : 1][kGeneral ? kBlockM * kBlockN : 8];  // [stage][panel][kBlockM, 64]
+  };
+  struct Barriers {
+    uint64_t q_full, q_empty;
+    uint64_t k_full[kStages], k_empty[kStages], v_full[kStages], v_empty[kStages];
+    uint64_t bias_full[kGeneral ? kBiasStages : 1], bias_empty[kGeneral ? kBiasStages : 1];
+  };
+  // + 1024: the dynamic shared-memory base is only 16-byte aligned; the kernel rounds it up.
+  static constexpr int64_t kSmemBytes = sizeof(Smem) + 1024;
+  static_assert(kSmemBytes + sizeof(Barriers) <= kSmemLimit, "exceeds the sm_90 shared-memory limit");
+};
+
+// ---------------------------------------------------------------------------------------------
+// Work list. A work unit is one query tile, or for causal problems on the persistent grid the pair
+// of query tiles (k, n_qb - 1 - k) of one head: each pair visits n_qb + 1 key tiles in all, so
+// units cost the same and a static round robin stays balanced. (A grid of one block per unit needs
+// no pairs: the hardware hands the next unit to whichever SM frees up, and units go heaviest
+// first.) Units of one head are consecutive, so the blocks running at one time share a few heads'
+// K and V in L2.
+// 32-bit indices throughout (sm90_fwd_supported checks the sizes): 64-bit divisions are long
+// subroutines, and the producer runs on 32 registers.
+struct WorkList {
+  int n_qb;        // query tiles per (batch, head)
+  int per_head;    // units per (batch, head)
+  int units;       // in all
+  bool pairs;
+
+  __host__ __device__ WorkList(const FwdParams& p, int block_m, bool persistent) {
+    n_qb = static_cast<int>((p.n_q + block_m - 1) / block_m);
+    pairs = persistent && p.causal != Causal::kNone;
+    per_head = pairs ? (n_qb + 1) / 2 : n_qb;
+    units = static_cast<int>(p.b * p.h) * per_head;
+  }
+  // Unit u: (batch * h + head) and its query tiles qb_hi, then (when two) qb_lo; returns 1 or 2.
+  __device__ __forceinline__ int tiles(int u, int& bh, int& qb_hi, int& qb_lo) const {
+    bh = u / per_head;
+    const int k = u - bh * per_head;
+    qb_hi = n_qb - 1 - k;
+    qb_lo = k;
+    return pairs && qb_lo != qb_hi ? 2 : 1;
+  }
+};
+
+// One query tile: (batch, head, kv head, first row) and the number of key tiles it visits.
+struct TileCoord {
+  int bi, hi, kvh, i0;
+  int n_tiles;  // 0: every row of the tile sees nothing
+  __device__ __forceinline__ TileCoord(const FwdParams& p, int bh, int qb, int block_m, int block_n) {
+    const int h = static_cast<int>(p.h);
+    bi = bh / h;
+    hi = bh - bi * h;
+    kvh = hi / (h / static_cast<int>(p.h_kv));
+    i0 = qb * block_m;
+    const int64_t rows = imin(block_m, p.n_q - i0);
+    n_tiles = static_cast<int>((visible_key_end(p, i0, rows) + block_n - 1) / block_n);
+  }
+};
+
+// OnlineSoftmax (m in log2 units of the scaled scores) split in two halves so that the output
+// rescale can wait for an in-flight P V: scores() turns raw q.k scores (-inf where invisible) into
+// probabilities and returns the per-row rescale factors, rescale() applies them to O.
+// The scale is folded into the exponent: 2^(s scale log2e - m) is one FFMA + EX2 (scale > 0, so
+// the row maximum of the raw scores gives m). Maxima and sums use 4 independent partials: the
+// softmax sits on each warpgroup's critical path, so short dependency chains matter.
+struct SplitSoftmax : OnlineSoftmax {
+  template <int kN>
+  __device__ __forceinline__ void scores(float (&s)[kN][4], float scale_log2, float (&alpha)[2]) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float mx4[4], sum4[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) mx4[i] = s[0][2 * h];
+#pragma unroll
+      for (int nt = 0; nt < kN; ++nt) mx4[nt % 4] = fmaxf(mx4[nt % 4], fmaxf(s[nt][2 * h], s[nt][2 * h + 1]));
+      float mx = fmaxf(fmaxf(mx4[0], mx4[1]), fmaxf(mx4[2], mx4[3]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      mx = fmaxf(m[h], mx * scale_log2);
+      // Nothing visible yet: m stays -inf; subtract 0 so that 2^(-inf) = 0, not NaN.
+      const float m_use = mx == -__int_as_float(0x7f800000) ? 0.f : mx;
+      alpha[h] = ex2_approx(m[h] - m_use);
+      m[h] = mx;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) sum4[i] = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < kN; ++nt) {
+        s[nt][2 * h] = ex2_approx(fmaf(s[nt][2 * h], scale_log2, -m_use));
+        s[nt][2 * h + 1] = ex2_approx(fmaf(s[nt][2 * h + 1], scale_log2, -m_use));
+        sum4[nt % 4] += s[nt][2 * h] + s[nt][2 * h + 1];
+      }
+      l[h] = l[h] * alpha[h] + ((sum4[0] + sum4[1]) + (sum4[2] + sum4[3]));
+    }
+  }
+  // Once the row maxima settle, alpha is 1 for every row of the warp: skip the multiplies.
+  template <int kNO>
+  __device__ __forceinline__ static void rescale(float (&o)[kNO][4], const float (&alpha)[2]) {
+    if (!__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) return;
+#pragma unroll
+    for (int nt = 0; nt < kNO; ++nt) {
+      o[nt][0] *= alpha[0];
+      o[nt][1] *= alpha[0];
+      o[nt][2] *= alpha[1];
+      o[nt][3] *= alpha[1];
+    }
+  }
+};
+
+// Pipeline position shared by the producer and every consumer thread: each walks the same work
+// list and counts the K/V tiles and Q tiles it has passed. K/V use `it` sits in stage
+// it % kStages, and that stage's barriers complete once per use, so use it waits for parity
+// (it / kStages) & 1 on the full barriers and the opposite parity on the empty ones (the first
+// use of a fresh empty barrier passes at once). Q has one buffer: parity q_it & 1.
+struct PipeState {
+  uint32_t it = 0, q_it = 0;
+};
+
+}  // namespace
+}  // namespace flash_mha::cuda
