@@ -148,7 +148,8 @@ struct Sm90BwdWorkspace {
 // the kernel are held, and spilled, across its items. The one-item kernel derives them in place.
 struct ItemGrid {
   int n_kb, heads, items, group, n_qb;
-  int band;       // causal: (batch, kv head) pairs per band of the item order (see BlockWork)
+  int band;       // causal: (batch, kv head) pairs per band of the item order; non-causal: 0 =
+                  // batch fastest (general kernel), else unused (see BlockWork)
   int64_t shift;  // causal_shift
   ItemGrid(const BwdParams& p, int block_m, int block_n)
       : n_kb(static_cast<int>(ceil_div(p.n_k, block_n))),
@@ -156,7 +157,7 @@ struct ItemGrid {
         items(n_kb * heads),
         group(static_cast<int>(p.h / p.h_kv)),
         n_qb(static_cast<int>(ceil_div(p.n_q, block_m))),
-        band(causal_band(p, n_kb, heads)),
+        band(item_band(p, n_kb, heads)),
         shift(causal_shift(p)) {}
   // About one SM's worth of items per band: the blocks running at once come from a few heads, whose
   // Q / dO rows and dQ accumulator stay in L2 (with key block slowest over every head, the blocks
@@ -164,7 +165,7 @@ struct ItemGrid {
   // Non-causal with a dbias broadcast over the batch (general kernel only): 0, batch fastest, so
   // that the batches' reductions into one float accumulator tile come close in time and meet in L2
   // (key block fastest, they were ~500 items apart and every reduction went to DRAM).
-  static int causal_band(const BwdParams& p, int n_kb, int heads) {
+  static int item_band(const BwdParams& p, int n_kb, int heads) {
     if (p.causal == Causal::kNone) return p.dbias && p.dbias_s.b == 0 && p.b > 1 ? 0 : heads;
     if (n_kb == 0) return heads;
     return static_cast<int>(std::min<int64_t>(heads, ceil_div(sm_count(), n_kb)));
@@ -186,7 +187,7 @@ struct BlockWork {
     // Causal: key block 0 has the most query tiles; the items go in bands of `band` heads, inside
     // a band heaviest first (key block slowest). Otherwise the key blocks of one head are neighbours,
     // so they share its Q / dO in L2; band 0 (non-causal): the batch fastest, then the key block
-    // (ItemGrid::causal_band says when).
+    // (ItemGrid::item_band says when).
     int bkv;
     if (p.causal != Causal::kNone) {
       const int bi0 = item / (band * n_kb) * band;  // first head of the item's band
