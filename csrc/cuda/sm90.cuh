@@ -83,6 +83,17 @@ __device__ __forceinline__ void tma_prefetch_desc(const void* tmap) {
 #endif
 }
 
+// cp.async.bulk.prefetch.tensor.4d.L2.global.tile: the box at coordinates (c0 .. c3) into L2 only
+// (a hint: nothing to wait for), so that a later tma_load_4d of it is an L2 hit.
+__device__ __forceinline__ void tma_prefetch_l2_4d(const void* tmap, int c0, int c1, int c2, int c3) {
+#if FLASH_MHA_SM90_ENABLED
+  asm volatile("cp.async.bulk.prefetch.tensor.4d.L2.global.tile [%0, {%1, %2, %3, %4}];\n" ::"l"(
+                   reinterpret_cast<uint64_t>(tmap)),
+               "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+               : "memory");
+#endif
+}
+
 // cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes: the box at
 // coordinates (c0 innermost .. c3) of the 4-d tensor map into shared memory at `dst`; completion
 // counts the box's bytes down on `bar`. Out-of-bounds elements are written as zeros.

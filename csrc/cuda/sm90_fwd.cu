@@ -14,7 +14,9 @@
 //     16 bits in registers and O += P V with wgmma (A = P from registers, B = V from shared memory
 //     read "MN-major": V is [keys, d] with d contiguous, the transpose bit set).
 // Intra-warpgroup overlap: the S wgmma of key tile t and the P V wgmma of tile t - 1 are in flight
-//   together, and the softmax of tile t runs while P V of tile t - 1 computes.
+//   together, and the softmax of tile t runs while P V of tile t - 1 computes. Across query tiles
+//   the same: a tile's last P V goes out with the next tile's first S, and the finished tile's
+//   output is stored while that S computes (ConsumerState).
 // Ping-pong (template flag): the consumer warpgroups take turns (named barriers) issuing their
 //   GEMMs, so one warpgroup's softmax runs while the others' GEMMs keep the tensor cores busy.
 // Persistent grid (template flag): one block per SM walks a static list of work units (a query
@@ -48,22 +50,32 @@ namespace flash_mha::cuda {
 namespace {
 
 // ---------------------------------------------------------------------------------------------
-// Producer: one thread. For each query tile: Q once (after the consumers released the previous
-// tile's Q), then per key tile (last first) its K and V, and in the general kernel its bias tile.
+// Producer: one thread. For each query tile: per key tile (last first) its K and V, and in the
+// general kernel its bias tile; Q once, after the first K and V (which need only free ring stages,
+// while Q waits for the consumers to release the previous tile's Q: that wait ends when the
+// previous tile's last S is done, so its first K / V are on their way by then). next: the query
+// tile after this one (or nullptr), whose Q is prefetched into L2 now, so that its load at the
+// tile boundary, where the consumers wait for it, is an L2 hit.
 template <typename T, typename Tr>
 __device__ __forceinline__ void produce_tile(typename Tr::Smem& sm, typename Tr::Barriers& bar,
                                              const CUtensorMap* tm_q, const CUtensorMap* tm_k,
                                              const CUtensorMap* tm_v, const CUtensorMap* tm_bias, const FwdParams& p,
-                                             const TileCoord& c, PipeState& ps) {
+                                             const TileCoord& c, const TileCoord* next, PipeState& ps) {
   using namespace sm90;
+  if (next && next->n_tiles > 0) {
+#pragma unroll
+    for (int pn = 0; pn < Tr::kPanels; ++pn) tma_prefetch_l2_4d(tm_q, pn * Tr::kPanel, next->i0, next->hi, next->bi);
+  }
   if (c.n_tiles == 0) return;
   const int bi = c.bi, hi = c.hi, kvh = c.kvh;
-  mbarrier_wait(&bar.q_empty, (ps.q_it & 1) ^ 1);
-  mbarrier_arrive_expect_tx(&bar.q_full, Tr::kQBytes);
+  auto load_q = [&] {
+    mbarrier_wait(&bar.q_empty, (ps.q_it & 1) ^ 1);
+    mbarrier_arrive_expect_tx(&bar.q_full, Tr::kQBytes);
 #pragma unroll
-  for (int pn = 0; pn < Tr::kPanels; ++pn)
-    tma_load_4d(sm.q + pn * Tr::kBlockM * Tr::kPanel, tm_q, &bar.q_full, pn * Tr::kPanel, c.i0, hi, bi);
-  ++ps.q_it;
+    for (int pn = 0; pn < Tr::kPanels; ++pn)
+      tma_load_4d(sm.q + pn * Tr::kBlockM * Tr::kPanel, tm_q, &bar.q_full, pn * Tr::kPanel, c.i0, hi, bi);
+    ++ps.q_it;
+  };
   for (int t = 0; t < c.n_tiles; ++t, ++ps.it) {
     const int st = ps.it % Tr::kStages;
     const uint32_t parity = ((ps.it / Tr::kStages) & 1) ^ 1;
@@ -90,16 +102,13 @@ __device__ __forceinline__ void produce_tile(typename Tr::Smem& sm, typename Tr:
 #pragma unroll
     for (int pn = 0; pn < Tr::kPanels; ++pn)
       tma_load_4d(sm.v[st] + pn * Tr::kBlockN * Tr::kPanel, tm_v, &bar.v_full[st], pn * Tr::kPanel, j0, kvh, bi);
+    if (t == 0) load_q();
   }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Consumer warpgroup `cw`: query rows i0 + 64 cw .. + 63 of the tile; warp w of it rows + 16 w ...
 
-// One query tile. Per key tile t (after the first): S_t = Q K_t^T and O += P_{t-1} V_{t-1} are
-// issued together, the softmax of S_t runs while P V computes, then O is rescaled and P_t formed.
-// Ping-pong: the issue of each tile's GEMMs is a turn taken in round robin by the consumer
-// warpgroups (named barriers), so one warpgroup's softmax overlaps the others' GEMMs.
 // General kernel: keep bits of a bool mask varying along the queries (any broadcast): bit
 // 2 nt + e of keep[h] for column col + 8 nt + e of row row + 8 h (row: the thread's first row,
 // col: its first column, both absolute). One row at a time (16-32 loads in flight), a column pair
@@ -180,9 +189,58 @@ __device__ __forceinline__ void apply_extras(float (&s)[kNS][4], const uint32_t 
     }
 }
 
+// The output of one warp's 16 rows: O / l (zeros where l = 0: the row saw no key), lse = (m + log2 l)
+// ln 2 (+inf there). Rows past n_q are skipped (TMA read zeros for them). keep_scale: 1 / (1 - p)
+// under dropout.
+template <typename T, int kNO>
+__device__ __forceinline__ void store_rows(const FwdParams& p, int bi, int hi, int row0, const float (&o)[kNO][4],
+                                           SplitSoftmax& softmax, float keep_scale) {
+  const int lane = threadIdx.x % 32;
+  softmax.finish();
+  const uint64_t bh = static_cast<uint64_t>(bi) * p.h + hi;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t i = row0 + lane / 4 + 8 * h;
+    if (i >= p.n_q) continue;
+    const float l = softmax.l[h];
+    const float inv = l == 0.f ? 0.f : keep_scale / l;
+    T* og = static_cast<T*>(p.o) + int64_t{bi} * p.o_sb + int64_t{hi} * p.o_sh + i * p.o_sn;
+#pragma unroll
+    for (int nt = 0; nt < kNO; ++nt) {
+      const int col = 8 * nt + 2 * (lane % 4);
+      *reinterpret_cast<uint32_t*>(og + col) = pack2<T>(o[nt][2 * h] * inv, o[nt][2 * h + 1] * inv);
+    }
+    if (lane % 4 == 0) {
+      float* lse = static_cast<float*>(p.lse) + bh * p.n_q + i;
+      *lse = l == 0.f ? __int_as_float(0x7f800000) : (softmax.m[h] + __log2f(l)) * kLn2;
+    }
+  }
+}
+
+// A consumer warp's running state across the query tiles it walks. A tile's last P V is not issued
+// at the end of the tile: it goes out with the next tile's first S, so the tensor cores compute
+// it while the next Q arrives, and the finished tile's output is stored while that S computes.
+// pending: a tile (this warp's rows of it: batch bi, head hi, first row row0) whose P sits in pa
+// and whose last V is K/V use v_use; o and softmax are its running output and row statistics.
+template <int kNO, int kKP>
+struct ConsumerState {
+  float o[kNO][4];       // O rows of this warp, wgmma accumulator layout
+  uint32_t pa[kKP][4];   // P of the pending tile's last key tile, A-fragment layout
+  SplitSoftmax softmax;
+  bool pending = false;
+  int bi = 0, hi = 0, row0 = 0;
+  uint32_t v_use = 0;
+};
+
+// One query tile. The first S is issued with the previous tile's last P V (ConsumerState); per key
+// tile t after the first: S_t = Q K_t^T and O += P_{t-1} V_{t-1} are issued together, the softmax
+// of S_t runs while P V computes, then O is rescaled and P_t formed. The tile's last P V is left
+// pending. Ping-pong: each issue of GEMMs is a turn taken in round robin by the consumer
+// warpgroups (named barriers), so one warpgroup's softmax overlaps the others' GEMMs.
 template <typename T, typename Tr, bool kGeneral, bool kFull>
 __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr::Barriers& bar, const FwdParams& p,
-                                             const TileCoord& c, int cw, PipeState& ps) {
+                                             const TileCoord& c, int cw, PipeState& ps,
+                                             ConsumerState<Tr::kD / 8, Tr::kBlockN / 16>& st) {
   using namespace sm90;
   constexpr int kNS = Tr::kBlockN / 8;  // 8-column groups of S
   constexpr int kNO = Tr::kD / 8;       // 8-column groups of O
@@ -212,218 +270,250 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
     // A mask varying along the queries (a key mask takes the plain kernel's key_keep below).
     if (p.mask && p.mask_s.q != 0 && p.n_q > 1) mask_row = p.mask + c.bi * p.mask_s.b + c.hi * p.mask_s.h;
   }
-  SplitSoftmax softmax;
-  softmax.init();
-  float o[kNO][4];  // O rows of this warp, wgmma accumulator layout
-  zero_acc(o);
-
-  if (n_tiles > 0) {
-    const uint32_t q_base = smem_addr(sm.q) + cw * 64 * 128;  // 64 rows into every Q panel
-    // -inf outside the key bound and past the causal diagonal (raw scores: the scale is applied in
-    // the softmax). Only the first visited tiles (the last key tiles) can need the element test.
-    // Key mask (a bool mask constant along the queries, e.g. key padding; sm90_fwd_supported):
-    // bit 2 nt + e of key_keep(t) is column 8 nt + 2 (lane % 4) + e of key tile t, the columns this
-    // thread holds in both of its rows. Loaded after the S wgmma is issued, used after it is done.
-    static_assert(2 * kNS <= 32, "key mask bits: one 32-bit word per thread");
-    const uint8_t* key_mask = p.mask && !mask_row ? p.mask + c.bi * p.mask_s.b + c.hi * p.mask_s.h : nullptr;
-    auto key_keep = [&](int t) -> uint32_t {
-      if (!key_mask) return ~0u;
-      if constexpr (kKeyMaskBallot) {
-        static_assert(Tr::kBlockN == 128, "ballot path: 4 bytes per lane cover the key tile");
-        if (p.mask_s.k == 1 && (reinterpret_cast<uintptr_t>(key_mask) & 3) == 0) {
-          // Lane l: bytes of columns 4 l .. 4 l + 3; ballot b: bit l set iff column 4 l + b kept.
-          const int jl = (n_tiles - 1 - t) * Tr::kBlockN + 4 * lane;
-          uint32_t word = 0;
-          if (jl + 3 < n_k) {
-            word = *reinterpret_cast<const uint32_t*>(key_mask + jl);
-          } else {
+  const float keep_scale = kFull ? drop.keep_scale : 1.f;
+  SplitSoftmax& softmax = st.softmax;
+  auto& o = st.o;
+  auto& pa = st.pa;
+  if (n_tiles == 0) {  // no row of the tile sees a key: zeros and lse = +inf; nothing was loaded
+    float zeros[kNO][4];
+    zero_acc(zeros);
+    SplitSoftmax none;
+    none.init();
+    store_rows<T>(p, c.bi, c.hi, row0, zeros, none, keep_scale);
+    return;
+  }
+  const uint32_t q_base = smem_addr(sm.q) + cw * 64 * 128;  // 64 rows into every Q panel
+  // -inf outside the key bound and past the causal diagonal (raw scores: the scale is applied in
+  // the softmax). Only the first visited tiles (the last key tiles) can need the element test.
+  // Key mask (a bool mask constant along the queries, e.g. key padding; sm90_fwd_supported):
+  // bit 2 nt + e of key_keep(t) is column 8 nt + 2 (lane % 4) + e of key tile t, the columns this
+  // thread holds in both of its rows. Loaded after the S wgmma is issued, used after it is done.
+  static_assert(2 * kNS <= 32, "key mask bits: one 32-bit word per thread");
+  const uint8_t* key_mask = p.mask && !mask_row ? p.mask + c.bi * p.mask_s.b + c.hi * p.mask_s.h : nullptr;
+  auto key_keep = [&](int t) -> uint32_t {
+    if (!key_mask) return ~0u;
+    if constexpr (kKeyMaskBallot) {
+      static_assert(Tr::kBlockN == 128, "ballot path: 4 bytes per lane cover the key tile");
+      if (p.mask_s.k == 1 && (reinterpret_cast<uintptr_t>(key_mask) & 3) == 0) {
+        // Lane l: bytes of columns 4 l .. 4 l + 3; ballot b: bit l set iff column 4 l + b kept.
+        const int jl = (n_tiles - 1 - t) * Tr::kBlockN + 4 * lane;
+        uint32_t word = 0;
+        if (jl + 3 < n_k) {
+          word = *reinterpret_cast<const uint32_t*>(key_mask + jl);
+        } else {
 #pragma unroll
-            for (int b = 0; b < 4; ++b)
-              if (jl + b < n_k) word |= static_cast<uint32_t>(key_mask[jl + b]) << (8 * b);
-          }
-          uint32_t w[4];
-#pragma unroll
-          for (int b = 0; b < 4; ++b) w[b] = __ballot_sync(0xffffffffu, (word >> (8 * b)) & 0xffu);
-          // Column 8 nt + 2 (lane % 4) + e is bit 2 nt + (lane % 4) / 2 of w[2 (lane % 2) + e].
-          const int sh = (lane % 4) / 2;
-          const uint32_t w0 = ((lane & 1) ? w[2] : w[0]) >> sh, w1 = ((lane & 1) ? w[3] : w[1]) >> sh;
-          return (w0 & 0x55555555u) | ((w1 & 0x55555555u) << 1);
+          for (int b = 0; b < 4; ++b)
+            if (jl + b < n_k) word |= static_cast<uint32_t>(key_mask[jl + b]) << (8 * b);
         }
+        uint32_t w[4];
+#pragma unroll
+        for (int b = 0; b < 4; ++b) w[b] = __ballot_sync(0xffffffffu, (word >> (8 * b)) & 0xffu);
+        // Column 8 nt + 2 (lane % 4) + e is bit 2 nt + (lane % 4) / 2 of w[2 (lane % 2) + e].
+        const int sh = (lane % 4) / 2;
+        const uint32_t w0 = ((lane & 1) ? w[2] : w[0]) >> sh, w1 = ((lane & 1) ? w[3] : w[1]) >> sh;
+        return (w0 & 0x55555555u) | ((w1 & 0x55555555u) << 1);
       }
-      const int j0 = (n_tiles - 1 - t) * Tr::kBlockN + 2 * (lane % 4);
-      uint32_t keep = 0;
+    }
+    const int j0 = (n_tiles - 1 - t) * Tr::kBlockN + 2 * (lane % 4);
+    uint32_t keep = 0;
+#pragma unroll
+    for (int nt = 0; nt < kNS; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int j = j0 + 8 * nt + e;
+        if (j < n_k && key_mask[j * p.mask_s.k]) keep |= 1u << (2 * nt + e);
+      }
+    return keep;
+  };
+  auto mask = [&](float (&s)[kNS][4], int t, uint32_t keep) {
+    if (keep != ~0u) {
 #pragma unroll
       for (int nt = 0; nt < kNS; ++nt)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int j = j0 + 8 * nt + e;
-          if (j < n_k && key_mask[j * p.mask_s.k]) keep |= 1u << (2 * nt + e);
-        }
-      return keep;
-    };
-    auto mask = [&](float (&s)[kNS][4], int t, uint32_t keep) {
-      if (keep != ~0u) {
-#pragma unroll
-        for (int nt = 0; nt < kNS; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e)
-            if (!((keep >> (2 * nt + e % 2)) & 1)) s[nt][e] = -__int_as_float(0x7f800000);
-      }
-      const int j0 = (n_tiles - 1 - t) * Tr::kBlockN;
-      const bool check = (causal && j0 + Tr::kBlockN - 1 > row0 + shift) || j0 + Tr::kBlockN > n_k;
-      if (check) {
-        const int col_limit = n_k - j0;
-        const int diag = causal ? row0 + shift - j0 : (1 << 30);
-#pragma unroll
-        for (int nt = 0; nt < kNS; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int r = frag_row(lane, e), col = frag_col(lane, nt, e);
-            if (col >= col_limit || col - r > diag) s[nt][e] = -__int_as_float(0x7f800000);
-          }
-      }
-    };
-    // General kernel: the scores of key tile t (K/V use `use`) once its S wgmma retired. The
-    // staged bias tile is read from its ring stage as it is added, then the stage is released; the
-    // bits of a mask varying along the queries are loaded here too. (Fetched while the wgmma ran,
-    // their 32-64 registers next to S, O and P made ptxas spill 250-500 bytes.)
-    // Bias tile layout: row r, column c at panel c / 64, row r's 128 bytes, 16-byte chunk
-    // (c % 64) / 8 XOR r % 8. This thread's rows are lane / 4 (+ 8) past a multiple of 8 (a
-    // query-broadcast bias: row 0 for both); 8 rows x 4 columns of a read hit 32 banks.
-    auto use_extras = [&](float (&s)[kNS][4], int t, uint32_t use) {
-      if constexpr (kGeneral) {
-        uint32_t bits[2] = {~0u, ~0u};
-        if (kFull && mask_row)
-          load_mask<kNS>(bits, p, mask_row, row0 + lane / 4, (n_tiles - 1 - t) * Tr::kBlockN + 2 * (lane % 4), n_k);
-        const unsigned char* bias_tile = nullptr;
-        int bst = 0;
-        if (has_bias) {
-          bst = use % Tr::kBiasStages;
-          mbarrier_wait(&bar.bias_full[bst], (use / Tr::kBiasStages) & 1);
-          bias_tile = reinterpret_cast<const unsigned char*>(sm.bias[bst]);
-        }
-        apply_extras<T, Tr::kBlockM, kNS, !kFull>(s, bits, bias_tile, p.bias_s.q == 0, 64 * cw + 16 * warp,
-                                                  kFull && mask_row,
-                                     scale_log2);
-        if (has_bias) mbarrier_arrive(&bar.bias_empty[bst]);
-      }
-    };
-    // Ping-pong turns: wait for this warpgroup's turn / hand the turn to the next one. Per tile each
-    // warpgroup takes n_tiles + 1 turns; the last warpgroup hands warpgroup 0 its first turn and
-    // skips its own last hand-over, so the named barriers balance within every tile.
-    auto turn_begin = [&] {
-      if constexpr (Tr::kPingPong) named_barrier_sync(Tr::kSchedBarrier + cw, 256);
-    };
-    auto turn_end = [&] {
-      if constexpr (Tr::kPingPong) named_barrier_arrive(Tr::kSchedBarrier + (cw + 1) % Tr::kConsumers, 256);
-    };
-    // The last S of the tile is done: the producer may load the next tile's Q.
-    auto release_q = [&](int t) {
-      if (t == n_tiles - 1 && lane == 0) mbarrier_arrive(&bar.q_empty);
-    };
-    auto stage = [&](uint32_t it) { return static_cast<int>(it % Tr::kStages); };
-    auto parity = [&](uint32_t it) { return (it / Tr::kStages) & 1; };
-
-    if constexpr (Tr::kPingPong) {
-      if (cw == Tr::kConsumers - 1) named_barrier_arrive(Tr::kSchedBarrier, 256);
+        for (int e = 0; e < 4; ++e)
+          if (!((keep >> (2 * nt + e % 2)) & 1)) s[nt][e] = -__int_as_float(0x7f800000);
     }
-    mbarrier_wait(&bar.q_full, ps.q_it & 1);
-    ++ps.q_it;
+    const int j0 = (n_tiles - 1 - t) * Tr::kBlockN;
+    const bool check = (causal && j0 + Tr::kBlockN - 1 > row0 + shift) || j0 + Tr::kBlockN > n_k;
+    if (check) {
+      const int col_limit = n_k - j0;
+      const int diag = causal ? row0 + shift - j0 : (1 << 30);
+#pragma unroll
+      for (int nt = 0; nt < kNS; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = frag_row(lane, e), col = frag_col(lane, nt, e);
+          if (col >= col_limit || col - r > diag) s[nt][e] = -__int_as_float(0x7f800000);
+        }
+    }
+  };
+  // General kernel: the scores of key tile t (K/V use `use`) once its S wgmma retired. The
+  // staged bias tile is read from its ring stage as it is added, then the stage is released; the
+  // bits of a mask varying along the queries are loaded here too. (Fetched while the wgmma ran,
+  // their 32-64 registers next to S, O and P made ptxas spill 250-500 bytes.)
+  // Bias tile layout: row r, column c at panel c / 64, row r's 128 bytes, 16-byte chunk
+  // (c % 64) / 8 XOR r % 8. This thread's rows are lane / 4 (+ 8) past a multiple of 8 (a
+  // query-broadcast bias: row 0 for both); 8 rows x 4 columns of a read hit 32 banks.
+  auto use_extras = [&](float (&s)[kNS][4], int t, uint32_t use) {
+    if constexpr (kGeneral) {
+      uint32_t bits[2] = {~0u, ~0u};
+      if (kFull && mask_row)
+        load_mask<kNS>(bits, p, mask_row, row0 + lane / 4, (n_tiles - 1 - t) * Tr::kBlockN + 2 * (lane % 4), n_k);
+      const unsigned char* bias_tile = nullptr;
+      int bst = 0;
+      if (has_bias) {
+        bst = use % Tr::kBiasStages;
+        mbarrier_wait(&bar.bias_full[bst], (use / Tr::kBiasStages) & 1);
+        bias_tile = reinterpret_cast<const unsigned char*>(sm.bias[bst]);
+      }
+      apply_extras<T, Tr::kBlockM, kNS, !kFull>(s, bits, bias_tile, p.bias_s.q == 0, 64 * cw + 16 * warp,
+                                                kFull && mask_row,
+                                   scale_log2);
+      if (has_bias) mbarrier_arrive(&bar.bias_empty[bst]);
+    }
+  };
+  // Ping-pong turns: wait for this warpgroup's turn / hand the turn to the next one. A tile is
+  // n_tiles turns (its first carries the previous tile's last P V), consume_finish one more; the
+  // last warpgroup hands warpgroup 0 its first turn at the start and skips its own last
+  // hand-over in consume_finish, so the named barriers balance over the block's work.
+  auto turn_begin = [&] {
+    if constexpr (Tr::kPingPong) named_barrier_sync(Tr::kSchedBarrier + cw, 256);
+  };
+  auto turn_end = [&] {
+    if constexpr (Tr::kPingPong) named_barrier_arrive(Tr::kSchedBarrier + (cw + 1) % Tr::kConsumers, 256);
+  };
+  // The last S of the tile is done: the producer may load the next tile's Q.
+  auto release_q = [&](int t) {
+    if (t == n_tiles - 1 && lane == 0) mbarrier_arrive(&bar.q_empty);
+  };
+  auto stage = [&](uint32_t it) { return static_cast<int>(it % Tr::kStages); };
+  auto parity = [&](uint32_t it) { return (it / Tr::kStages) & 1; };
 
-    // Prologue: S of the first tile, its softmax, P.
-    float s[kNS][4];
-    uint32_t pa[kKP][4];
-    uint32_t it = ps.it;
+  // Prologue: the pending tile's last P V, then S of this tile's first key tile; the pending
+  // tile's output is stored while S computes; then the softmax of S and P. Each branch waits for
+  // every wgmma it issued: a wgmma issued on one path and waited for on another made ptxas
+  // serialize every wgmma of the kernel (C7514; -20% throughput).
+  float s[kNS][4];
+  uint32_t it = ps.it;
+  uint32_t keep;
+  if (st.pending) {
+    // P V first: it computes while this tile's Q (requested when the pending tile's last S was
+    // done) and first K arrive.
+    const int vst = stage(st.v_use);
+    mbarrier_wait(&bar.v_full[vst], parity(st.v_use));
+    turn_begin();
+    wgmma_fence();
+    sm90::gemm_rs_mnmajor<T, Tr::kD, Tr::kBlockN, Tr::kBlockN>(o, pa, smem_addr(sm.v[vst]));
+    wgmma_commit_group();
+    mbarrier_wait(&bar.q_full, ps.q_it & 1);
+    mbarrier_wait(&bar.k_full[stage(it)], parity(it));
+    wgmma_fence();  // (else ptxas injects one after the waits' loops: C7519)
+    sm90::gemm_ss_kmajor<T, Tr::kBlockN, Tr::kD, Tr::kBlockM, Tr::kBlockN>(s, q_base, smem_addr(sm.k[stage(it)]));
+    wgmma_commit_group();
+    turn_end();
+    keep = key_keep(0);
+    wgmma_wait_group<1>();  // the pending P V done; S may still run
+    fence_regs(o);
+    fence_regs(pa);
+    if (lane == 0) mbarrier_arrive(&bar.v_empty[vst]);
+    store_rows<T>(p, st.bi, st.hi, st.row0, o, softmax, keep_scale);
+    zero_acc(o);
+    wgmma_wait_group<0>();
+  } else {
+    mbarrier_wait(&bar.q_full, ps.q_it & 1);
     mbarrier_wait(&bar.k_full[stage(it)], parity(it));
     turn_begin();
     wgmma_fence();
     sm90::gemm_ss_kmajor<T, Tr::kBlockN, Tr::kD, Tr::kBlockM, Tr::kBlockN>(s, q_base, smem_addr(sm.k[stage(it)]));
     wgmma_commit_group();
     turn_end();
-    uint32_t keep = key_keep(0);
+    keep = key_keep(0);
     wgmma_wait_group<0>();
-    fence_regs(s);
-    if (lane == 0) mbarrier_arrive(&bar.k_empty[stage(it)]);
-    release_q(0);
-    use_extras(s, 0, it);
-    mask(s, 0, keep);
-    {
-      float alpha[2];
-      softmax.scores(s, softmax_scale, alpha);  // O is still zero: no rescale
-      if constexpr (kFull) {
-        if (drop.on) dropout_tile_rows(drop, drop_bh, s, row0, (n_tiles - 1) * Tr::kBlockN);
-      }
+  }
+  ++ps.q_it;
+  softmax.init();
+  fence_regs(s);
+  if (lane == 0) mbarrier_arrive(&bar.k_empty[stage(it)]);
+  release_q(0);
+  use_extras(s, 0, it);
+  mask(s, 0, keep);
+  {
+    float alpha[2];
+    softmax.scores(s, softmax_scale, alpha);  // O is still zero: no rescale
+    if constexpr (kFull) {
+      if (drop.on) dropout_tile_rows(drop, drop_bh, s, row0, (n_tiles - 1) * Tr::kBlockN);
     }
+  }
 #pragma unroll
-    for (int kk = 0; kk < kKP; ++kk) acc_to_a<T>(pa[kk], s, kk);
+  for (int kk = 0; kk < kKP; ++kk) acc_to_a<T>(pa[kk], s, kk);
 
-    for (int t = 1; t < n_tiles; ++t) {
-      const uint32_t cur = it + 1, prev = it;  // K/V uses of tiles t and t - 1
-      mbarrier_wait(&bar.k_full[stage(cur)], parity(cur));
-      mbarrier_wait(&bar.v_full[stage(prev)], parity(prev));
-      turn_begin();
-      wgmma_fence();
-      // S of tile t = Q K^T, then O += P V of tile t - 1 (issue only).
-      sm90::gemm_ss_kmajor<T, Tr::kBlockN, Tr::kD, Tr::kBlockM, Tr::kBlockN>(s, q_base, smem_addr(sm.k[stage(cur)]));
-      wgmma_commit_group();
-      sm90::gemm_rs_mnmajor<T, Tr::kD, Tr::kBlockN, Tr::kBlockN>(o, pa, smem_addr(sm.v[stage(prev)]));
-      wgmma_commit_group();
-      turn_end();
-      keep = key_keep(t);
-      wgmma_wait_group<1>();  // S done; P V may still run
-      fence_regs(s);
-      if (lane == 0) mbarrier_arrive(&bar.k_empty[stage(cur)]);
-      release_q(t);
-      use_extras(s, t, cur);
-      mask(s, t, keep);
-      float alpha[2];
-      softmax.scores(s, softmax_scale, alpha);
-      if constexpr (kFull) {
-        if (drop.on) dropout_tile_rows(drop, drop_bh, s, row0, (n_tiles - 1 - t) * Tr::kBlockN);
-      }
-      wgmma_wait_group<0>();  // P V done: O and P may be touched again
-      fence_regs(o);
-      fence_regs(pa);
-      if (lane == 0) mbarrier_arrive(&bar.v_empty[stage(prev)]);
-      SplitSoftmax::rescale(o, alpha);
-#pragma unroll
-      for (int kk = 0; kk < kKP; ++kk) acc_to_a<T>(pa[kk], s, kk);
-      it = cur;
-    }
-    // Epilogue: P V of the last tile.
-    mbarrier_wait(&bar.v_full[stage(it)], parity(it));
+  for (int t = 1; t < n_tiles; ++t) {
+    const uint32_t cur = it + 1, prev = it;  // K/V uses of tiles t and t - 1
+    mbarrier_wait(&bar.k_full[stage(cur)], parity(cur));
+    mbarrier_wait(&bar.v_full[stage(prev)], parity(prev));
     turn_begin();
     wgmma_fence();
-    sm90::gemm_rs_mnmajor<T, Tr::kD, Tr::kBlockN, Tr::kBlockN>(o, pa, smem_addr(sm.v[stage(it)]));
+    // S of tile t = Q K^T, then O += P V of tile t - 1 (issue only).
+    sm90::gemm_ss_kmajor<T, Tr::kBlockN, Tr::kD, Tr::kBlockM, Tr::kBlockN>(s, q_base, smem_addr(sm.k[stage(cur)]));
     wgmma_commit_group();
-    if (cw != Tr::kConsumers - 1) turn_end();
-    wgmma_wait_group<0>();
+    sm90::gemm_rs_mnmajor<T, Tr::kD, Tr::kBlockN, Tr::kBlockN>(o, pa, smem_addr(sm.v[stage(prev)]));
+    wgmma_commit_group();
+    turn_end();
+    keep = key_keep(t);
+    wgmma_wait_group<1>();  // S done; P V may still run
+    fence_regs(s);
+    if (lane == 0) mbarrier_arrive(&bar.k_empty[stage(cur)]);
+    release_q(t);
+    use_extras(s, t, cur);
+    mask(s, t, keep);
+    float alpha[2];
+    softmax.scores(s, softmax_scale, alpha);
+    if constexpr (kFull) {
+      if (drop.on) dropout_tile_rows(drop, drop_bh, s, row0, (n_tiles - 1 - t) * Tr::kBlockN);
+    }
+    wgmma_wait_group<0>();  // P V done: O and P may be touched again
     fence_regs(o);
     fence_regs(pa);
-    if (lane == 0) mbarrier_arrive(&bar.v_empty[stage(it)]);
-    ps.it = it + 1;
+    if (lane == 0) mbarrier_arrive(&bar.v_empty[stage(prev)]);
+    SplitSoftmax::rescale(o, alpha);
+#pragma unroll
+    for (int kk = 0; kk < kKP; ++kk) acc_to_a<T>(pa[kk], s, kk);
+    it = cur;
   }
+  // The tile's last P V stays pending (issued with the next tile's first S, or by finish()).
+  st.pending = true;
+  st.bi = c.bi;
+  st.hi = c.hi;
+  st.row0 = row0;
+  st.v_use = it;
+  ps.it = it + 1;
+}
 
-  // out = O / l; lse = (m + log2 l) ln 2; rows that saw no key: 0 and +inf.
-  softmax.finish();
-  const uint64_t bh = static_cast<uint64_t>(c.bi) * p.h + c.hi;
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int64_t i = row0 + lane / 4 + 8 * h;
-    if (i >= p.n_q) continue;  // rows past n_q: TMA read zeros for them
-    const float l = softmax.l[h];
-    const float inv = l == 0.f ? 0.f : (kFull ? drop.keep_scale : 1.f) / l;
-    T* og = static_cast<T*>(p.o) + int64_t{c.bi} * p.o_sb + int64_t{c.hi} * p.o_sh + i * p.o_sn;
-#pragma unroll
-    for (int nt = 0; nt < kNO; ++nt) {
-      const int col = 8 * nt + 2 * (lane % 4);
-      *reinterpret_cast<uint32_t*>(og + col) = pack2<T>(o[nt][2 * h] * inv, o[nt][2 * h + 1] * inv);
-    }
-    if (lane % 4 == 0) {
-      float* lse = static_cast<float*>(p.lse) + bh * p.n_q + i;
-      *lse = l == 0.f ? __int_as_float(0x7f800000) : (softmax.m[h] + __log2f(l)) * kLn2;
-    }
+// After a consumer's last tile: its pending P V, then the output. The last warpgroup takes no
+// ping-pong hand-over (nobody waits for it), so the turn barriers end balanced.
+template <typename T, typename Tr, bool kFull>
+__device__ __forceinline__ void consume_finish(typename Tr::Smem& sm, typename Tr::Barriers& bar, const FwdParams& p,
+                                               int cw, ConsumerState<Tr::kD / 8, Tr::kBlockN / 16>& st) {
+  using namespace sm90;
+  if (!st.pending) return;
+  const uint32_t use = st.v_use;
+  const int stage = static_cast<int>(use % Tr::kStages);
+  mbarrier_wait(&bar.v_full[stage], (use / Tr::kStages) & 1);
+  if constexpr (Tr::kPingPong) named_barrier_sync(Tr::kSchedBarrier + cw, 256);
+  wgmma_fence();
+  sm90::gemm_rs_mnmajor<T, Tr::kD, Tr::kBlockN, Tr::kBlockN>(st.o, st.pa, smem_addr(sm.v[stage]));
+  wgmma_commit_group();
+  if constexpr (Tr::kPingPong) {
+    if (cw != Tr::kConsumers - 1) named_barrier_arrive(Tr::kSchedBarrier + cw + 1, 256);
   }
+  wgmma_wait_group<0>();
+  fence_regs(st.o);
+  fence_regs(st.pa);
+  if (threadIdx.x % 32 == 0) mbarrier_arrive(&bar.v_empty[stage]);
+  Dropout drop;
+  if constexpr (kFull) drop.init(p);
+  store_rows<T>(p, st.bi, st.hi, st.row0, st.o, st.softmax, kFull ? drop.keep_scale : 1.f);
+  st.pending = false;
 }
 
 // Grid: one block per SM (persistent) walking the work list with stride gridDim.x, or one block
@@ -470,16 +560,30 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       tma_prefetch_desc(&tm_q);
       tma_prefetch_desc(&tm_k);
       tma_prefetch_desc(&tm_v);
+      // One tile behind the walk: tile k is produced once tile k + 1 is known (its Q prefetch).
+      bool have = false;
+      TileCoord cur{};
       for (int u = blockIdx.x; u < work.units; u += gridDim.x) {
         int bh, qb_hi, qb_lo;
         const int n = work.tiles(u, bh, qb_hi, qb_lo);
-        for (int i = 0; i < n; ++i)
-          produce_tile<T, Tr>(sm, bar, &tm_q, &tm_k, &tm_v, &tm_bias, p,
-                              TileCoord(p, bh, i == 0 ? qb_hi : qb_lo, Tr::kBlockM, Tr::kBlockN), ps);
+        for (int i = 0; i < n; ++i) {
+          const TileCoord c(p, bh, i == 0 ? qb_hi : qb_lo, Tr::kBlockM, Tr::kBlockN);
+          if (have) produce_tile<T, Tr>(sm, bar, &tm_q, &tm_k, &tm_v, &tm_bias, p, cur, &c, ps);
+          cur = c;
+          have = true;
+        }
       }
+      if (have) produce_tile<T, Tr>(sm, bar, &tm_q, &tm_k, &tm_v, &tm_bias, p, cur, nullptr, ps);
     }
   } else {
     setmaxnreg_inc<Tr::kConsumerRegs>();
+    const int cw = wg - 1;
+    ConsumerState<Tr::kD / 8, Tr::kBlockN / 16> st;
+    zero_acc(st.o);
+    // Ping-pong: warpgroup 0 takes the first turn.
+    if constexpr (Tr::kPingPong) {
+      if (cw == Tr::kConsumers - 1) named_barrier_arrive(Tr::kSchedBarrier, 256);
+    }
     if constexpr (Tr::kPersistent) {
       for (int u = blockIdx.x; u < work.units; u += gridDim.x) {
         int bh, qb_hi, qb_lo;
@@ -487,15 +591,17 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         for (int i = 0; i < n; ++i)
           consume_tile<T, Tr, kGeneral, kFull>(sm, bar, p,
                                                TileCoord(p, bh, i == 0 ? qb_hi : qb_lo, Tr::kBlockM, Tr::kBlockN),
-                                               wg - 1, ps);
+                                               cw, ps, st);
       }
     } else {
       // One unit of one tile per block, no loop: the loop's live state costs registers (d = 64 with
       // 3 consumer warpgroups has 160 each).
       int bh, qb_hi, qb_lo;
       work.tiles(blockIdx.x, bh, qb_hi, qb_lo);
-      consume_tile<T, Tr, kGeneral, kFull>(sm, bar, p, TileCoord(p, bh, qb_hi, Tr::kBlockM, Tr::kBlockN), wg - 1, ps);
+      consume_tile<T, Tr, kGeneral, kFull>(sm, bar, p, TileCoord(p, bh, qb_hi, Tr::kBlockM, Tr::kBlockN), cw, ps,
+                                           st);
     }
+    consume_finish<T, Tr, kFull>(sm, bar, p, cw, st);
   }
 #endif
 }

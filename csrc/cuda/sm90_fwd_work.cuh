@@ -118,6 +118,7 @@ struct WorkList {
 struct TileCoord {
   int bi, hi, kvh, i0;
   int n_tiles;  // 0: every row of the tile sees nothing
+  TileCoord() = default;
   __device__ __forceinline__ TileCoord(const FwdParams& p, int bh, int qb, int block_m, int block_n) {
     const int h = static_cast<int>(p.h);
     bi = bh / h;
