@@ -19,11 +19,12 @@ constexpr int kDqTileFloats = 8192;  // one query tile of dQ: kBlockM x d = 64 x
 // backward (key masks alone stay on kKeyMask).
 constexpr bool kSm90BwdGeneral = true;
 // dbias stored by warps 2, 3 of the producer warpgroup from the dS^T buffer (write_dbias) instead of
-// element by element by the consumers. Correct on an H200 (whole suite, stress, fuzz) and ~9% faster
-// on a bias backward, but compute-sanitizer racecheck reports RAW hazards between the consumers'
-// dS^T stores and these warps' reads, which the kBarDs protocol should exclude; a 40-line probe of
-// the same protocol (benchmarks/racecheck_probe.cu) was clean. Off until that is understood
-// (NOTES.md, GPU record 2026-11-27 11:20, item 6).
+// element by element by the consumers. Correct on an H200 (whole suite, stress, fuzz); 8% faster on
+// a full bias backward but 9% slower on a head-broadcast one; compute-sanitizer racecheck reports
+// RAW hazards between the consumers' dS^T stores and these warps' reads, which the kBarDs protocol
+// should exclude, while benchmarks/racecheck_probe.cu (the same protocol, also in this kernel's
+// warp layout) is clean. Off until that is understood (NOTES.md, GPU records 2026-11-27 11:20
+// item 6 and 12:15 items 1-2).
 constexpr bool kDbiasWriterWarps = false;
 
 // What only the general kernel takes: a bias or its gradient, dropout, or a mask that varies along
