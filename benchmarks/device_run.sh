@@ -5,6 +5,7 @@
 #   bash benchmarks/device_run.sh bench                 # second call, same warm machine
 #   bash benchmarks/device_run.sh build quick           # after a kernel change: forced paths + smoke
 #   bash benchmarks/device_run.sh flags_on build quick  # the prepared (off) Hopper paths switched on
+#                                                       # (FLAGS_ON="kQDoubleBuffer ..." picks some)
 #   bash benchmarks/device_run.sh probe                 # racecheck_probe.cu under racecheck
 #
 # Phases run in the order given; each writes $OUT/<phase>.log and prints a short summary last.
@@ -69,15 +70,16 @@ phase_quick() {
 # The prepared Hopper paths that are off in the source (csrc/cuda/NOTES.md, "Next"), switched on in
 # this copy of the tree only (the GPU machine's): run it before `build`, e.g.
 #   bash benchmarks/device_run.sh flags_on build quick sanitize
+#   FLAGS_ON=kQDoubleBuffer bash benchmarks/device_run.sh flags_on build quick   # one of them
 phase_flags_on() {
-  sed -i 's/^constexpr bool kSm90FwdGeneral = false;/constexpr bool kSm90FwdGeneral = true;/;
-          s/^constexpr bool kKeyMaskBallot = false;/constexpr bool kKeyMaskBallot = true;/' csrc/cuda/sm90_fwd_work.cuh
-  sed -i 's/^constexpr bool kSm90BwdGeneral = false;/constexpr bool kSm90BwdGeneral = true;/;
-          s/^constexpr bool kDbiasWriterWarps = false;/constexpr bool kDbiasWriterWarps = true;/' csrc/cuda/sm90_bwd_work.cuh
-  local on
-  on=$(grep -hE "^constexpr bool k(Sm90FwdGeneral|KeyMaskBallot|Sm90BwdGeneral|DbiasWriterWarps) = true;" csrc/cuda/sm90_*_work.cuh | wc -l)
-  echo "prepared flags on: $on / 4"
-  summary+=("flags_on: $on / 4")
+  local flags=${FLAGS_ON:-kSm90FwdGeneral kKeyMaskBallot kQDoubleBuffer kSm90BwdGeneral kDbiasWriterWarps}
+  local f on=0
+  for f in $flags; do
+    sed -i "s/^constexpr bool $f = false;/constexpr bool $f = true;/" csrc/cuda/sm90_fwd_work.cuh csrc/cuda/sm90_bwd_work.cuh
+    grep -qhE "^constexpr bool $f = true;" csrc/cuda/sm90_fwd_work.cuh csrc/cuda/sm90_bwd_work.cuh && on=$((on + 1))
+  done
+  echo "prepared flags on: $on / $(echo $flags | wc -w) ($flags)"
+  summary+=("flags_on: $on ($flags)")
 }
 
 # Random shapes through the Hopper kernels against the portable path (a hang names its case).

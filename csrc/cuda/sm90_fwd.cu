@@ -6,7 +6,8 @@
 //     Q once per query tile, then K and V tiles of kBlockN keys into a kStages-deep ring of
 //     shared-memory stages. Each stage has four mbarriers: k_full / v_full (the TMA's byte count
 //     completes them) and k_empty / v_empty (one arrival per consumer warp once its wgmma reading
-//     the stage retired); Q has q_full / q_empty.
+//     the stage retired); Q has q_full / q_empty per buffer (kQBufs: 1, or 2 at d = 64 with
+//     kQDoubleBuffer).
 //   consumers: S = Q K^T with wgmma (both operands in shared memory), masking (causal, key bound,
 //     and a key mask: a bool mask constant along the queries, read per key tile while the S wgmma
 //     runs; the general instantiation, kSm90FwdGeneral, also a bias, any mask and dropout) and
@@ -69,11 +70,12 @@ __device__ __forceinline__ void produce_tile(typename Tr::Smem& sm, typename Tr:
   if (c.n_tiles == 0) return;
   const int bi = c.bi, hi = c.hi, kvh = c.kvh;
   auto load_q = [&] {
-    mbarrier_wait(&bar.q_empty, (ps.q_it & 1) ^ 1);
-    mbarrier_arrive_expect_tx(&bar.q_full, Tr::kQBytes);
+    const int qb = static_cast<int>(ps.q_it % Tr::kQBufs);
+    mbarrier_wait(&bar.q_empty[qb], ((ps.q_it / Tr::kQBufs) & 1) ^ 1);
+    mbarrier_arrive_expect_tx(&bar.q_full[qb], Tr::kQBytes);
 #pragma unroll
     for (int pn = 0; pn < Tr::kPanels; ++pn)
-      tma_load_4d(sm.q + pn * Tr::kBlockM * Tr::kPanel, tm_q, &bar.q_full, pn * Tr::kPanel, c.i0, hi, bi);
+      tma_load_4d(sm.q[qb] + pn * Tr::kBlockM * Tr::kPanel, tm_q, &bar.q_full[qb], pn * Tr::kPanel, c.i0, hi, bi);
     ++ps.q_it;
   };
   for (int t = 0; t < c.n_tiles; ++t, ++ps.it) {
@@ -282,7 +284,8 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
     store_rows<T>(p, c.bi, c.hi, row0, zeros, none, keep_scale);
     return;
   }
-  const uint32_t q_base = smem_addr(sm.q) + cw * 64 * 128;  // 64 rows into every Q panel
+  const int qbuf = static_cast<int>(ps.q_it % Tr::kQBufs);  // this tile's Q buffer
+  const uint32_t q_base = smem_addr(sm.q[qbuf]) + cw * 64 * 128;  // 64 rows into every Q panel
   // -inf outside the key bound and past the causal diagonal (raw scores: the scale is applied in
   // the softmax). Only the first visited tiles (the last key tiles) can need the element test.
   // Key mask (a bool mask constant along the queries, e.g. key padding; sm90_fwd_supported):
@@ -384,7 +387,7 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
   };
   // The last S of the tile is done: the producer may load the next tile's Q.
   auto release_q = [&](int t) {
-    if (t == n_tiles - 1 && lane == 0) mbarrier_arrive(&bar.q_empty);
+    if (t == n_tiles - 1 && lane == 0) mbarrier_arrive(&bar.q_empty[qbuf]);
   };
   auto stage = [&](uint32_t it) { return static_cast<int>(it % Tr::kStages); };
   auto parity = [&](uint32_t it) { return (it / Tr::kStages) & 1; };
@@ -405,7 +408,7 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
     wgmma_fence();
     sm90::gemm_rs_mnmajor<T, Tr::kD, Tr::kBlockN, Tr::kBlockN>(o, pa, smem_addr(sm.v[vst]));
     wgmma_commit_group();
-    mbarrier_wait(&bar.q_full, ps.q_it & 1);
+    mbarrier_wait(&bar.q_full[qbuf], (ps.q_it / Tr::kQBufs) & 1);
     mbarrier_wait(&bar.k_full[stage(it)], parity(it));
     wgmma_fence();  // (else ptxas injects one after the waits' loops: C7519)
     sm90::gemm_ss_kmajor<T, Tr::kBlockN, Tr::kD, Tr::kBlockM, Tr::kBlockN>(s, q_base, smem_addr(sm.k[stage(it)]));
@@ -420,7 +423,7 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
     zero_acc(o);
     wgmma_wait_group<0>();
   } else {
-    mbarrier_wait(&bar.q_full, ps.q_it & 1);
+    mbarrier_wait(&bar.q_full[qbuf], (ps.q_it / Tr::kQBufs) & 1);
     mbarrier_wait(&bar.k_full[stage(it)], parity(it));
     turn_begin();
     wgmma_fence();
@@ -537,8 +540,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const WorkList work(p, Tr::kBlockM, Tr::kPersistent);
   const int wg = threadIdx.x / 128;
   if (threadIdx.x == 0) {
-    mbarrier_init(&bar.q_full, 1);
-    mbarrier_init(&bar.q_empty, 4 * Tr::kConsumers);  // one arrival per consumer warp
+    for (int s = 0; s < Tr::kQBufs; ++s) {
+      mbarrier_init(&bar.q_full[s], 1);
+      mbarrier_init(&bar.q_empty[s], 4 * Tr::kConsumers);  // one arrival per consumer warp
+    }
     for (int s = 0; s < Tr::kStages; ++s) {
       mbarrier_init(&bar.k_full[s], 1);
       mbarrier_init(&bar.v_full[s], 1);

@@ -20,6 +20,12 @@ constexpr bool kSm90FwdGeneral = true;
 // aligned; else one byte load per column (the key-padding forward paid ~40% for those, NOTES.md).
 constexpr bool kKeyMaskBallot = true;
 
+// A second Q buffer where it fits without costing a K/V stage (d = 64: 2 x 24 KiB next to 4
+// stages; not d = 128, where it would take the third stage), so the next query tile's Q loads
+// while this one runs instead of after its last S (the tile boundary waits for that load:
+// NOTES.md, GPU record 2026-11-27 12:15, item 3). Prepared, not yet run on a GPU: off.
+constexpr bool kQDoubleBuffer = false;
+
 template <typename T, int kD_, int kBlockN_, int kConsumers_, bool kPingPong_, bool kPersistent_, bool kGeneral_ = false>
 struct Sm90FwdTraits {
   static constexpr int kD = kD_;                       // d == d_v
@@ -48,12 +54,16 @@ struct Sm90FwdTraits {
   static constexpr int kBiasFit = static_cast<int>((kSmemLimit - kQKV2Bytes) / kBiasStageBytes);
   static constexpr int kBiasStages = !kGeneral ? 0 : kBiasFit < 2 ? kBiasFit : 2;
   static_assert(!kGeneral || kBiasStages >= 1, "no room for a staged bias tile");
-  // K+V ring depth: as many stages as fit next to Q (and the bias ring) in the 227 KiB of an sm_90
-  // block (up to 4).
-  static constexpr int kFitStages =
-      static_cast<int>((kSmemLimit - 2048 - int64_t{kBlockM} * kD * 2 - kBiasStages * kBiasStageBytes) /
-                       (2 * int64_t{kBlockN} * kD * 2));
-  static constexpr int kStages = kFitStages < 4 ? kFitStages : 4;
+  // K+V ring depth: as many stages as fit next to the Q buffers (and the bias ring) in the 227 KiB
+  // of an sm_90 block (up to 4). Q buffers: 2 with kQDoubleBuffer where that leaves the depth
+  // of 1 buffer, else 1.
+  static constexpr int fit_stages(int q_bufs) {
+    const int64_t n = (kSmemLimit - 2048 - q_bufs * (int64_t{kBlockM} * kD * 2) - kBiasStages * kBiasStageBytes) /
+                      (2 * int64_t{kBlockN} * kD * 2);
+    return n < 4 ? static_cast<int>(n) : 4;
+  }
+  static constexpr int kQBufs = kQDoubleBuffer && fit_stages(2) >= fit_stages(1) ? 2 : 1;
+  static constexpr int kStages = fit_stages(kQBufs);
   static_assert(kStages >= 2, "need a double-buffered K/V ring");
   static_assert(kBlockN % 16 == 0 && kBlockN <= 256, "key tile: a multiple of 16, at most 256 (TMA box)");
   // Ping-pong: the consumer warpgroups take turns issuing their GEMMs (named barriers
@@ -68,13 +78,13 @@ struct Sm90FwdTraits {
   static_assert(kD % kPanel == 0, "head dim must be whole 64-element panels");
 
   struct Smem {
-    alignas(1024) T q[kBlockM * kD];             // [kPanels][kBlockM, 64] swizzled
+    alignas(1024) T q[kQBufs][kBlockM * kD];     // [buffer][kPanels][kBlockM, 64] swizzled
     alignas(1024) T k[kStages][kBlockN * kD];    // [stage][kPanels][kBlockN, 64] swizzled
     alignas(1024) T v[kStages][kBlockN * kD];    // [stage][kPanels][kBlockN, 64] swizzled
     alignas(1024) T bias[kGeneral ? kBiasStages : 1][kGeneral ? kBlockM * kBlockN : 8];  // [stage][panel][kBlockM, 64]
   };
   struct Barriers {
-    uint64_t q_full, q_empty;
+    uint64_t q_full[kQBufs], q_empty[kQBufs];
     uint64_t k_full[kStages], k_empty[kStages], v_full[kStages], v_empty[kStages];
     uint64_t bias_full[kGeneral ? kBiasStages : 1], bias_empty[kGeneral ? kBiasStages : 1];
   };
@@ -183,7 +193,8 @@ struct SplitSoftmax : OnlineSoftmax {
 // list and counts the K/V tiles and Q tiles it has passed. K/V use `it` sits in stage
 // it % kStages, and that stage's barriers complete once per use, so use it waits for parity
 // (it / kStages) & 1 on the full barriers and the opposite parity on the empty ones (the first
-// use of a fresh empty barrier passes at once). Q has one buffer: parity q_it & 1.
+// use of a fresh empty barrier passes at once). Q tiles the same: tile q_it in buffer
+// q_it % kQBufs, parity (q_it / kQBufs) & 1.
 struct PipeState {
   uint32_t it = 0, q_it = 0;
 };
