@@ -483,7 +483,7 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
     for (int kk = 0; kk < kKP; ++kk) acc_to_a<T>(pa[kk], s, kk);
     it = cur;
   }
-  // The tile's last P V stays pending (issued with the next tile's first S, or by finish()).
+  // The tile's last P V stays pending (issued with the next tile's first S, or by consume_finish).
   st.pending = true;
   st.bi = c.bi;
   st.hi = c.hi;
