@@ -3,10 +3,10 @@
 // A block is one producer warpgroup and kConsumers (2 for d = 128, 3 for d = 64) consumer
 // warpgroups of 64 query rows each, so a query tile is kBlockM = 64 kConsumers rows:
 //   warpgroup 0 (producer, registers given back with setmaxnreg): one thread issues the TMA loads,
-//     Q once per query tile, then K and V tiles of kBlockN keys into a kStages-deep ring of
+//     Q once per query tile, then K and V tiles of kBlockN keys into rings (kKStages, kVStages) of
 //     shared-memory stages. Each stage has four mbarriers: k_full / v_full (the TMA's byte count
 //     completes them) and k_empty / v_empty (one arrival per consumer warp once its wgmma reading
-//     the stage retired); Q has q_full / q_empty per buffer (kQBufs: 1, or 2 at d = 64 with
+//     the stage retired); Q has q_full / q_empty per buffer (kQBufs: 1, or 2 with
 //     kQDoubleBuffer).
 //   consumers: S = Q K^T with wgmma (both operands in shared memory), masking (causal, key bound,
 //     and a key mask: a bool mask constant along the queries, read per key tile while the S wgmma
@@ -78,11 +78,10 @@ __device__ __forceinline__ void produce_tile(typename Tr::Smem& sm, typename Tr:
       tma_load_4d(sm.q[qb] + pn * Tr::kBlockM * Tr::kPanel, tm_q, &bar.q_full[qb], pn * Tr::kPanel, c.i0, hi, bi);
     ++ps.q_it;
   };
-  for (int t = 0; t < c.n_tiles; ++t, ++ps.it) {
-    const int st = ps.it % Tr::kStages;
-    const uint32_t parity = ((ps.it / Tr::kStages) & 1) ^ 1;
+  auto load_k = [&](int t, uint32_t use) {  // K (and the bias tile) of key tile t
+    const int st = static_cast<int>(use % Tr::kKStages);
     const int j0 = (c.n_tiles - 1 - t) * Tr::kBlockN;
-    mbarrier_wait(&bar.k_empty[st], parity);
+    mbarrier_wait(&bar.k_empty[st], ((use / Tr::kKStages) & 1) ^ 1);
     mbarrier_arrive_expect_tx(&bar.k_full[st], Tr::kKVBytes);
 #pragma unroll
     for (int pn = 0; pn < Tr::kPanels; ++pn)
@@ -90,8 +89,8 @@ __device__ __forceinline__ void produce_tile(typename Tr::Smem& sm, typename Tr:
     if constexpr (Tr::kGeneral) {
       if (p.bias) {
         // Broadcast dims have size 1 in the map: coordinate 0 there.
-        const int bst = ps.it % Tr::kBiasStages;
-        mbarrier_wait(&bar.bias_empty[bst], ((ps.it / Tr::kBiasStages) & 1) ^ 1);
+        const int bst = use % Tr::kBiasStages;
+        mbarrier_wait(&bar.bias_empty[bst], ((use / Tr::kBiasStages) & 1) ^ 1);
         mbarrier_arrive_expect_tx(&bar.bias_full[bst], static_cast<uint32_t>(Tr::kBiasStageBytes));
 #pragma unroll
         for (int pn = 0; pn < Tr::kBlockN / Tr::kPanel; ++pn)
@@ -99,13 +98,30 @@ __device__ __forceinline__ void produce_tile(typename Tr::Smem& sm, typename Tr:
                       p.bias_s.q ? c.i0 : 0, p.bias_s.h ? hi : 0, p.bias_s.b ? bi : 0);
       }
     }
-    mbarrier_wait(&bar.v_empty[st], parity);
+  };
+  auto load_v = [&](int t, uint32_t use) {
+    const int st = static_cast<int>(use % Tr::kVStages);
+    const int j0 = (c.n_tiles - 1 - t) * Tr::kBlockN;
+    mbarrier_wait(&bar.v_empty[st], ((use / Tr::kVStages) & 1) ^ 1);
     mbarrier_arrive_expect_tx(&bar.v_full[st], Tr::kKVBytes);
 #pragma unroll
     for (int pn = 0; pn < Tr::kPanels; ++pn)
       tma_load_4d(sm.v[st] + pn * Tr::kBlockN * Tr::kPanel, tm_v, &bar.v_full[st], pn * Tr::kPanel, j0, kvh, bi);
+  };
+  // kKAhead (a deeper K ring than V ring): K of key tile t + 1 before V of tile t, the order the
+  // consumers read them in, so that K waits only for its own ring. No deadlock: V of tile t waits
+  // for the P V of tile t - kVStages, which needs only K and V loads issued before it (and K of
+  // t + 1 waits for the S of tile t + 1 - kKStages, likewise).
+  for (int t = 0; t < c.n_tiles; ++t, ++ps.it) {
+    load_k(t, ps.it);
+    if constexpr (Tr::kKAhead) {
+      if (t > 0) load_v(t - 1, ps.it - 1);
+    } else {
+      load_v(t, ps.it);
+    }
     if (t == 0) load_q();
   }
+  if constexpr (Tr::kKAhead) load_v(c.n_tiles - 1, ps.it - 1);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -389,8 +405,10 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
   auto release_q = [&](int t) {
     if (t == n_tiles - 1 && lane == 0) mbarrier_arrive(&bar.q_empty[qbuf]);
   };
-  auto stage = [&](uint32_t it) { return static_cast<int>(it % Tr::kStages); };
-  auto parity = [&](uint32_t it) { return (it / Tr::kStages) & 1; };
+  auto kstage = [&](uint32_t it) { return static_cast<int>(it % Tr::kKStages); };
+  auto kparity = [&](uint32_t it) { return (it / Tr::kKStages) & 1; };
+  auto vstage = [&](uint32_t it) { return static_cast<int>(it % Tr::kVStages); };
+  auto vparity = [&](uint32_t it) { return (it / Tr::kVStages) & 1; };
 
   // Prologue: the pending tile's last P V, then S of this tile's first key tile; the pending
   // tile's output is stored while S computes; then the softmax of S and P. Each branch waits for
@@ -402,16 +420,16 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
   if (st.pending) {
     // P V first: it computes while this tile's Q (requested when the pending tile's last S was
     // done) and first K arrive.
-    const int vst = stage(st.v_use);
-    mbarrier_wait(&bar.v_full[vst], parity(st.v_use));
+    const int vst = vstage(st.v_use);
+    mbarrier_wait(&bar.v_full[vst], vparity(st.v_use));
     turn_begin();
     wgmma_fence();
     sm90::gemm_rs_mnmajor<T, Tr::kD, Tr::kBlockN, Tr::kBlockN>(o, pa, smem_addr(sm.v[vst]));
     wgmma_commit_group();
     mbarrier_wait(&bar.q_full[qbuf], (ps.q_it / Tr::kQBufs) & 1);
-    mbarrier_wait(&bar.k_full[stage(it)], parity(it));
+    mbarrier_wait(&bar.k_full[kstage(it)], kparity(it));
     wgmma_fence();  // (else ptxas injects one after the waits' loops: C7519)
-    sm90::gemm_ss_kmajor<T, Tr::kBlockN, Tr::kD, Tr::kBlockM, Tr::kBlockN>(s, q_base, smem_addr(sm.k[stage(it)]));
+    sm90::gemm_ss_kmajor<T, Tr::kBlockN, Tr::kD, Tr::kBlockM, Tr::kBlockN>(s, q_base, smem_addr(sm.k[kstage(it)]));
     wgmma_commit_group();
     turn_end();
     keep = key_keep(0);
@@ -424,10 +442,10 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
     wgmma_wait_group<0>();
   } else {
     mbarrier_wait(&bar.q_full[qbuf], (ps.q_it / Tr::kQBufs) & 1);
-    mbarrier_wait(&bar.k_full[stage(it)], parity(it));
+    mbarrier_wait(&bar.k_full[kstage(it)], kparity(it));
     turn_begin();
     wgmma_fence();
-    sm90::gemm_ss_kmajor<T, Tr::kBlockN, Tr::kD, Tr::kBlockM, Tr::kBlockN>(s, q_base, smem_addr(sm.k[stage(it)]));
+    sm90::gemm_ss_kmajor<T, Tr::kBlockN, Tr::kD, Tr::kBlockM, Tr::kBlockN>(s, q_base, smem_addr(sm.k[kstage(it)]));
     wgmma_commit_group();
     turn_end();
     keep = key_keep(0);
@@ -436,7 +454,7 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
   ++ps.q_it;
   softmax.init();
   fence_regs(s);
-  if (lane == 0) mbarrier_arrive(&bar.k_empty[stage(it)]);
+  if (lane == 0) mbarrier_arrive(&bar.k_empty[kstage(it)]);
   release_q(0);
   use_extras(s, 0, it);
   mask(s, 0, keep);
@@ -452,20 +470,20 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
 
   for (int t = 1; t < n_tiles; ++t) {
     const uint32_t cur = it + 1, prev = it;  // K/V uses of tiles t and t - 1
-    mbarrier_wait(&bar.k_full[stage(cur)], parity(cur));
-    mbarrier_wait(&bar.v_full[stage(prev)], parity(prev));
+    mbarrier_wait(&bar.k_full[kstage(cur)], kparity(cur));
+    mbarrier_wait(&bar.v_full[vstage(prev)], vparity(prev));
     turn_begin();
     wgmma_fence();
     // S of tile t = Q K^T, then O += P V of tile t - 1 (issue only).
-    sm90::gemm_ss_kmajor<T, Tr::kBlockN, Tr::kD, Tr::kBlockM, Tr::kBlockN>(s, q_base, smem_addr(sm.k[stage(cur)]));
+    sm90::gemm_ss_kmajor<T, Tr::kBlockN, Tr::kD, Tr::kBlockM, Tr::kBlockN>(s, q_base, smem_addr(sm.k[kstage(cur)]));
     wgmma_commit_group();
-    sm90::gemm_rs_mnmajor<T, Tr::kD, Tr::kBlockN, Tr::kBlockN>(o, pa, smem_addr(sm.v[stage(prev)]));
+    sm90::gemm_rs_mnmajor<T, Tr::kD, Tr::kBlockN, Tr::kBlockN>(o, pa, smem_addr(sm.v[vstage(prev)]));
     wgmma_commit_group();
     turn_end();
     keep = key_keep(t);
     wgmma_wait_group<1>();  // S done; P V may still run
     fence_regs(s);
-    if (lane == 0) mbarrier_arrive(&bar.k_empty[stage(cur)]);
+    if (lane == 0) mbarrier_arrive(&bar.k_empty[kstage(cur)]);
     release_q(t);
     use_extras(s, t, cur);
     mask(s, t, keep);
@@ -477,7 +495,7 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
     wgmma_wait_group<0>();  // P V done: O and P may be touched again
     fence_regs(o);
     fence_regs(pa);
-    if (lane == 0) mbarrier_arrive(&bar.v_empty[stage(prev)]);
+    if (lane == 0) mbarrier_arrive(&bar.v_empty[vstage(prev)]);
     SplitSoftmax::rescale(o, alpha);
 #pragma unroll
     for (int kk = 0; kk < kKP; ++kk) acc_to_a<T>(pa[kk], s, kk);
@@ -500,8 +518,8 @@ __device__ __forceinline__ void consume_finish(typename Tr::Smem& sm, typename T
   using namespace sm90;
   if (!st.pending) return;
   const uint32_t use = st.v_use;
-  const int stage = static_cast<int>(use % Tr::kStages);
-  mbarrier_wait(&bar.v_full[stage], (use / Tr::kStages) & 1);
+  const int stage = static_cast<int>(use % Tr::kVStages);
+  mbarrier_wait(&bar.v_full[stage], (use / Tr::kVStages) & 1);
   if constexpr (Tr::kPingPong) named_barrier_sync(Tr::kSchedBarrier + cw, 256);
   wgmma_fence();
   sm90::gemm_rs_mnmajor<T, Tr::kD, Tr::kBlockN, Tr::kBlockN>(st.o, st.pa, smem_addr(sm.v[stage]));
@@ -544,11 +562,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       mbarrier_init(&bar.q_full[s], 1);
       mbarrier_init(&bar.q_empty[s], 4 * Tr::kConsumers);  // one arrival per consumer warp
     }
-    for (int s = 0; s < Tr::kStages; ++s) {
+    for (int s = 0; s < Tr::kKStages; ++s) {  // kKStages >= kVStages
       mbarrier_init(&bar.k_full[s], 1);
-      mbarrier_init(&bar.v_full[s], 1);
+      if (s < Tr::kVStages) mbarrier_init(&bar.v_full[s], 1);
       mbarrier_init(&bar.k_empty[s], 4 * Tr::kConsumers);
-      mbarrier_init(&bar.v_empty[s], 4 * Tr::kConsumers);
+      if (s < Tr::kVStages) mbarrier_init(&bar.v_empty[s], 4 * Tr::kConsumers);
     }
     for (int s = 0; s < Tr::kBiasStages; ++s) {
       mbarrier_init(&bar.bias_full[s], 1);

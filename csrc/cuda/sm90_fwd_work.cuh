@@ -20,10 +20,10 @@ constexpr bool kSm90FwdGeneral = true;
 // aligned; else one byte load per column (the key-padding forward paid ~40% for those, NOTES.md).
 constexpr bool kKeyMaskBallot = true;
 
-// A second Q buffer where it fits without costing a K/V stage (d = 64: 2 x 24 KiB next to 4
-// stages; not d = 128, where it would take the third stage), so the next query tile's Q loads
-// while this one runs instead of after its last S (the tile boundary waits for that load:
-// NOTES.md, GPU record 2026-11-27 12:15, item 3). Prepared, not yet run on a GPU: off.
+// A second Q buffer (kQBufs in the traits: d = 64 beside 4 K and 4 V stages, d = 128 beside 3 K
+// and 2 V stages instead of 3 and 3), so the next query tile's Q loads while this one runs instead
+// of after its last S (the tile boundary waits for that load: NOTES.md, GPU record 2026-11-27
+// 12:15, item 3). Prepared, not yet run on a GPU: off.
 constexpr bool kQDoubleBuffer = false;
 
 template <typename T, int kD_, int kBlockN_, int kConsumers_, bool kPingPong_, bool kPersistent_, bool kGeneral_ = false>
@@ -54,17 +54,21 @@ struct Sm90FwdTraits {
   static constexpr int kBiasFit = static_cast<int>((kSmemLimit - kQKV2Bytes) / kBiasStageBytes);
   static constexpr int kBiasStages = !kGeneral ? 0 : kBiasFit < 2 ? kBiasFit : 2;
   static_assert(!kGeneral || kBiasStages >= 1, "no room for a staged bias tile");
-  // K+V ring depth: as many stages as fit next to the Q buffers (and the bias ring) in the 227 KiB
-  // of an sm_90 block (up to 4). Q buffers: 2 with kQDoubleBuffer where that leaves the depth
-  // of 1 buffer, else 1.
-  static constexpr int fit_stages(int q_bufs) {
-    const int64_t n = (kSmemLimit - 2048 - q_bufs * (int64_t{kBlockM} * kD * 2) - kBiasStages * kBiasStageBytes) /
-                      (2 * int64_t{kBlockN} * kD * 2);
-    return n < 4 ? static_cast<int>(n) : 4;
+  // K and V rings: as many [kBlockN, kD] tiles as fit next to the Q buffers (and the bias ring) in
+  // the 227 KiB of an sm_90 block, half K and half V, up to 4 stages each (with an odd count K
+  // gets the extra stage and the producer loads K one key tile ahead of V: V is read a step after
+  // K). Q buffers: 2 with kQDoubleBuffer where at least 3 K and 2 V stages remain (d = 64: 4 and
+  // 4; d = 128: 3 and 2 instead of 3 and 3), else 1.
+  static constexpr int fit_tiles(int q_bufs) {
+    return static_cast<int>(
+        (kSmemLimit - 2048 - q_bufs * (int64_t{kBlockM} * kD * 2) - kBiasStages * kBiasStageBytes) /
+        (int64_t{kBlockN} * kD * 2));
   }
-  static constexpr int kQBufs = kQDoubleBuffer && fit_stages(2) >= fit_stages(1) ? 2 : 1;
-  static constexpr int kStages = fit_stages(kQBufs);
-  static_assert(kStages >= 2, "need a double-buffered K/V ring");
+  static constexpr int kQBufs = kQDoubleBuffer && fit_tiles(2) >= 5 ? 2 : 1;
+  static constexpr int kKStages = (fit_tiles(kQBufs) + 1) / 2 < 4 ? (fit_tiles(kQBufs) + 1) / 2 : 4;
+  static constexpr int kVStages = fit_tiles(kQBufs) / 2 < 4 ? fit_tiles(kQBufs) / 2 : 4;
+  static constexpr bool kKAhead = kKStages > kVStages;
+  static_assert(kVStages >= 2, "need double-buffered K/V rings");
   static_assert(kBlockN % 16 == 0 && kBlockN <= 256, "key tile: a multiple of 16, at most 256 (TMA box)");
   // Ping-pong: the consumer warpgroups take turns issuing their GEMMs (named barriers
   // kSchedBarrier + warpgroup), so one's softmax runs while the others' GEMMs run.
@@ -79,13 +83,13 @@ struct Sm90FwdTraits {
 
   struct Smem {
     alignas(1024) T q[kQBufs][kBlockM * kD];     // [buffer][kPanels][kBlockM, 64] swizzled
-    alignas(1024) T k[kStages][kBlockN * kD];    // [stage][kPanels][kBlockN, 64] swizzled
-    alignas(1024) T v[kStages][kBlockN * kD];    // [stage][kPanels][kBlockN, 64] swizzled
+    alignas(1024) T k[kKStages][kBlockN * kD];   // [stage][kPanels][kBlockN, 64] swizzled
+    alignas(1024) T v[kVStages][kBlockN * kD];   // [stage][kPanels][kBlockN, 64] swizzled
     alignas(1024) T bias[kGeneral ? kBiasStages : 1][kGeneral ? kBlockM * kBlockN : 8];  // [stage][panel][kBlockM, 64]
   };
   struct Barriers {
     uint64_t q_full[kQBufs], q_empty[kQBufs];
-    uint64_t k_full[kStages], k_empty[kStages], v_full[kStages], v_empty[kStages];
+    uint64_t k_full[kKStages], k_empty[kKStages], v_full[kVStages], v_empty[kVStages];
     uint64_t bias_full[kGeneral ? kBiasStages : 1], bias_empty[kGeneral ? kBiasStages : 1];
   };
   // + 1024: the dynamic shared-memory base is only 16-byte aligned; the kernel rounds it up.
@@ -190,11 +194,11 @@ struct SplitSoftmax : OnlineSoftmax {
 };
 
 // Pipeline position shared by the producer and every consumer thread: each walks the same work
-// list and counts the K/V tiles and Q tiles it has passed. K/V use `it` sits in stage
-// it % kStages, and that stage's barriers complete once per use, so use it waits for parity
-// (it / kStages) & 1 on the full barriers and the opposite parity on the empty ones (the first
-// use of a fresh empty barrier passes at once). Q tiles the same: tile q_it in buffer
-// q_it % kQBufs, parity (q_it / kQBufs) & 1.
+// list and counts the key tiles (`it`) and query tiles (`q_it`) it has passed. Key tile `it` has
+// its K in stage it % kKStages and its V in stage it % kVStages; a stage's barriers complete once
+// per use, so use it waits for parity (it / kKStages) & 1 on K's full barrier and the opposite
+// parity on its empty one (the first use of a fresh empty barrier passes at once), V likewise.
+// Query tile q_it: buffer q_it % kQBufs, parity (q_it / kQBufs) & 1.
 struct PipeState {
   uint32_t it = 0, q_it = 0;
 };
