@@ -152,6 +152,32 @@ def test_bias_ring_over_many_tiles(d, causal):
 
 
 @needs_cuda
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("n_q", [1000, 4100], ids=lambda n: f"nq{n}")
+def test_empty_query_tiles_between_busy_ones(d, n_q):
+    """Bottom-right causal with n_q >> n_k: the first n_q - n_k rows see no key, so many query tiles
+    see nothing. The Hopper forward's persistent blocks walk more units than there are SMs (each a
+    pair of a busy and an often empty tile) and carry a tile's last P V into their next tile; an
+    empty tile in between must write zeros and lse = +inf without disturbing it. n_q = 4100 at
+    d = 64 takes the 3-warpgroup ping-pong kernel, whose turn barriers must stay balanced."""
+    dtype = torch.bfloat16
+    b, h, n_k = 4, 16, 300  # 256 to 1,088 work units: more than the SMs
+    q = randn(b, h, n_q, d, dtype=dtype, device="cuda", requires_grad=True)
+    k = randn(b, h, n_k, d, dtype=dtype, device="cuda", requires_grad=True)
+    v = randn(b, h, n_k, d, dtype=dtype, device="cuda", requires_grad=True)
+    with flash_mha.force_kernel("sm90"):
+        out, lse, _ = flash_mha.attention_fwd(q, k, v, causal="bottom_right")
+        res = run_both(q, k, v, causal="bottom_right")
+    blind = n_q - n_k  # rows that see no key
+    assert torch.equal(out[:, :, :blind], torch.zeros_like(out[:, :, :blind]))
+    assert torch.isinf(lse[:, :, :blind]).all() and (lse[:, :, :blind] > 0).all()
+    assert torch.isfinite(out[:, :, blind:]).all() and torch.isfinite(lse[:, :, blind:]).all()
+    check_both(res, dtype)
+    # The rows that do see keys, on their own (the zero rows would dilute a norm-wise error).
+    assert_close(res["out"][:, :, blind:], res["ref"][:, :, blind:], TOL[dtype], "output of the seeing rows")
+
+
+@needs_cuda
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("causal", [None, "bottom_right"])
