@@ -394,7 +394,10 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
   // Ping-pong turns: wait for this warpgroup's turn / hand the turn to the next one. A tile is
   // n_tiles turns (its first carries the previous tile's last P V), consume_finish one more; the
   // last warpgroup hands warpgroup 0 its first turn at the start and skips its own last
-  // hand-over in consume_finish, so the named barriers balance over the block's work.
+  // hand-over in consume_finish, so the named barriers balance over the block's work. (A block
+  // whose tiles all see no key takes no turn: the start-up hand-over stays unconsumed at exit.)
+  // The pending branch below holds its turn while it waits for Q and K: in the ping-pong kernel
+  // (d = 64, one Q buffer) the other warpgroups' pending P V wait for that load too.
   auto turn_begin = [&] {
     if constexpr (Tr::kPingPong) named_barrier_sync(Tr::kSchedBarrier + cw, 256);
   };
