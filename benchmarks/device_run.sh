@@ -28,7 +28,7 @@ deps() {
 phase_build() {
   local t0=$SECONDS
   # Hopper only on the device (halves the build); the default list is "8.0;9.0a".
-  TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=16 \
+  TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-16} \
     python3 -m pip install --no-build-isolation --no-deps -v -e . >"$OUT/build.log" 2>&1
   local rc=$?
   grep -E "spill|warning C7508|error" "$OUT/build.log" | grep -v "0 bytes spill" | head -20
