@@ -18,6 +18,7 @@ root=$(pwd)
 off_src=/tmp/ab_off_src off_site=/tmp/ab_off_site
 rm -rf "$off_src" "$off_site" && mkdir -p "$off_src"
 cp -r csrc flash_mha setup.py pyproject.toml README.md LICENSE requirements.txt "$off_src"/
+rm -rf "$off_src"/flash_mha/*.so "$off_src"/flash_mha/__pycache__  # an earlier editable build's
 (cd "$off_src" && TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=8 \
   python3 -m pip install --no-build-isolation --no-deps --target "$off_site" . >"$OUT/off_build.log" 2>&1;
   echo "off build rc=$?" >>"$OUT/off_build.log") &
