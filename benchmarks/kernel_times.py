@@ -16,6 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import flash_mha
+from flash_mha.bench import attention_flops
 
 
 def main():
@@ -48,13 +49,23 @@ def main():
                 step()
             torch.cuda.synchronize()
         print(f"== {case} d{d} causal{causal} n{n} ({b}x{h})")
-        total = 0.0
+        total, main_us = 0.0, {}
         for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total):
             if e.device_time_total <= 0:
                 continue
-            total += e.device_time_total / 10
-            print(f"  {e.device_time_total / 10:8.1f} us  x{e.count / 10:.0f}  {e.key[:100]}")
+            us = e.device_time_total / 10
+            total += us
+            print(f"  {us:8.1f} us  x{e.count / 10:.0f}  {e.key[:100]}")
+            for kind in ("fwd", "bwd"):  # the main kernels (sm90_fwd_kernel, sm90_bwd_kernel, sm80_*)
+                if f"_{kind}_kernel<" in e.key:
+                    main_us[kind] = main_us.get(kind, 0.0) + us
         print(f"  {total:8.1f} us  total")
+        # The main kernels' own TFLOP/s (FLOPs as flash_mha.bench: bwd 2.5x fwd), beside the whole
+        # step's: the difference is what the side passes (prep, convert, memsets) cost.
+        fwd_flops = attention_flops(b, h, n, n, d, bool(causal))
+        rates = [f"{kind} main kernel {m * fwd_flops / (main_us[kind] * 1e6):.0f}"
+                 for kind, m in (("fwd", 1.0), ("bwd", 2.5)) if main_us.get(kind)]
+        print(f"  TFLOP/s: {', '.join(rates)}; whole fwd+bwd step {3.5 * fwd_flops / (total * 1e6):.0f}")
 
 
 if __name__ == "__main__":
