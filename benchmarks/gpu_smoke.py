@@ -18,7 +18,15 @@ def rel(a, b):
     return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def case(dtype, b, h, h_kv, n_q, n_k, d, d_v, causal, bias_shape, mask_shape, dropout_p):
+def case(dtype, b, h, h_kv, n_q, n_k, d, d_v, causal, bias_shape, mask_shape, dropout_p, deterministic=False):
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        return _case(dtype, b, h, h_kv, n_q, n_k, d, d_v, causal, bias_shape, mask_shape, dropout_p, deterministic)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def _case(dtype, b, h, h_kv, n_q, n_k, d, d_v, causal, bias_shape, mask_shape, dropout_p, deterministic):
     dev = "cuda"
     q = torch.randn(b, h, n_q, d, device=dev, dtype=dtype, requires_grad=True)
     k = torch.randn(b, h_kv, n_k, d, device=dev, dtype=dtype, requires_grad=True)
@@ -34,7 +42,8 @@ def case(dtype, b, h, h_kv, n_q, n_k, d, d_v, causal, bias_shape, mask_shape, dr
     errs = [rel(out, ref)] + [rel(a, r) for a, r in zip(grads, ref_grads)]
     ok = all(e < TOL[dtype] for e in errs)
     print(f"{'ok  ' if ok else 'FAIL'} {str(dtype):15s} b{b} h{h}/{h_kv} n{n_q}x{n_k} d{d}/{d_v} causal={causal} "
-          f"bias={bias_shape} mask={mask_shape} p={dropout_p}: " + " ".join(f"{e:.1e}" for e in errs))
+          f"bias={bias_shape} mask={mask_shape} p={dropout_p}{' deterministic' if deterministic else ''}: "
+          + " ".join(f"{e:.1e}" for e in errs))
     return ok
 
 
@@ -63,6 +72,11 @@ def main():
         (torch.bfloat16, 2, 2, 1, 150, 200, 128, 128, "bottom_right", (2, 2, 150, 200), None, 0.0),
         (torch.float16, 1, 2, 2, 130, 256, 64, 64, None, (1, 2, 130, 256), None, 0.0),
         (torch.bfloat16, 3, 2, 2, 70, 256, 128, 128, None, (1, 2, 70, 256), None, 0.0),
+        # Deterministic mode on the Hopper backward: dQ in key-block order (flags between blocks),
+        # a shared dbias stored whole and summed by the reduce kernel.
+        (torch.bfloat16, 2, 4, 2, 300, 333, 64, 64, "top_left", None, None, 0.0, True),
+        (torch.float16, 2, 2, 2, 200, 256, 128, 128, None, (2, 1, 1, 256), None, 0.0, True),
+        (torch.bfloat16, 2, 2, 2, 130, 300, 64, 64, "bottom_right", (1, 2, 130, 300), None, 0.1, True),
     ]
     results = []
     for c in cases:

@@ -293,3 +293,70 @@ def test_dropout_tensor_core_paths(path, dtype, d, causal, key_mask):
     ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
     for name, g, rg in zip(("dq", "dk", "dv"), grads, ref_grads):
         assert_close(g, rg, GRAD_TOL[dtype], name, GRAD_FLOOR)
+
+
+DETERMINISTIC_CASES = ["plain", "gqa", "key_mask", "dropout", "bias_bhqk", "bias_1hqk", "bias_bh1k", "bias_11qk"]
+
+
+@needs_cuda
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [None, "top_left", "bottom_right"])
+@pytest.mark.parametrize("case", DETERMINISTIC_CASES)
+def test_deterministic_backward_default_path(d, causal, case):
+    """torch.use_deterministic_algorithms(True) on the default path (bfloat16, several key blocks
+    and query tiles): the gradients are bitwise equal over repeated runs and match the reference.
+    On a compute capability 9.0 card the Hopper backward must be the one that ran (the profiler's
+    kernel names): dQ added in key-block order, and a dbias that blocks share (bias_1hqk: over the
+    batch, bh1k: over the queries, 11qk: both) stored whole and summed by the reduce kernel."""
+    b, h, n_q, n_k = 2, 4, 700, 600
+    h_kv = 2 if case == "gqa" else h
+    dtype = torch.bfloat16
+    q = randn(b, h, n_q, d, dtype=dtype, device="cuda", requires_grad=True)
+    k = randn(b, h_kv, n_k, d, dtype=dtype, device="cuda", requires_grad=True)
+    v = randn(b, h_kv, n_k, d, dtype=dtype, device="cuda", requires_grad=True)
+    bias = mask = None
+    if case.startswith("bias_"):
+        full = {"b": b, "h": h, "q": n_q, "k": n_k}
+        bias = randn(*(full[c] if c in full else 1 for c in case[5:]), dtype=dtype, device="cuda",
+                     requires_grad=True)
+    if case == "key_mask":
+        mask = torch.rand(b, 1, 1, n_k, device="cuda") > 0.3
+        mask[..., :1] = True
+    dropout_p = 0.15 if case == "dropout" else 0.0
+    inputs = [t for t in (q, k, v, bias) if t is not None]
+    names = ["dq", "dk", "dv", "dbias"][:len(inputs)]
+    dout = randn(b, h, n_q, d, dtype=dtype, device="cuda")
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = []
+        for _ in range(4):
+            torch.manual_seed(1)
+            out, _, rng = flash_mha.attention_fwd(q, k, v, bias, mask, None, causal, dropout_p)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                grads = torch.autograd.grad(out, inputs, dout)
+                torch.cuda.synchronize()
+            runs.append(grads)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    for other in runs[1:]:
+        for name, a, b_ in zip(names, runs[0], other):
+            assert torch.equal(a, b_), f"{name} differs between runs under deterministic algorithms"
+    if torch.cuda.get_device_capability() == (9, 0):
+        kernels = " ".join(e.name for e in prof.events())
+        assert "sm90_bwd_kernel" in kernels, "deterministic backward did not run on the Hopper kernels"
+        if case in ("bias_1hqk", "bias_bh1k", "bias_11qk"):
+            assert "sm90_bwd_dbias_reduce_kernel" in kernels
+    q64, k64, v64, bias64 = (as_double_leaf(t) for t in (q, k, v, bias))
+    # The expanded bias is a node of the graph: its gradient (the unreduced dS) scales dbias's error.
+    bias64_full = bias64.expand(b, h, n_q, n_k) if bias is not None else None
+    ref = reference.attention(q64, k64, v64, bias=bias64_full, mask=mask, causal=causal, dropout_p=dropout_p,
+                              rng_state=rng if dropout_p else None)
+    assert_close(out, ref, TOL[dtype])
+    inputs64 = [t for t in (q64, k64, v64, bias64) if t is not None]
+    ref_grads = torch.autograd.grad(ref, inputs64, dout.double(), retain_graph=bias is not None)
+    ds_norm = 0.0
+    if bias is not None:
+        ds_norm = torch.linalg.vector_norm(torch.autograd.grad(ref, bias64_full, dout.double())[0]).item()
+    for name, g, rg in zip(names, runs[0], ref_grads):
+        assert_close(g, rg, GRAD_TOL[dtype], name, GRAD_FLOOR, ds_norm if name == "dbias" else 0.0)

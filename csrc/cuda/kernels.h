@@ -30,11 +30,11 @@ bool sm90_fwd_supported(const FwdParams& p);
 void sm90_fwd(const FwdParams& p, cudaStream_t stream);
 
 // Hopper backward (sm90_bwd.cu; TMA + wgmma, sm_90a only), dispatched like the forward. Scope:
-// float16 / bfloat16, d == d_v in {64, 128}, no bias / dropout / dbias, no mask or a key mask (as
-// the forward), not deterministic
-// mode, any causal mode, GQA, any n_q / n_k, TMA-describable strides. The workspace
-// (sm90_bwd_workspace_bytes, or sm80_bwd_workspace_bytes if larger: sm90_bwd falls back to sm80_bwd
-// when TMA refuses a view) may hold anything: sm90_bwd zeroes what it needs (its prep kernel the
+// float16 / bfloat16, d == d_v in {64, 128}, bias and its gradient, any mask, dropout (the general
+// kernel), deterministic mode (dQ added in key-block order; a shared dbias stored whole and summed),
+// any causal mode, GQA, any n_q / n_k, TMA-describable strides. The workspace
+// (sm90_bwd_workspace_bytes, or the fallback's if larger: sm90_bwd falls back to sm80_bwd, or
+// simt_bwd in deterministic mode, when TMA refuses a view) may hold anything: sm90_bwd zeroes what it needs (its prep kernel the
 // float32 dQ accumulator). sm80_bwd and simt_bwd need theirs zeroed.
 bool sm90_bwd_supported(const BwdParams& p);
 int64_t sm90_bwd_workspace_bytes(const BwdParams& p);

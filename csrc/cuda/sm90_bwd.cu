@@ -110,7 +110,7 @@ __device__ __forceinline__ void produce(typename Tr::Smem& sm, typename Tr::Barr
 
 // dQ writer: warp 1 of the producer warpgroup. Per iteration, once the consumers have staged the
 // tile, one bulk reduce-add of it into its block of dq_acc; the staging buffer is handed back as
-// soon as the bulk operation has read it. Each consumer tile syncs "empty" once and arrives "full"
+// soon as the bulk operation has read it (deterministic mode: once it has added, in key-block order). Each consumer tile syncs "empty" once and arrives "full"
 // once, so the writer arrives "empty" once per tile of the block (the first: the buffer starts
 // free) and never after its last. Persistent: the arrival opens each tile instead of closing the
 // previous one (same order), so the block's last tile needs no look-ahead over later items.
@@ -128,9 +128,21 @@ __device__ __forceinline__ void write_dq(typename Tr::Smem& sm, const BwdParams&
     named_barrier_sync(kBarDqFull, Tr::kDqSyncThreads);  // the consumers staged tile n
     if (leader) {
       const int64_t tile = (int64_t{w.bi} * p.h + hi) * ws.n_qt + i0 / Tr::kBlockM;
+      // Deterministic mode: key block kb adds after key blocks 0 .. kb - 1 (Sm90BwdWorkspace).
+      if (ws.dq_order) {
+        while (ld_acquire_gpu(ws.dq_order + tile) != w.kb) {
+        }
+        fence_proxy_async_global();  // the earlier blocks' additions before this one's
+      }
       bulk_reduce_add_f32(ws.dq_acc + tile * kDqTileFloats, sm.dq, kDqTileFloats * 4);
       bulk_commit_group();
-      bulk_wait_group_read<0>();
+      if (ws.dq_order) {
+        bulk_wait_group<0>();  // added (not only read), then the next key block's turn
+        fence_proxy_async_global();
+        red_release_gpu_add(ws.dq_order + tile, 1);
+      } else {
+        bulk_wait_group_read<0>();
+      }
     }
     __syncwarp();
     if (!kPersistent && n + 1 < w.n_iters) named_barrier_arrive(kBarDqEmpty, Tr::kDqSyncThreads);
@@ -615,8 +627,16 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 // Returns false (nothing launched) when a tensor map cannot be built. persistent_ctas: see
 // sm90_bwd_variant.
 template <typename T, int kD>
-bool launch(const BwdParams& p, void* workspace, cudaStream_t stream, int persistent_ctas) {
+bool launch(const BwdParams& p_in, void* workspace, cudaStream_t stream, int persistent_ctas) {
   using Tr = Sm90BwdTraits<T, kD>;
+  const Sm90BwdWorkspace ws(p_in, workspace);
+  // Deterministic mode with a dbias that blocks share: the kernels store dS whole into dbias_full
+  // (a dbias stored once, no atomics), summed into dbias by the reduce kernel at the end.
+  BwdParams p = p_in;
+  if (Sm90BwdWorkspace::materialized_dbias(p_in)) {
+    p.dbias = ws.dbias_full;
+    p.dbias_s = Strided4{p.h * p.n_q * p.n_k, p.n_q * p.n_k, p.n_k, 1};
+  }
   using TrG = Sm90BwdTraits<T, kD, true>;  // the general kernel's (bias ring at d = 128)
   CUtensorMap tq, tk, tv, tdo, tb{};
   if (!make_map(&tq, p.dtype, p.q, p.b, p.h, p.n_q, p.d, p.q_sb, p.q_sh, p.q_sn, Tr::kBlockM) ||
@@ -631,7 +651,6 @@ bool launch(const BwdParams& p, void* workspace, cudaStream_t stream, int persis
                   TrG::kBlockM))
       return false;
   }
-  const Sm90BwdWorkspace ws(p, workspace);
   // General kernel, a dbias stored directly: causal tiles no iteration visits must read 0 (without
   // causality every element in range is stored); else its float accumulator starts from 0 (the
   // prep kernel zeroes dq_acc, and writes lse2 / D).
@@ -675,6 +694,11 @@ bool launch(const BwdParams& p, void* workspace, cudaStream_t stream, int persis
       to_dtype_kernel<T><<<static_cast<unsigned>(std::min<int64_t>(ceil_div(n, 256), 65536)), 256, 0, stream>>>(
           static_cast<T*>(p.dbias), ws.dbias_acc(p), n);
     }
+    if (Sm90BwdWorkspace::materialized_dbias(p_in)) {
+      const int64_t n = Sm90BwdWorkspace::dbias_acc_elems(p_in);
+      sm90_bwd_dbias_reduce_kernel<T><<<static_cast<unsigned>(std::min<int64_t>(ceil_div(n, 256), 65536)), 256, 0,
+                                        stream>>>(p_in, static_cast<const T*>(ws.dbias_full));
+    }
   }
   return true;
 }
@@ -696,12 +720,15 @@ bool kernel_compiled_for_sm90a() {
 }  // namespace
 
 // float16 / bfloat16, d == d_v in {64, 128}, no bias / dropout / dbias and no mask or a key mask
-// (constant along the queries) unless kSm90BwdGeneral, atomics allowed (not deterministic mode),
+// (constant along the queries) unless kSm90BwdGeneral; in deterministic mode a dbias that blocks
+// share at most kMaxDbiasFullBytes when stored whole (Sm90BwdWorkspace),
 // TMA-describable q / k / v / dout (16-byte aligned bases, strides multiples of 8 elements),
 // o readable (any strides), sizes within 32-bit tile indices.
 bool sm90_bwd_supported(const BwdParams& p) {
   if (p.dtype != Dtype::kFloat16 && p.dtype != Dtype::kBFloat16) return false;
-  if (p.deterministic) return false;
+  if (Sm90BwdWorkspace::materialized_dbias(p) &&
+      (!kSm90BwdGeneral || Sm90BwdWorkspace::dbias_full_bytes(p) > Sm90BwdWorkspace::kMaxDbiasFullBytes))
+    return false;
   if (p.d != p.d_v || (p.d != 64 && p.d != 128)) return false;
   if (!kSm90BwdGeneral && needs_general(p)) return false;  // else a key mask at most
   if (p.d == 128 && p.bias && !bias_tma_ok(p)) return false;  // d = 128 stages the bias tiles by TMA
@@ -728,11 +755,16 @@ void sm90_bwd_variant(const BwdParams& p, void* workspace, cudaStream_t stream, 
   const bool launched = p.dtype == Dtype::kFloat16
                             ? dispatch_dim<__half>(p, workspace, stream, persistent_ctas)
                             : dispatch_dim<__nv_bfloat16>(p, workspace, stream, persistent_ctas);
-  // A view TMA cannot describe (e.g. overlapping strides): the sm80 backward, on the same workspace
-  // (dispatch.cu sizes it for both), zeroed first as sm80_bwd needs. Nothing was launched yet.
+  // A view TMA cannot describe (e.g. overlapping strides): the sm80 backward (deterministic mode:
+  // the SIMT one), on the same workspace (dispatch.cu sizes it for both), zeroed first as those
+  // need. Nothing was launched yet.
   if (!launched) {
-    cudaMemsetAsync(workspace, 0, static_cast<size_t>(sm80_bwd_workspace_bytes(p)), stream);
-    sm80_bwd(p, workspace, stream);
+    const int64_t bytes = p.deterministic ? simt_bwd_workspace_bytes(p) : sm80_bwd_workspace_bytes(p);
+    cudaMemsetAsync(workspace, 0, static_cast<size_t>(bytes), stream);
+    if (p.deterministic)
+      simt_bwd(p, workspace, stream);
+    else
+      sm80_bwd(p, workspace, stream);
   }
 }
 

@@ -1,5 +1,6 @@
 // Hopper backward (sm90_bwd.cu): the passes beside the main kernel. The prep kernel (D, lse2, and a
-// zeroed dQ accumulator) and the convert kernel (dQ accumulator -> dq). Included by sm90_bwd.cu only.
+// zeroed dQ accumulator), the convert kernel (dQ accumulator -> dq) and, in deterministic mode, the
+// dbias reduce kernel. Included by sm90_bwd.cu only.
 #pragma once
 
 #include "common.cuh"
@@ -15,7 +16,8 @@ namespace {
 // of o and of dout when `vec` (both 16-byte aligned, strides multiples of 8), else 2-byte loads.
 // Grid-stride over threads rounded up to whole warps, so every lane of a warp reaches the shuffles.
 // Thread t also zeroes dq_acc[8 t, 8 t + 8): the dQ accumulator (n_qt kBlockM <= n_q_pad rows of d
-// floats a (batch, head)) has at most as many 8-float groups as there are threads.
+// floats a (batch, head)) has at most as many 8-float groups as there are threads; and, in
+// deterministic mode, the order flag of tile t.
 template <typename T>
 __global__ void __launch_bounds__(256) sm90_bwd_prep_kernel(const BwdParams p, Sm90BwdWorkspace ws, bool vec) {
   const int per_row = p.d_v / 8;
@@ -28,6 +30,7 @@ __global__ void __launch_bounds__(256) sm90_bwd_prep_kernel(const BwdParams p, S
       float4* z = reinterpret_cast<float4*>(ws.dq_acc) + 2 * t;
       z[0] = make_float4(0.f, 0.f, 0.f, 0.f);
       z[1] = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (ws.dq_order && t < dq_groups / (kDqTileFloats / 8)) ws.dq_order[t] = 0;  // one flag a tile
     }
     const int64_t row = t / per_row;  // (bi h + hi) n_q_pad + i
     const int c = static_cast<int>(t - row * per_row) * 8;
@@ -126,6 +129,29 @@ __global__ void __launch_bounds__(256) sm90_bwd_convert_kernel(const BwdParams p
   const int64_t tiles = p.b * p.h * ws.n_qt;
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x)
     cv.run(p, ws, tile, tile_s, vec);
+}
+
+// Deterministic mode, a dbias that blocks share (Sm90BwdWorkspace::dbias_full): dbias = the sum of
+// dS (stored whole, [b, h, n_q, n_k] contiguous in T) over dbias's broadcast dims, one thread an
+// element of dbias, adding in float32 in one fixed order (batch, head, query, key). Adjacent
+// threads take adjacent keys where dbias has them, so the reads coalesce.
+template <typename T>
+__global__ void __launch_bounds__(256) sm90_bwd_dbias_reduce_kernel(const BwdParams p, const T* full) {
+  const Strided4& s = p.dbias_s;
+  const int64_t ob = s.b ? p.b : 1, oh = s.h ? p.h : 1, oq = s.q ? p.n_q : 1, ok = s.k ? p.n_k : 1;
+  const int64_t n = ob * oh * oq * ok;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t xk = e % ok, xq = e / ok % oq, xh = e / (ok * oq) % oh, xb = e / (ok * oq * oh);
+    float acc = 0.f;
+    for (int64_t bi = s.b ? xb : 0; bi < (s.b ? xb + 1 : p.b); ++bi)
+      for (int64_t hi = s.h ? xh : 0; hi < (s.h ? xh + 1 : p.h); ++hi)
+        for (int64_t i = s.q ? xq : 0; i < (s.q ? xq + 1 : p.n_q); ++i) {
+          const T* row = full + ((bi * p.h + hi) * p.n_q + i) * p.n_k;
+          for (int64_t j = s.k ? xk : 0; j < (s.k ? xk + 1 : p.n_k); ++j) acc += to_acc<float>(row[j]);
+        }
+    static_cast<T*>(p.dbias)[xb * s.b + xh * s.h + xq * s.q + xk * s.k] = from_acc<T>(acc);
+  }
 }
 
 }  // namespace

@@ -113,10 +113,21 @@ struct Sm90BwdTraits {
 // Workspace: dq_acc [b, h, n_qt, kDqTileFloats] float32 (zeroed by the prep kernel; each query tile in
 // the consumers' fragment order, see sm90_bwd_convert_kernel), lse2 and dsum [b, h, n_q_pad];
 // general kernel with a broadcast dbias: its float accumulator (dbias's shape) after them.
+// Deterministic mode (p.deterministic) adds, after those:
+//  - dq_order [b, h, n_qt] int32 (zeroed by the prep kernel): how many key blocks have added into
+//    each dQ tile. The key blocks that see a query tile are 0 .. K (BlockWork: first_qt grows with
+//    the key block), so key block kb adds once the count is kb (write_dq): a fixed order;
+//  - where blocks share dbias elements (dbias_shared): dbias_full [b, h, n_q, n_k] in the input
+//    dtype, which the kernel stores dS into element by element instead of the float atomics; a
+//    reduce kernel then sums it over the broadcast dims in a fixed order (no float accumulator).
+//    Capped at kMaxDbiasFullBytes (sm90_bwd_supported: larger ones go to the portable path).
 struct Sm90BwdWorkspace {
+  static constexpr int64_t kMaxDbiasFullBytes = int64_t{4} << 30;
   float* dq_acc;
   float* lse2;
   float* dsum;
+  int* dq_order = nullptr;
+  void* dbias_full = nullptr;
   int64_t n_q_pad;
   int64_t n_qt;  // query tiles per (batch, head)
   int64_t bytes;
@@ -131,13 +142,24 @@ struct Sm90BwdWorkspace {
     lse2 = reinterpret_cast<float*>(c + dq_bytes);
     dsum = reinterpret_cast<float*>(c + dq_bytes + row_bytes);
     bytes = dq_bytes + 2 * row_bytes;
-    if (kSm90BwdGeneral && p.dbias && !dbias_once(p)) bytes += align_up(dbias_acc_elems(p) * 4, 256);
+    if (kSm90BwdGeneral && p.dbias && !dbias_once(p) && !materialized_dbias(p))
+      bytes += align_up(dbias_acc_elems(p) * 4, 256);
+    if (p.deterministic) {
+      dq_order = reinterpret_cast<int*>(c + bytes);
+      bytes += align_up(p.b * p.h * n_qt * 4, 256);
+    }
+    if (materialized_dbias(p)) {
+      dbias_full = c + bytes;
+      bytes += align_up(dbias_full_bytes(p), 256);
+    }
   }
   // General kernel: float dbias accumulator right after dsum (when dbias is not stored directly:
   // a broadcast dbias, summed by atomics or by one thread across a GQA group), then converted.
   static int64_t dbias_acc_elems(const BwdParams& p) {
     return (p.dbias_s.b ? p.b : 1) * (p.dbias_s.h ? p.h : 1) * (p.dbias_s.q ? p.n_q : 1) * (p.dbias_s.k ? p.n_k : 1);
   }
+  static bool materialized_dbias(const BwdParams& p) { return p.deterministic && dbias_shared(p); }
+  static int64_t dbias_full_bytes(const BwdParams& p) { return p.b * p.h * p.n_q * p.n_k * 2; }
   __host__ __device__ float* dbias_acc(const BwdParams& p) const {
     return dsum + align_up_elems(p.b * p.h * n_q_pad, 64);
   }
