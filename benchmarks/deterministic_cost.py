@@ -55,7 +55,6 @@ def main():
                     torch.use_deterministic_algorithms(False)
             print(f"{case} d{d} causal{int(causal)} n{n} | {ms[False]:.3f} | {ms[True]:.3f} | "
                   f"{ms[True] / ms[False]:.2f} | {same}", flush=True)
-            del q, k, v, dout, bias, wrt
 
 
 if __name__ == "__main__":

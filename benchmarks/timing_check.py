@@ -57,7 +57,6 @@ def main():
             (of, ob), (cf, cb) = res
             print(f"d{d} causal{int(causal)} n{n} {what} | {of:.3f}, {ob:.3f} | {cf:.3f}, {cb:.3f} | "
                   f"{cf / of:.3f}, {cb / ob:.3f}", flush=True)
-        del q, k, v, dout
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ element errors in a half type does not fail a test but a wrong row does.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -63,6 +64,17 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what:
         f"{what}: shape {tuple(actual.shape)} != reference {tuple(expected.shape)}")
     err = rel_err(actual, expected, floor, ref_norm)
     assert err < tol, f"{what}: relative error {err:.3e} >= {tol:.1e}"
+
+
+@contextlib.contextmanager
+def deterministic_algorithms():
+    """torch.use_deterministic_algorithms(True) inside the block, the previous setting after."""
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev)
 
 
 def randn(*shape, dtype=torch.float32, device="cpu", requires_grad=False, scale=1.0):

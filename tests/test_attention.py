@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import flash_mha
 from flash_mha import reference
 from conftest import (ALL_DTYPES, DEVICES, GRAD_FLOOR, GRAD_TOL, TOL, as_double_leaf, assert_close, check_both,
-                      fused_qkv, randn, run_both, strided_copy, to_4d)
+                      deterministic_algorithms, fused_qkv, randn, run_both, strided_copy, to_4d)
 
 CAUSALS = [None, "top_left", "bottom_right"]
 
@@ -926,16 +926,12 @@ def test_deterministic_backward_bitwise(device):
     q, k, v = qkv(2, 8, 2, 150, 140, 32, dtype=torch.float32, device=device)
     bias = randn(1, 1, 150, 140, device=device, requires_grad=True)  # reduced over b and h
     dout = torch.randn(2, 8, 150, 32, device=device)
-    prev = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        runs = []
+    runs = []
+    with deterministic_algorithms():
         for _ in range(3):
             torch.manual_seed(0)
             out = flash_mha.attention(q, k, v, bias=bias, causal="top_left", dropout_p=0.1)
             runs.append((out,) + torch.autograd.grad(out, (q, k, v, bias), dout))
-    finally:
-        torch.use_deterministic_algorithms(prev)
     for other in runs[1:]:
         for name, a, b in zip(("out", "dq", "dk", "dv", "dbias"), runs[0], other):
             assert torch.equal(a, b), f"{name} differs between runs under deterministic algorithms"

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import flash_mha
-from conftest import GRAD_FLOOR, GRAD_TOL, TOL, as_double_leaf, assert_close, check_both, randn, run_both
+from conftest import (GRAD_FLOOR, GRAD_TOL, TOL, as_double_leaf, assert_close, check_both, deterministic_algorithms,
+                      randn, run_both)
 from flash_mha import reference
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -326,10 +327,8 @@ def test_deterministic_backward_default_path(d, causal, case):
     inputs = [t for t in (q, k, v, bias) if t is not None]
     names = ["dq", "dk", "dv", "dbias"][:len(inputs)]
     dout = randn(b, h, n_q, d, dtype=dtype, device="cuda")
-    prev = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        runs = []
+    runs = []
+    with deterministic_algorithms():
         for _ in range(4):
             torch.manual_seed(1)
             out, _, rng = flash_mha.attention_fwd(q, k, v, bias, mask, None, causal, dropout_p)
@@ -337,8 +336,6 @@ def test_deterministic_backward_default_path(d, causal, case):
                 grads = torch.autograd.grad(out, inputs, dout)
                 torch.cuda.synchronize()
             runs.append(grads)
-    finally:
-        torch.use_deterministic_algorithms(prev)
     for other in runs[1:]:
         for name, a, b_ in zip(names, runs[0], other):
             assert torch.equal(a, b_), f"{name} differs between runs under deterministic algorithms"

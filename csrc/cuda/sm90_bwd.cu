@@ -31,6 +31,8 @@
 //    (fragment order) and the dQ writer warp adds the whole tile to the float32 workspace with one
 //    cp.reduce.async.bulk (named barriers "full" / "empty" hand the staging tile back and forth).
 //    dS^T is double buffered, so one barrier per tile orders writes and reads.
+//    After the last tile: dK (times scale) and dV out of registers, through the dS^T buffers as
+//    16-byte row chunks (kStagedDkDv, one-block-per-item kernels) or by 4-byte stores (persistent).
 // 3. convert kernel: dq = scale * workspace (undoing the fragment order), in the input dtype.
 // GQA: a block walks every query head of its kv head's group, so dK / dV need no atomics.
 // Persistent variant (use_persistent: d = 64 but long causal): min(#SMs, #items) blocks, each
@@ -59,7 +61,8 @@
 namespace flash_mha::cuda {
 namespace {
 
-constexpr int kBarDs = 1, kBarDqFull = 2, kBarDqEmpty = 3;  // named barrier ids (0: __syncthreads)
+// Named barrier ids (0: __syncthreads); kBarEpi: both consumer warpgroups, kBarEpiWg + cw: one.
+constexpr int kBarDs = 1, kBarDqFull = 2, kBarDqEmpty = 3, kBarEpi = 4, kBarEpiWg = 5;
 
 // ---------------------------------------------------------------------------------------------
 // Producer: one thread. Per work item K and V once, then per iteration Q, dO, lse2, D into ring
@@ -279,6 +282,67 @@ __device__ __forceinline__ void load_extras_keyrows(TileExtras<kNS>& x, const Bw
       x.keep[h] = mask_line_bits<kNS>(mask_bh + (j < n_k ? j : 0) * p.mask_s.k, p.mask_s.q, query, n_q, j < n_k);
     }
   }
+}
+
+// kStagedDkDv: dK (times scale) and dV of consumer warpgroup cw, [64 keys, kD] each, out through
+// shared memory. Staging: the warpgroup's 64 key rows of every [kBlockN, 64] panel of both dS^T
+// buffers (kChunks chunks of [64, 64] T, 8 KiB each; no other warpgroup touches them, and the
+// caller has synchronized both warpgroups after their last dQ wgmma). A task is one 64-column
+// panel of dK or dV; rounds of kChunks tasks. Written in fragment order (4-byte stores, 16-byte
+// column chunk c of row r at chunk c ^ (r % 8): the 8 rows of a store hit distinct banks), read
+// back as whole 16-byte chunks, stored to rows < n_k of dk / dv (16-byte aligned, checked by
+// the caller).
+template <typename T, typename Tr>
+__device__ __forceinline__ void store_dkdv_staged(typename Tr::Smem& sm, const BwdParams& p, const BlockWork& w,
+                                                  int cw, const float (&dk)[Tr::kD / 8][4],
+                                                  const float (&dv)[Tr::kD / 8][4], float scale) {
+  using namespace sm90;
+  constexpr int kPanelsM = Tr::kBlockM / 64;  // [kBlockN, 64] panels per dS^T buffer
+  constexpr int kChunks = 2 * kPanelsM;       // staging chunks of this warpgroup
+  constexpr int kTasks = 2 * (Tr::kD / 64);   // (dK, dV) x column panels
+  const int tid = threadIdx.x % 128, warp = tid / 32, lane = tid % 32;
+  const int64_t row0 = (int64_t{w.bi} * p.h_kv + w.kvh) * p.n_k + w.j0 + 64 * cw;  // first key row
+  const int64_t left = p.n_k - (w.j0 + 64 * cw);  // key rows of this warpgroup in range (may be <= 0)
+  const int rows = left < 64 ? static_cast<int>(left) : 64;
+  auto chunk = [&](int c) {
+    return reinterpret_cast<unsigned char*>(sm.ds[c / kPanelsM]) + (c % kPanelsM) * Tr::kBlockN * 128 + 64 * cw * 128;
+  };
+#pragma unroll
+  for (int r0 = 0; r0 < kTasks; r0 += kChunks) {
+    named_barrier_sync(kBarEpiWg + cw, 128);  // the previous round's chunks are read
+#pragma unroll
+    for (int k = 0; k < kChunks && r0 + k < kTasks; ++k) {
+      const int task = r0 + k, pc = task % (Tr::kD / 64);
+      const bool is_dk = task < Tr::kD / 64;
+      unsigned char* base = chunk(k);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = 16 * warp + lane / 4 + 8 * h;
+#pragma unroll
+        for (int c = 0; c < 8; ++c) {
+          const int nt = 8 * pc + c;
+          const uint32_t v = is_dk ? pack2<T>(dk[nt][2 * h] * scale, dk[nt][2 * h + 1] * scale)
+                                   : pack2<T>(dv[nt][2 * h], dv[nt][2 * h + 1]);
+          *reinterpret_cast<uint32_t*>(base + r * 128 + ((c ^ (r % 8)) << 4) + 4 * (lane % 4)) = v;
+        }
+      }
+    }
+    named_barrier_sync(kBarEpiWg + cw, 128);  // the round's chunks are written
+#pragma unroll
+    for (int k = 0; k < kChunks && r0 + k < kTasks; ++k) {
+      const int task = r0 + k, pc = task % (Tr::kD / 64);
+      T* dst = static_cast<T*>(task < Tr::kD / 64 ? p.dk : p.dv) + row0 * Tr::kD + 64 * pc;
+      const unsigned char* base = chunk(k);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {  // 64 rows x 8 chunks over 128 threads
+        const int q = i * 128 + tid, r = q / 8, c = q % 8;
+        if (r < rows)
+          *reinterpret_cast<uint4*>(dst + int64_t{r} * Tr::kD + 8 * c) =
+              *reinterpret_cast<const uint4*>(base + r * 128 + ((c ^ (r % 8)) << 4));
+      }
+    }
+  }
+  named_barrier_sync(kBarEpiWg + cw, 128);  // all read: the buffers may take dS^T again
 }
 
 // tile, kv: as for the producer (for_each_item). dK / dV start from zero per work item.
@@ -543,6 +607,16 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
 
   // dK = scale dS^T Q, dV: rows key0 + lane / 4 (+ 8), dk / dv contiguous [b, h_kv, n_k, d].
   const float scale = static_cast<float>(p.scale);
+  // Not in the persistent kernel (d = 64: 3-9% slower there, its plain stores overlap the next
+  // item's start), nor with the dbias writer warps (they may still read the last dS^T buffer).
+  if constexpr (kStagedDkDv && !kPersistent && !(kGeneral && kDbiasWriterWarps)) {
+    if (((reinterpret_cast<uintptr_t>(p.dk) | reinterpret_cast<uintptr_t>(p.dv)) & 15) == 0) {
+      // Both warpgroups' last dQ wgmma (reading all of dS^T) is done before either stages over it.
+      named_barrier_sync(kBarEpi, 128 * Tr::kConsumers);
+      store_dkdv_staged<T, Tr>(sm, p, w, cw, dk, dv, scale);
+      return;
+    }
+  }
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int64_t j = key0 + lane / 4 + 8 * h;

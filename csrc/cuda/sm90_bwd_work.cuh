@@ -27,6 +27,15 @@ constexpr bool kSm90BwdGeneral = true;
 // item 6 and 12:15 items 1-2).
 constexpr bool kDbiasWriterWarps = false;
 
+// dK / dV leave through shared memory: each consumer warpgroup writes its [64 keys, d] parts into
+// its own key rows of the two dS^T buffers (free once both warpgroups' last dQ wgmma is done), then
+// stores whole 16-byte row chunks, instead of 64 scattered 4-byte stores a thread (ncu, d128 2k:
+// 5.7% of warp stalls on the global store queue). One-block-per-item kernels only (consume). A/B on
+// an H200 (NOTES.md, GPU record 2026-11-27 13:20, item 7): d = 128 backward +8-14% at 512-1k,
+// +2-4% at 2k-4k, +0-1% at 8k-16k; the d = 64 persistent kernel lost 3-9% with it, so it keeps the
+// direct stores.
+constexpr bool kStagedDkDv = true;
+
 // What only the general kernel takes: a bias or its gradient, dropout, or a mask that varies along
 // the queries.
 inline bool needs_general(const BwdParams& p) {

@@ -23,7 +23,8 @@ constexpr bool kKeyMaskBallot = true;
 // A second Q buffer (kQBufs in the traits: d = 64 beside 4 K and 4 V stages, d = 128 beside 3 K
 // and 2 V stages instead of 3 and 3), so the next query tile's Q loads while this one runs instead
 // of after its last S (the tile boundary waits for that load: NOTES.md, GPU record 2026-11-27
-// 12:15, item 3). Prepared, not yet run on a GPU: off.
+// 12:15, item 3). Correct on an H200 but no faster (plain grid A/B within the run-to-run spread,
+// NOTES.md, GPU record 2026-11-27 13:20, item 1): off.
 constexpr bool kQDoubleBuffer = false;
 
 template <typename T, int kD_, int kBlockN_, int kConsumers_, bool kPingPong_, bool kPersistent_, bool kGeneral_ = false>
