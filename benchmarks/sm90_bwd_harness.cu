@@ -2,7 +2,7 @@
 //
 //   mkdir -p .bin && nvcc -O3 -std=c++17 --expt-relaxed-constexpr -DFLASH_MHA_WITH_CUDA -Icsrc \
 //        -gencode arch=compute_90a,code=sm_90a -lineinfo -Xptxas -v -o .bin/sm90_bwd_harness \
-//        benchmarks/sm90_bwd_harness.cu csrc/cuda/sm90_bwd.cu csrc/cuda/sm80_bwd.cu
+//        benchmarks/sm90_bwd_harness.cu csrc/cuda/sm90_bwd.cu csrc/cuda/sm80_bwd.cu csrc/cuda/simt_attention.cu
 //   ./.bin/sm90_bwd_harness small   # the five small cases first (a hang costs 20 s, not minutes)
 //   ./.bin/sm90_bwd_harness check   # every correctness case (`check 4`: case 4 only)
 //   ./.bin/sm90_bwd_harness time    # the standard grid: sm90 vs sm80 vs sm90 persistent, TFLOP/s

@@ -15,7 +15,7 @@ OUT=${OUT:-/tmp/flash_mha_out}
 mkdir -p "$OUT" .bin
 bin=.bin/sm90_bwd_harness
 nvcc -O3 -std=c++17 --expt-relaxed-constexpr -DFLASH_MHA_WITH_CUDA -Icsrc -gencode arch=compute_90a,code=sm_90a \
-  -lineinfo -Xptxas -v -o "$bin" benchmarks/sm90_bwd_harness.cu csrc/cuda/sm90_bwd.cu csrc/cuda/sm80_bwd.cu \
+  -lineinfo -Xptxas -v -o "$bin" benchmarks/sm90_bwd_harness.cu csrc/cuda/sm90_bwd.cu csrc/cuda/sm80_bwd.cu csrc/cuda/simt_attention.cu \
   >"$OUT/sm90_bwd_build.log" 2>&1 || { echo "build FAILED"; tail -20 "$OUT/sm90_bwd_build.log"; exit 1; }
 awk '/Compiling entry function .*sm90_bwd_kernel/ {k = ($0 ~ /nv_bfloat16/ ? "bf16" : "fp16") ($0 ~ /Li128E/ ? " d128" : " d64") ($0 ~ /Lb1ELb0ELb0E/ ? " persistent" : $0 ~ /Lb1ELb0ELb1E/ ? " persistent key-mask" : $0 ~ /Lb0ELb0ELb1E/ ? " key-mask" : $0 ~ /Lb0ELb1ELb0E/ ? " general" : " default"); next}
      k && /spill stores/ {sub(/^ +/, ""); print k ": " $0; k = ""}' "$OUT/sm90_bwd_build.log"

@@ -296,7 +296,8 @@ def test_dropout_tensor_core_paths(path, dtype, d, causal, key_mask):
         assert_close(g, rg, GRAD_TOL[dtype], name, GRAD_FLOOR)
 
 
-DETERMINISTIC_CASES = ["plain", "gqa", "key_mask", "dropout", "bias_bhqk", "bias_1hqk", "bias_bh1k", "bias_11qk"]
+DETERMINISTIC_CASES = ["plain", "gqa", "key_mask", "dropout", "bias_bhqk", "bias_1hqk", "bias_bh1k", "bias_11qk",
+                       "bias_bhq1"]
 
 
 @needs_cuda
@@ -308,7 +309,8 @@ def test_deterministic_backward_default_path(d, causal, case):
     and query tiles): the gradients are bitwise equal over repeated runs and match the reference.
     On a compute capability 9.0 card the Hopper backward must be the one that ran (the profiler's
     kernel names): dQ added in key-block order, and a dbias that blocks share (bias_1hqk: over the
-    batch, bh1k: over the queries, 11qk: both) stored whole and summed by the reduce kernel."""
+    batch, bh1k: over the queries, 11qk: both) stored whole and summed by the reduce kernel; but a
+    dbias broadcast over the keys (bhq1: its sums cancel) goes to the SIMT backward."""
     b, h, n_q, n_k = 2, 4, 700, 600
     h_kv = 2 if case == "gqa" else h
     dtype = torch.bfloat16
@@ -341,7 +343,10 @@ def test_deterministic_backward_default_path(d, causal, case):
             assert torch.equal(a, b_), f"{name} differs between runs under deterministic algorithms"
     if torch.cuda.get_device_capability() == (9, 0):
         kernels = " ".join(e.name for e in prof.events())
-        assert "sm90_bwd_kernel" in kernels, "deterministic backward did not run on the Hopper kernels"
+        if case == "bias_bhq1":
+            assert "sm90_bwd_kernel" not in kernels and "simt_dkdv_kernel" in kernels
+        else:
+            assert "sm90_bwd_kernel" in kernels, "deterministic backward did not run on the Hopper kernels"
         if case in ("bias_1hqk", "bias_bh1k", "bias_11qk"):
             assert "sm90_bwd_dbias_reduce_kernel" in kernels
     q64, k64, v64, bias64 = (as_double_leaf(t) for t in (q, k, v, bias))

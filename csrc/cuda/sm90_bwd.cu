@@ -113,10 +113,11 @@ __device__ __forceinline__ void produce(typename Tr::Smem& sm, typename Tr::Barr
 
 // dQ writer: warp 1 of the producer warpgroup. Per iteration, once the consumers have staged the
 // tile, one bulk reduce-add of it into its block of dq_acc; the staging buffer is handed back as
-// soon as the bulk operation has read it (deterministic mode: once it has added, in key-block order). Each consumer tile syncs "empty" once and arrives "full"
-// once, so the writer arrives "empty" once per tile of the block (the first: the buffer starts
-// free) and never after its last. Persistent: the arrival opens each tile instead of closing the
-// previous one (same order), so the block's last tile needs no look-ahead over later items.
+// soon as the bulk operation has read it (deterministic mode: once it has added, in key-block
+// order). Each consumer tile syncs "empty" once and arrives "full" once, so the writer arrives
+// "empty" once per tile of the block (the first: the buffer starts free) and never after its last.
+// Persistent: the arrival opens each tile instead of closing the previous one (same order), so the
+// block's last tile needs no look-ahead over later items.
 template <typename Tr, bool kPersistent>
 __device__ __forceinline__ void write_dq(typename Tr::Smem& sm, const BwdParams& p, const Sm90BwdWorkspace& ws,
                                          const BlockWork& w) {
@@ -795,13 +796,17 @@ bool kernel_compiled_for_sm90a() {
 
 // float16 / bfloat16, d == d_v in {64, 128}, no bias / dropout / dbias and no mask or a key mask
 // (constant along the queries) unless kSm90BwdGeneral; in deterministic mode a dbias that blocks
-// share at most kMaxDbiasFullBytes when stored whole (Sm90BwdWorkspace),
+// share not broadcast over the keys and at most kMaxDbiasFullBytes when stored whole,
 // TMA-describable q / k / v / dout (16-byte aligned bases, strides multiples of 8 elements),
 // o readable (any strides), sizes within 32-bit tile indices.
 bool sm90_bwd_supported(const BwdParams& p) {
   if (p.dtype != Dtype::kFloat16 && p.dtype != Dtype::kBFloat16) return false;
+  // Deterministic mode, a dbias that blocks share: stored whole in T, then summed. Not when it is
+  // broadcast over the keys (its sums cancel to ~0: the T-rounded terms would leave their rounding
+  // noise; SIMT sums float terms), nor past kMaxDbiasFullBytes.
   if (Sm90BwdWorkspace::materialized_dbias(p) &&
-      (!kSm90BwdGeneral || Sm90BwdWorkspace::dbias_full_bytes(p) > Sm90BwdWorkspace::kMaxDbiasFullBytes))
+      (!kSm90BwdGeneral || (p.dbias_s.k == 0 && p.n_k > 1) ||
+       Sm90BwdWorkspace::dbias_full_bytes(p) > Sm90BwdWorkspace::kMaxDbiasFullBytes))
     return false;
   if (p.d != p.d_v || (p.d != 64 && p.d != 128)) return false;
   if (!kSm90BwdGeneral && needs_general(p)) return false;  // else a key mask at most
@@ -826,6 +831,10 @@ bool sm90_bwd_supported(const BwdParams& p) {
 int64_t sm90_bwd_workspace_bytes(const BwdParams& p) { return Sm90BwdWorkspace(p, nullptr).bytes; }
 
 void sm90_bwd_variant(const BwdParams& p, void* workspace, cudaStream_t stream, int persistent_ctas) {
+  // Deterministic mode: one block per item. Its key blocks wait for lower ones (write_dq); the
+  // persistent grid ties items to blocks in advance, so one block that finds no free SM (another
+  // stream's kernel) would stall the resident ones for good.
+  if (p.deterministic) persistent_ctas = 0;
   const bool launched = p.dtype == Dtype::kFloat16
                             ? dispatch_dim<__half>(p, workspace, stream, persistent_ctas)
                             : dispatch_dim<__nv_bfloat16>(p, workspace, stream, persistent_ctas);

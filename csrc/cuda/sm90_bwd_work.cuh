@@ -129,7 +129,8 @@ struct Sm90BwdTraits {
 //  - where blocks share dbias elements (dbias_shared): dbias_full [b, h, n_q, n_k] in the input
 //    dtype, which the kernel stores dS into element by element instead of the float atomics; a
 //    reduce kernel then sums it over the broadcast dims in a fixed order (no float accumulator).
-//    Capped at kMaxDbiasFullBytes (sm90_bwd_supported: larger ones go to the portable path).
+//    Capped at kMaxDbiasFullBytes; a dbias broadcast over the keys is left to the SIMT backward
+//    (sm90_bwd_supported). Deterministic mode runs the one-block-per-item grid (sm90_bwd_variant).
 struct Sm90BwdWorkspace {
   static constexpr int64_t kMaxDbiasFullBytes = int64_t{4} << 30;
   float* dq_acc;
