@@ -112,6 +112,13 @@ __host__ __device__ inline bool dbias_shared(const BwdParams& p) {
                      (s.h == 0 && p.h_kv > 1));
 }
 
+// Elements of dbias (the bias's shape: 1 along its broadcast dims); 0 without a dbias.
+__host__ __device__ inline int64_t dbias_elems(const BwdParams& p) {
+  if (!p.dbias) return 0;
+  const Strided4& s = p.dbias_s;
+  return (s.b ? p.b : 1) * (s.h ? p.h : 1) * (s.q ? p.n_q : 1) * (s.k ? p.n_k : 1);
+}
+
 // Whether every dbias element is produced once: not shared, and not broadcast over the query heads
 // of a GQA group (one block walks them all and adds them up).
 __host__ __device__ inline bool dbias_once(const BwdParams& p) {

@@ -430,11 +430,6 @@ __global__ void simt_convert_kernel(T* dst, const acc_t<T>* src, int64_t n) {
     dst[e] = from_acc<T>(src[e]);
 }
 
-int64_t dbias_elems(const BwdParams& p) {
-  if (!p.dbias) return 0;
-  return (p.dbias_s.b ? p.b : 1) * (p.dbias_s.h ? p.h : 1) * (p.dbias_s.q ? p.n_q : 1) * (p.dbias_s.k ? p.n_k : 1);
-}
-
 template <typename T>
 struct SimtWorkspace {
   acc_t<T>* D;          // [b, h, n_q]

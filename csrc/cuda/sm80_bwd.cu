@@ -68,9 +68,7 @@ struct BwdWorkspace {
   int64_t dbias_elems;
   BwdWorkspace(const BwdParams& p, void* base) {
     dbias_direct = kDirectDbias && dbias_once(p);
-    dbias_elems = p.dbias && !dbias_direct ? (p.dbias_s.b ? p.b : 1) * (p.dbias_s.h ? p.h : 1) * (p.dbias_s.q ? p.n_q : 1) *
-                                (p.dbias_s.k ? p.n_k : 1)
-                          : 0;
+    dbias_elems = dbias_direct ? 0 : cuda::dbias_elems(p);
     const int64_t dq_bytes = align_up(p.b * p.h * p.n_q * p.d * 4, 256);
     const int64_t d_bytes = align_up(p.b * p.h * p.n_q * 4, 256);
     char* c = static_cast<char*>(base);

@@ -732,7 +732,7 @@ bool launch(const BwdParams& p_in, void* workspace, cudaStream_t stream, int per
   if (kSm90BwdGeneral && p.dbias && dbias_once(p) && p.causal != Causal::kNone)
     cudaMemsetAsync(p.dbias, 0, static_cast<size_t>(p.b * p.h * p.n_q * p.n_k) * sizeof(T), stream);
   if (kSm90BwdGeneral && p.dbias && !dbias_once(p))
-    cudaMemsetAsync(ws.dbias_acc(p), 0, static_cast<size_t>(Sm90BwdWorkspace::dbias_acc_elems(p)) * 4, stream);
+    cudaMemsetAsync(ws.dbias_acc(p), 0, static_cast<size_t>(dbias_elems(p)) * 4, stream);
   const int64_t rows = p.b * p.h * ws.n_q_pad;
   if (rows > 0) {
     const bool vec = aligned16(p.o) && aligned16(p.dout) && p.o_sb % 8 == 0 && p.o_sh % 8 == 0 && p.o_sn % 8 == 0 &&
@@ -765,12 +765,12 @@ bool launch(const BwdParams& p_in, void* workspace, cudaStream_t stream, int per
         p, ws, aligned16(p.dq));
   if constexpr (kSm90BwdGeneral) {
     if (p.dbias && !dbias_once(p)) {  // the float accumulator -> dbias
-      const int64_t n = Sm90BwdWorkspace::dbias_acc_elems(p);
+      const int64_t n = dbias_elems(p);
       to_dtype_kernel<T><<<static_cast<unsigned>(std::min<int64_t>(ceil_div(n, 256), 65536)), 256, 0, stream>>>(
           static_cast<T*>(p.dbias), ws.dbias_acc(p), n);
     }
     if (Sm90BwdWorkspace::materialized_dbias(p_in)) {
-      const int64_t n = Sm90BwdWorkspace::dbias_acc_elems(p_in);
+      const int64_t n = dbias_elems(p_in);
       sm90_bwd_dbias_reduce_kernel<T><<<static_cast<unsigned>(std::min<int64_t>(ceil_div(n, 256), 65536)), 256, 0,
                                         stream>>>(p_in, static_cast<const T*>(ws.dbias_full));
     }

@@ -153,7 +153,7 @@ struct Sm90BwdWorkspace {
     dsum = reinterpret_cast<float*>(c + dq_bytes + row_bytes);
     bytes = dq_bytes + 2 * row_bytes;
     if (kSm90BwdGeneral && p.dbias && !dbias_once(p) && !materialized_dbias(p))
-      bytes += align_up(dbias_acc_elems(p) * 4, 256);
+      bytes += align_up(dbias_elems(p) * 4, 256);
     if (p.deterministic) {
       dq_order = reinterpret_cast<int*>(c + bytes);
       bytes += align_up(p.b * p.h * n_qt * 4, 256);
@@ -163,13 +163,11 @@ struct Sm90BwdWorkspace {
       bytes += align_up(dbias_full_bytes(p), 256);
     }
   }
-  // General kernel: float dbias accumulator right after dsum (when dbias is not stored directly:
-  // a broadcast dbias, summed by atomics or by one thread across a GQA group), then converted.
-  static int64_t dbias_acc_elems(const BwdParams& p) {
-    return (p.dbias_s.b ? p.b : 1) * (p.dbias_s.h ? p.h : 1) * (p.dbias_s.q ? p.n_q : 1) * (p.dbias_s.k ? p.n_k : 1);
-  }
   static bool materialized_dbias(const BwdParams& p) { return p.deterministic && dbias_shared(p); }
   static int64_t dbias_full_bytes(const BwdParams& p) { return p.b * p.h * p.n_q * p.n_k * 2; }
+  // General kernel: float dbias accumulator right after dsum (when dbias is not stored directly:
+  // a broadcast dbias, summed by atomics or by one thread across a GQA group; dbias_elems(p)
+  // floats), then converted.
   __host__ __device__ float* dbias_acc(const BwdParams& p) const {
     return dsum + align_up_elems(p.b * p.h * n_q_pad, 64);
   }
