@@ -61,6 +61,8 @@ def main():
         (torch.bfloat16, 2, 4, 2, 200, 333, 64, 64, "bottom_right", None, None, 0.0),
         (torch.float16, 1, 4, 1, 300, 129, 128, 128, "top_left", None, None, 0.0),
         (torch.bfloat16, 1, 2, 2, 257, 257, 128, 128, None, None, None, 0.0),
+        # d = 128 forward with 176-key tiles (non-causal, n_k > 4096; the last tile partly past n_k).
+        (torch.float16, 1, 2, 1, 130, 4200, 128, 128, None, None, None, 0.0),
         # ... and with a key mask (constant along the queries), per batch or per batch and head.
         (torch.bfloat16, 2, 4, 2, 200, 333, 64, 64, "top_left", None, (2, 4, 1, 333), 0.0),
         (torch.float16, 2, 2, 1, 129, 300, 128, 128, None, None, (2, 1, 1, 300), 0.0),

@@ -55,6 +55,42 @@ def test_forced_path_strided_views_and_lse(path):
     assert (lse.double() - ref_lse).abs().max() < 2e-2
 
 
+# Forward configurations the default dispatch picks at d = 128 on Hopper (sm90_fwd.cu dispatch_dim),
+# with the traits the profiler must see there: <dtype, d, key tile, consumers, ping-pong, ...>.
+FWD_CONFIGS = {
+    "wide_key_tile": (None, 300, 4500, ", 128, 176, 2, false, true"),   # non-causal, n_k > 4096
+    "causal_pingpong": ("bottom_right", 700, 900, ", 128, 128, 2, true, true"),  # causal, n_q <= 1k
+    "plain": (None, 700, 900, ", 128, 128, 2, false, true"),
+}
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("config", list(FWD_CONFIGS))
+@pytest.mark.parametrize("layout", ["bhnd", "fused"])
+def test_default_forward_configs_d128(dtype, config, layout):
+    """Each d = 128 forward configuration of the default dispatch against the reference (GQA, a key
+    length that is no multiple of the key tile, views of a fused projection), and on a compute
+    capability 9.0 card the profiler must see the configuration that was meant to run."""
+    causal, n_q, n_k, traits = FWD_CONFIGS[config]
+    b, h, h_kv, d = 2, 4, 2, 128
+
+    def make(heads, n):
+        if layout == "bhnd":
+            return randn(b, heads, n, d, dtype=dtype, device="cuda", requires_grad=True)
+        x = randn(b, n, 3, heads, d, dtype=dtype, device="cuda")[:, :, 1].transpose(1, 2)
+        return x.requires_grad_()
+
+    q, k, v = make(h, n_q), make(h_kv, n_k), make(h_kv, n_k)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        res = run_both(q, k, v, causal=causal)
+        torch.cuda.synchronize()
+    check_both(res, dtype)
+    if torch.cuda.get_device_capability() == (9, 0):
+        fwd = [e.name for e in prof.events() if "sm90_fwd_kernel" in e.name]
+        assert fwd and all(traits in name for name in fwd), fwd
+
+
 def test_force_kernel_rejects_unknown_path():
     with pytest.raises(ValueError, match="kernel path"):
         with flash_mha.force_kernel("sm70"):

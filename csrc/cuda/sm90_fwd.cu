@@ -307,45 +307,51 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
   // Key mask (a bool mask constant along the queries, e.g. key padding; sm90_fwd_supported):
   // bit 2 nt + e of key_keep(t) is column 8 nt + 2 (lane % 4) + e of key tile t, the columns this
   // thread holds in both of its rows. Loaded after the S wgmma is issued, used after it is done.
-  static_assert(2 * kNS <= 32, "key mask bits: one 32-bit word per thread");
-  const uint8_t* key_mask = p.mask && !mask_row ? p.mask + c.bi * p.mask_s.b + c.hi * p.mask_s.h : nullptr;
+  // Wider key tiles (kWideKeyTile) have no room for the bits: dispatch_dim sends no mask there.
+  constexpr bool kKeyMaskBits = 2 * kNS <= 32;
+  const uint8_t* key_mask =
+      kKeyMaskBits && p.mask && !mask_row ? p.mask + c.bi * p.mask_s.b + c.hi * p.mask_s.h : nullptr;
   auto key_keep = [&](int t) -> uint32_t {
-    if (!key_mask) return ~0u;
-    if constexpr (kKeyMaskBallot) {
-      static_assert(Tr::kBlockN == 128, "ballot path: 4 bytes per lane cover the key tile");
-      if (p.mask_s.k == 1 && (reinterpret_cast<uintptr_t>(key_mask) & 3) == 0) {
-        // Lane l: bytes of columns 4 l .. 4 l + 3; ballot b: bit l set iff column 4 l + b kept.
-        const int jl = (n_tiles - 1 - t) * Tr::kBlockN + 4 * lane;
-        uint32_t word = 0;
-        if (jl + 3 < n_k) {
-          word = *reinterpret_cast<const uint32_t*>(key_mask + jl);
-        } else {
+    if constexpr (!kKeyMaskBits) {
+      return ~0u;
+    } else {
+      if (!key_mask) return ~0u;
+      if constexpr (kKeyMaskBallot) {
+        static_assert(Tr::kBlockN == 128, "ballot path: 4 bytes per lane cover the key tile");
+        if (p.mask_s.k == 1 && (reinterpret_cast<uintptr_t>(key_mask) & 3) == 0) {
+          // Lane l: bytes of columns 4 l .. 4 l + 3; ballot b: bit l set iff column 4 l + b kept.
+          const int jl = (n_tiles - 1 - t) * Tr::kBlockN + 4 * lane;
+          uint32_t word = 0;
+          if (jl + 3 < n_k) {
+            word = *reinterpret_cast<const uint32_t*>(key_mask + jl);
+          } else {
 #pragma unroll
-          for (int b = 0; b < 4; ++b)
-            if (jl + b < n_k) word |= static_cast<uint32_t>(key_mask[jl + b]) << (8 * b);
+            for (int b = 0; b < 4; ++b)
+              if (jl + b < n_k) word |= static_cast<uint32_t>(key_mask[jl + b]) << (8 * b);
+          }
+          uint32_t w[4];
+#pragma unroll
+          for (int b = 0; b < 4; ++b) w[b] = __ballot_sync(0xffffffffu, (word >> (8 * b)) & 0xffu);
+          // Column 8 nt + 2 (lane % 4) + e is bit 2 nt + (lane % 4) / 2 of w[2 (lane % 2) + e].
+          const int sh = (lane % 4) / 2;
+          const uint32_t w0 = ((lane & 1) ? w[2] : w[0]) >> sh, w1 = ((lane & 1) ? w[3] : w[1]) >> sh;
+          return (w0 & 0x55555555u) | ((w1 & 0x55555555u) << 1);
         }
-        uint32_t w[4];
-#pragma unroll
-        for (int b = 0; b < 4; ++b) w[b] = __ballot_sync(0xffffffffu, (word >> (8 * b)) & 0xffu);
-        // Column 8 nt + 2 (lane % 4) + e is bit 2 nt + (lane % 4) / 2 of w[2 (lane % 2) + e].
-        const int sh = (lane % 4) / 2;
-        const uint32_t w0 = ((lane & 1) ? w[2] : w[0]) >> sh, w1 = ((lane & 1) ? w[3] : w[1]) >> sh;
-        return (w0 & 0x55555555u) | ((w1 & 0x55555555u) << 1);
       }
+      const int j0 = (n_tiles - 1 - t) * Tr::kBlockN + 2 * (lane % 4);
+      uint32_t keep = 0;
+#pragma unroll
+      for (int nt = 0; nt < kNS; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int j = j0 + 8 * nt + e;
+          if (j < n_k && key_mask[j * p.mask_s.k]) keep |= 1u << (2 * nt + e);
+        }
+      return keep;
     }
-    const int j0 = (n_tiles - 1 - t) * Tr::kBlockN + 2 * (lane % 4);
-    uint32_t keep = 0;
-#pragma unroll
-    for (int nt = 0; nt < kNS; ++nt)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int j = j0 + 8 * nt + e;
-        if (j < n_k && key_mask[j * p.mask_s.k]) keep |= 1u << (2 * nt + e);
-      }
-    return keep;
   };
   auto mask = [&](float (&s)[kNS][4], int t, uint32_t keep) {
-    if (keep != ~0u) {
+    if (kKeyMaskBits && keep != ~0u) {
 #pragma unroll
       for (int nt = 0; nt < kNS; ++nt)
 #pragma unroll
@@ -688,10 +694,16 @@ bool dispatch_dim(const FwdParams& p, cudaStream_t stream) {
   // a thread, still the fastest: +2-7% over one block per unit), except causal with n_q <= 2k: there
   // 192-row query tiles waste a third of their work on the diagonal and the short last tile, and 2
   // warpgroups ran +48% (512), +22% (1k), +10% (2k) but -7% at 4k. d = 128: persistent without
-  // ping-pong measured 1-3% faster than with it (H200, NOTES.md).
+  // ping-pong measured 1-3% faster than with it, except causal with n_q <= 1k (+2-5% with it); key
+  // tiles of 176 (kWideKeyTile) ran +2-3% over 128 at n_k >= 8k, even at 2k-4k, -2..-7% at 512-1k
+  // (H200, NOTES.md).
   if (p.d == 64) {
     if (p.causal != Causal::kNone && p.n_q <= 2048) return launch<T, 64, 128, 2, false, true>(p, stream);
     return launch<T, 64, 128, 3, true, true>(p, stream);
+  }
+  if (p.causal != Causal::kNone && p.n_q <= 1024) return launch<T, 128, 128, 2, true, true>(p, stream);
+  if constexpr (kWideKeyTile) {
+    if (p.causal == Causal::kNone && !p.mask && p.n_k > 4096) return launch<T, 128, 176, 2, false, true>(p, stream);
   }
   return launch<T, 128, 128, 2, false, true>(p, stream);
 }

@@ -27,6 +27,13 @@ constexpr bool kKeyMaskBallot = true;
 // NOTES.md, GPU record 2026-11-27 13:20, item 1): off.
 constexpr bool kQDoubleBuffer = false;
 
+// d = 128, non-causal, no mask: key tiles of 176 instead of 128 (2 K / V stages instead of 3, 208
+// of 227 KiB): per key the softmax's row reductions, the mbarrier waits and the wgmma wait / issue
+// gaps are paid 27% less often, against up to one partly used key tile per query tile
+// (FlashAttention-3's d = 128 tile). Key masks stay on the 128 tile (one 32-bit word of keep bits
+// per thread covers 2 x 16 column groups); dispatch_dim takes it where n_k > 4096 (measured there).
+constexpr bool kWideKeyTile = true;
+
 template <typename T, int kD_, int kBlockN_, int kConsumers_, bool kPingPong_, bool kPersistent_, bool kGeneral_ = false>
 struct Sm90FwdTraits {
   static constexpr int kD = kD_;                       // d == d_v
