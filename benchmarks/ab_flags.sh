@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A/B of prepared flags (csrc/cuda/sm90_*_work.cuh) in one GPU-machine call: the tree as it is
+# A/B of prepared flags (csrc/cuda/sm90.cuh, sm90_*_work.cuh) in one GPU-machine call: the tree as it is
 # ("off", built fresh into a side directory) against the tree with FLAGS_ON switched on ("on",
 # the editable build, checked with device_run.sh's quick and stress phases first), then the
 # benchmark alternating on / off / on / off, each run beside its peers, and a side-by-side table.

@@ -72,11 +72,12 @@ phase_quick() {
 #   bash benchmarks/device_run.sh flags_on build quick sanitize
 #   FLAGS_ON=kQDoubleBuffer bash benchmarks/device_run.sh flags_on build quick   # one of them
 phase_flags_on() {
-  local flags=${FLAGS_ON:-kSm90FwdGeneral kKeyMaskBallot kQDoubleBuffer kSm90BwdGeneral kDbiasWriterWarps}
+  local flags=${FLAGS_ON:-kDescriptorAdvance kLazyRescale kQDoubleBuffer kDbiasWriterWarps}
+  local files="csrc/cuda/sm90.cuh csrc/cuda/sm90_fwd_work.cuh csrc/cuda/sm90_bwd_work.cuh"
   local f on=0
   for f in $flags; do
-    sed -i "s/^constexpr bool $f = false;/constexpr bool $f = true;/" csrc/cuda/sm90_fwd_work.cuh csrc/cuda/sm90_bwd_work.cuh
-    grep -qhE "^constexpr bool $f = true;" csrc/cuda/sm90_fwd_work.cuh csrc/cuda/sm90_bwd_work.cuh && on=$((on + 1))
+    sed -i "s/^constexpr bool $f = false;/constexpr bool $f = true;/" $files
+    grep -qhE "^constexpr bool $f = true;" $files && on=$((on + 1))
   done
   echo "prepared flags on: $on / $(echo $flags | wc -w) ($flags)"
   summary+=("flags_on: $on ($flags)")

@@ -250,6 +250,21 @@ __device__ __forceinline__ uint64_t desc_mnmajor_sw128(uint32_t smem_byte_addr, 
          (static_cast<uint64_t>(1) << 62);
 }
 
+// The whole-tile GEMMs below build each operand's descriptor once and advance it by a constant per
+// k step (one 32-bit add on the low word) instead of rebuilding it from the address every step:
+// ncu put ~12% of the forward main loop's stall samples on that uniform-datapath arithmetic
+// between the HGMMAs (NOTES.md, GPU record 2026-11-27 14:25, item 5). Same descriptor bits (the
+// start-address field cannot carry: every address stays below 256 KiB); prepared, not yet run on
+// a GPU: off.
+constexpr bool kDescriptorAdvance = false;
+
+// desc with its start address moved `bytes` (a multiple of 16) further: only bits 0-13 change,
+// since shared-memory addresses stay below 2^18 (a block has at most 227 KiB).
+__device__ __forceinline__ uint64_t desc_advance(uint64_t desc, uint32_t bytes) {
+  const uint32_t lo = static_cast<uint32_t>(desc) + (bytes >> 4);
+  return (desc & 0xFFFFFFFF00000000ull) | lo;
+}
+
 // ---------------------------------------------------------------------------------------------
 // wgmma synchronisation
 
@@ -538,12 +553,20 @@ __device__ __forceinline__ void wgmma_ss_tt(float (&d)[N / 8][4], uint64_t desc_
 // acc (scale_d 0), the rest accumulate.
 template <typename T, int N, int K, int kARows, int kBRows>
 __device__ __forceinline__ void gemm_ss_kmajor(float (&acc)[N / 8][4], uint32_t a_base, uint32_t b_base) {
+  // k step kk: panel kk / 4, 32-byte column group kk % 4 of the 128-byte swizzled rows.
+  if constexpr (kDescriptorAdvance) {
+    const uint64_t da = desc_kmajor_sw128(a_base), db = desc_kmajor_sw128(b_base);
 #pragma unroll
-  for (int kk = 0; kk < K / 16; ++kk) {
-    // k step kk: panel kk / 4, 32-byte column group kk % 4 of the 128-byte swizzled rows.
-    const uint32_t a = a_base + (kk / 4) * kARows * 128 + (kk % 4) * 32;
-    const uint32_t b = b_base + (kk / 4) * kBRows * 128 + (kk % 4) * 32;
-    wgmma_ss<T, N>(acc, desc_kmajor_sw128(a), desc_kmajor_sw128(b), kk > 0);
+    for (int kk = 0; kk < K / 16; ++kk)
+      wgmma_ss<T, N>(acc, desc_advance(da, (kk / 4) * kARows * 128 + (kk % 4) * 32),
+                     desc_advance(db, (kk / 4) * kBRows * 128 + (kk % 4) * 32), kk > 0);
+  } else {
+#pragma unroll
+    for (int kk = 0; kk < K / 16; ++kk) {
+      const uint32_t a = a_base + (kk / 4) * kARows * 128 + (kk % 4) * 32;
+      const uint32_t b = b_base + (kk / 4) * kBRows * 128 + (kk % 4) * 32;
+      wgmma_ss<T, N>(acc, desc_kmajor_sw128(a), desc_kmajor_sw128(b), kk > 0);
+    }
   }
 }
 
@@ -552,9 +575,15 @@ __device__ __forceinline__ void gemm_ss_kmajor(float (&acc)[N / 8][4], uint32_t 
 template <typename T, int N, int K, int kBRows>
 __device__ __forceinline__ void gemm_rs_mnmajor(float (&acc)[N / 8][4], const uint32_t (&a)[K / 16][4],
                                                 uint32_t b_base) {
+  if constexpr (kDescriptorAdvance) {
+    const uint64_t db = desc_mnmajor_sw128(b_base, kBRows * 128);
 #pragma unroll
-  for (int kk = 0; kk < K / 16; ++kk)
-    wgmma_rs<T, N>(acc, a[kk], desc_mnmajor_sw128(b_base + kk * 16 * 128, kBRows * 128), 1);
+    for (int kk = 0; kk < K / 16; ++kk) wgmma_rs<T, N>(acc, a[kk], desc_advance(db, kk * 16 * 128), 1);
+  } else {
+#pragma unroll
+    for (int kk = 0; kk < K / 16; ++kk)
+      wgmma_rs<T, N>(acc, a[kk], desc_mnmajor_sw128(b_base + kk * 16 * 128, kBRows * 128), 1);
+  }
 }
 
 }  // namespace flash_mha::cuda::sm90

@@ -245,10 +245,18 @@ __device__ __forceinline__ void write_dbias(typename Tr::Smem& sm, const BwdPara
 template <typename T, typename Tr>
 __device__ __forceinline__ void issue_dq(float (&acc)[8][4], uint32_t a_base, uint32_t b_base) {
   using namespace sm90;
+  if constexpr (kDescriptorAdvance) {
+    const uint64_t da = desc_mnmajor_sw128(a_base, Tr::kBlockN * 128);
+    const uint64_t db = desc_mnmajor_sw128(b_base, Tr::kBlockN * 128);
 #pragma unroll
-  for (int kk = 0; kk < Tr::kBlockN / 16; ++kk)
-    wgmma_ss_tt<T, 64>(acc, desc_mnmajor_sw128(a_base + kk * 16 * 128, Tr::kBlockN * 128),
-                       desc_mnmajor_sw128(b_base + kk * 16 * 128, Tr::kBlockN * 128), kk > 0);
+    for (int kk = 0; kk < Tr::kBlockN / 16; ++kk)
+      wgmma_ss_tt<T, 64>(acc, desc_advance(da, kk * 16 * 128), desc_advance(db, kk * 16 * 128), kk > 0);
+  } else {
+#pragma unroll
+    for (int kk = 0; kk < Tr::kBlockN / 16; ++kk)
+      wgmma_ss_tt<T, 64>(acc, desc_mnmajor_sw128(a_base + kk * 16 * 128, Tr::kBlockN * 128),
+                         desc_mnmajor_sw128(b_base + kk * 16 * 128, Tr::kBlockN * 128), kk > 0);
+  }
 }
 
 // General kernel, per tile: the bias^T / mask elements of this thread's key rows key0 + lane / 4

@@ -34,6 +34,15 @@ constexpr bool kQDoubleBuffer = false;
 // per thread covers 2 x 16 column groups); dispatch_dim takes it where n_k > 4096 (measured there).
 constexpr bool kWideKeyTile = true;
 
+// Online softmax: keep a row's reference maximum until the row's scores exceed it by more than
+// kRescaleMargin (log2 units), instead of moving it (and rescaling O) whenever it grows. Exact: O
+// and l share the reference, and probabilities up to 2^8 are harmless in float and in the 16-bit P
+// of P V. ncu: the O rescale (64 FMUL a thread) ran in ~96% of the key tiles at d128 1k, where some
+// row of a warp's 16 still finds a larger score in most tiles (NOTES.md, GPU record 2026-11-27
+// 14:25, item 5). Prepared, not yet run on a GPU: off.
+constexpr bool kLazyRescale = false;
+constexpr float kRescaleMargin = 8.f;
+
 template <typename T, int kD_, int kBlockN_, int kConsumers_, bool kPingPong_, bool kPersistent_, bool kGeneral_ = false>
 struct Sm90FwdTraits {
   static constexpr int kD = kD_;                       // d == d_v
@@ -172,6 +181,11 @@ struct SplitSoftmax : OnlineSoftmax {
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       mx = fmaxf(m[h], mx * scale_log2);
+      // kLazyRescale: a maximum that grew by at most kRescaleMargin keeps the old one (alpha = 1);
+      // -inf - -inf is NaN, so a row that saw nothing yet always takes the new maximum.
+      if constexpr (kLazyRescale) {
+        if (mx - m[h] <= kRescaleMargin) mx = m[h];
+      }
       // Nothing visible yet: m stays -inf; subtract 0 so that 2^(-inf) = 0, not NaN.
       const float m_use = mx == -__int_as_float(0x7f800000) ? 0.f : mx;
       alpha[h] = ex2_approx(m[h] - m_use);
