@@ -39,7 +39,6 @@ def main():
                     except RuntimeError:
                         row.append(float("nan"))
                 print(f"{d:<5} {'yes' if causal else 'no':6} {n:>6} {b:>3}x{h:<3} | {row[0]:8.1f} {row[1]:8.1f}")
-                del q, k, v
 
 
 if __name__ == "__main__":

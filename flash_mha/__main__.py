@@ -19,12 +19,17 @@ def _time_ms(fn, device, reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         times = []
         for _ in range(reps):
-            start.record(); fn(); end.record(); torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
     else:
         times = []
         for _ in range(reps):
-            t0 = time.perf_counter(); fn(); times.append((time.perf_counter() - t0) * 1e3)
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
     return sorted(times)[len(times) // 2]
 
 
@@ -57,7 +62,9 @@ def main():
     (g_ours,) = torch.autograd.grad(y_ours.float().square().mean(), x)
     y_theirs, _ = theirs(x, x, x, need_weights=False)
     (g_theirs,) = torch.autograd.grad(y_theirs.float().square().mean(), x)
-    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
+    def rel(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
     print(f"vs nn.MultiheadAttention ({dtype}, {batch}x{seqlen}x{embed}, {heads} heads): "
           f"output rel. error {rel(y_ours, y_theirs):.2e}, input-gradient rel. error {rel(g_ours, g_theirs):.2e}")
 

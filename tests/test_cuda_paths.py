@@ -7,6 +7,8 @@ The GPU tests are skipped without CUDA.
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -86,7 +88,7 @@ def test_default_forward_configs_d128(dtype, config, layout):
         res = run_both(q, k, v, causal=causal)
         torch.cuda.synchronize()
     check_both(res, dtype)
-    if torch.cuda.get_device_capability() == (9, 0):
+    if torch.cuda.get_device_capability() == (9, 0) and os.environ.get("FLASH_MHA_DISABLE_SM90") != "1":
         fwd = [e.name for e in prof.events() if "sm90_fwd_kernel" in e.name]
         assert fwd and all(traits in name for name in fwd), fwd
 

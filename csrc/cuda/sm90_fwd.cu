@@ -402,8 +402,9 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
   // last warpgroup hands warpgroup 0 its first turn at the start and skips its own last
   // hand-over in consume_finish, so the named barriers balance over the block's work. (A block
   // whose tiles all see no key takes no turn: the start-up hand-over stays unconsumed at exit.)
-  // The pending branch below holds its turn while it waits for Q and K: in the ping-pong kernel
-  // (d = 64, one Q buffer) the other warpgroups' pending P V wait for that load too.
+  // The pending branch below holds its turn while it waits for Q and K: in the ping-pong kernels
+  // (d = 64, and d = 128 causal with n_q <= 1k; one Q buffer) the other warpgroups' pending P V
+  // wait for that load too.
   auto turn_begin = [&] {
     if constexpr (Tr::kPingPong) named_barrier_sync(Tr::kSchedBarrier + cw, 256);
   };
@@ -646,6 +647,11 @@ template <typename T, int kD, int kBlockN, int kConsumers, bool kPingPong, bool 
           bool kFull = false>
 bool launch(const FwdParams& p, cudaStream_t stream) {
   using Tr = Sm90FwdTraits<T, kD, kBlockN, kConsumers, kPingPong, kPersistent, kGeneral>;
+  // Key tiles wider than 128 have no key-mask bits (consume_tile): should a mask ever be sent
+  // there, refuse it, and sm90_fwd runs the portable kernel instead of ignoring the mask.
+  if constexpr (!kGeneral && kBlockN > 128) {
+    if (p.mask) return false;
+  }
   CUtensorMap tq, tk, tv, tb{};
   if (!make_map(&tq, p.dtype, p.q, p.b, p.h, p.n_q, p.d, p.q_sb, p.q_sh, p.q_sn, Tr::kBlockM) ||
       !make_map(&tk, p.dtype, p.k, p.b, p.h_kv, p.n_k, p.d, p.k_sb, p.k_sh, p.k_sn, Tr::kBlockN) ||
@@ -694,7 +700,7 @@ bool dispatch_dim(const FwdParams& p, cudaStream_t stream) {
   // a thread, still the fastest: +2-7% over one block per unit), except causal with n_q <= 2k: there
   // 192-row query tiles waste a third of their work on the diagonal and the short last tile, and 2
   // warpgroups ran +48% (512), +22% (1k), +10% (2k) but -7% at 4k. d = 128: persistent without
-  // ping-pong measured 1-3% faster than with it, except causal with n_q <= 1k (+2-5% with it); key
+  // ping-pong measured 1-3% faster than with it, except causal with n_q <= 1k (+1.5-5% with it); key
   // tiles of 176 (kWideKeyTile) ran +2-3% over 128 at n_k >= 8k, even at 2k-4k, -2..-7% at 512-1k
   // (H200, NOTES.md).
   if (p.d == 64) {
