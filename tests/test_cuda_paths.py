@@ -59,10 +59,13 @@ def test_forced_path_strided_views_and_lse(path):
 
 # Forward configurations the default dispatch picks at d = 128 on Hopper (sm90_fwd.cu dispatch_dim),
 # with the traits the profiler must see there: <dtype, d, key tile, consumers, ping-pong, ...>.
+# (causal, n_q, n_k, key-padding mask, traits)
 FWD_CONFIGS = {
-    "wide_key_tile": (None, 300, 4500, ", 128, 176, 2, false, true"),   # non-causal, n_k > 4096
-    "causal_pingpong": ("bottom_right", 700, 900, ", 128, 128, 2, true, true"),  # causal, n_q <= 1k
-    "plain": (None, 700, 900, ", 128, 128, 2, false, true"),
+    "wide_key_tile": (None, 300, 4500, False, ", 128, 176, 2, false, true"),  # non-causal, n_k > 4096
+    # A key mask keeps the 128 tile (the 176 tile has no key-mask bits).
+    "wide_key_tile_masked": (None, 300, 4500, True, ", 128, 128, 2, false, true"),
+    "causal_pingpong": ("bottom_right", 700, 900, False, ", 128, 128, 2, true, true"),  # causal, n_q <= 1k
+    "plain": (None, 700, 900, False, ", 128, 128, 2, false, true"),
 }
 
 
@@ -72,9 +75,9 @@ FWD_CONFIGS = {
 @pytest.mark.parametrize("layout", ["bhnd", "fused"])
 def test_default_forward_configs_d128(dtype, config, layout):
     """Each d = 128 forward configuration of the default dispatch against the reference (GQA, a key
-    length that is no multiple of the key tile, views of a fused projection), and on a compute
-    capability 9.0 card the profiler must see the configuration that was meant to run."""
-    causal, n_q, n_k, traits = FWD_CONFIGS[config]
+    length that is no multiple of the key tile, views of a fused projection, a key-padding mask), and
+    on a compute capability 9.0 card the profiler must see the configuration that was meant to run."""
+    causal, n_q, n_k, key_padding, traits = FWD_CONFIGS[config]
     b, h, h_kv, d = 2, 4, 2, 128
 
     def make(heads, n):
@@ -84,8 +87,12 @@ def test_default_forward_configs_d128(dtype, config, layout):
         return x.requires_grad_()
 
     q, k, v = make(h, n_q), make(h_kv, n_k), make(h_kv, n_k)
+    mask = None
+    if key_padding:
+        mask = torch.rand(b, 1, 1, n_k, device="cuda") > 0.3
+        mask[..., :1] = True
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        res = run_both(q, k, v, causal=causal)
+        res = run_both(q, k, v, mask=mask, causal=causal)
         torch.cuda.synchronize()
     check_both(res, dtype)
     if torch.cuda.get_device_capability() == (9, 0) and os.environ.get("FLASH_MHA_DISABLE_SM90") != "1":
