@@ -61,8 +61,9 @@
 namespace flash_mha::cuda {
 namespace {
 
-// Named barrier ids (0: __syncthreads); kBarEpi: both consumer warpgroups, kBarEpiWg + cw: one.
-constexpr int kBarDs = 1, kBarDqFull = 2, kBarDqEmpty = 3, kBarEpi = 4, kBarEpiWg = 5;
+// Named barrier ids (0: __syncthreads); kBarEpi: both consumer warpgroups, kBarEpiWg + cw: one;
+// kBarDsHalf + 2 cw + (t & 1): warpgroup cw's half of dS^T of tile t written (kSplitDsBarrier).
+constexpr int kBarDs = 1, kBarDqFull = 2, kBarDqEmpty = 3, kBarEpi = 4, kBarEpiWg = 5, kBarDsHalf = 7;
 
 // ---------------------------------------------------------------------------------------------
 // Producer: one thread. Per work item K and V once, then per iteration Q, dO, lse2, D into ring
@@ -577,16 +578,34 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
       // items, so this holds at item boundaries too).
       // In the general kernel the dbias writer warps pass it too (write_dbias), once they have
       // read the previous tile's buffer.
-      named_barrier_sync(kBarDs, kDsBarrierThreads<Tr, kGeneral>);
-
       float dq[8][4];  // [64, 64] dQ tile of this warpgroup
-      wgmma_fence();
-      issue_dq<T, Tr>(dq, smem_addr(sm.ds[t & 1]) + ds_panel, k_panel);
-      wgmma_commit_group();
-      sm90::gemm_rs_mnmajor<T, Tr::kD, Tr::kBlockM, Tr::kBlockM>(dv, pa, do_base);  // dV += P^T dO
-      sm90::gemm_rs_mnmajor<T, Tr::kD, Tr::kBlockM, Tr::kBlockM>(dk, dsa, q_base);  // dK += dS^T Q
-      wgmma_commit_group();
-      wgmma_wait_group<1>();  // dQ done; dK / dV still running
+      if constexpr (kSplitDsBarrier && !kGeneral) {
+        // The same ordering in two halves: the barrier of (warpgroup, tile parity) completes with
+        // the writer's arrival and the reader's wait. A warpgroup's next arrival on it (tile t + 2)
+        // comes after its own wait at tile t + 1, i.e. after the other warpgroup arrived there and
+        // so finished tile t, including its wait here: no arrival is counted into a stale round.
+        static_assert(Tr::kConsumers == 2 && kBarDsHalf + 3 < 16, "split dS^T barrier: two warpgroups");
+        named_barrier_arrive(kBarDsHalf + 2 * cw + (t & 1), 256);
+        wgmma_fence();
+        sm90::gemm_rs_mnmajor<T, Tr::kD, Tr::kBlockM, Tr::kBlockM>(dv, pa, do_base);  // dV += P^T dO
+        wgmma_commit_group();
+        named_barrier_sync(kBarDsHalf + 2 * (1 - cw) + (t & 1), 256);
+        wgmma_fence();
+        issue_dq<T, Tr>(dq, smem_addr(sm.ds[t & 1]) + ds_panel, k_panel);
+        wgmma_commit_group();
+        sm90::gemm_rs_mnmajor<T, Tr::kD, Tr::kBlockM, Tr::kBlockM>(dk, dsa, q_base);  // dK += dS^T Q
+        wgmma_commit_group();
+        wgmma_wait_group<1>();  // dV, dQ done; dK still running
+      } else {
+        named_barrier_sync(kBarDs, kDsBarrierThreads<Tr, kGeneral>);
+        wgmma_fence();
+        issue_dq<T, Tr>(dq, smem_addr(sm.ds[t & 1]) + ds_panel, k_panel);
+        wgmma_commit_group();
+        sm90::gemm_rs_mnmajor<T, Tr::kD, Tr::kBlockM, Tr::kBlockM>(dv, pa, do_base);  // dV += P^T dO
+        sm90::gemm_rs_mnmajor<T, Tr::kD, Tr::kBlockM, Tr::kBlockM>(dk, dsa, q_base);  // dK += dS^T Q
+        wgmma_commit_group();
+        wgmma_wait_group<1>();  // dQ done; dK / dV still running
+      }
       fence_regs(dq);
       // dQ tile -> the staging buffer in fragment order (float4 nt of consumer thread t at [nt][t]:
       // conflict-free 16-byte stores), the order of its block in dq_acc too; the dQ writer warp adds

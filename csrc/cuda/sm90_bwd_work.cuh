@@ -36,6 +36,13 @@ constexpr bool kDbiasWriterWarps = false;
 // direct stores.
 constexpr bool kStagedDkDv = true;
 
+// Plain kernel: the per-tile barrier over both warpgroups' dS^T halves split in two. A warpgroup
+// announces its half (named barrier arrive), issues its dV += P^T dO (its own registers and dO),
+// and only then waits for the other half before dQ and dK; so the tensor pipe gets that wgmma while
+// the other warpgroup still computes its dS (ncu, d128 2k: tensor pipe active 55.6% against
+// cuDNN's 63.0%, the gap in the dS phase; NOTES.md). Prepared, not yet run on a GPU: off.
+constexpr bool kSplitDsBarrier = false;
+
 // What only the general kernel takes: a bias or its gradient, dropout, or a mask that varies along
 // the queries.
 inline bool needs_general(const BwdParams& p) {
