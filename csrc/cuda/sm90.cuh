@@ -254,9 +254,9 @@ __device__ __forceinline__ uint64_t desc_mnmajor_sw128(uint32_t smem_byte_addr, 
 // k step (one 32-bit add on the low word) instead of rebuilding it from the address every step:
 // ncu put ~12% of the forward main loop's stall samples on that uniform-datapath arithmetic
 // between the HGMMAs (NOTES.md, GPU record 2026-11-27 14:25, item 5). Same descriptor bits (the
-// start-address field cannot carry: every address stays below 256 KiB); prepared, not yet run on
-// a GPU: off.
-constexpr bool kDescriptorAdvance = false;
+// start-address field cannot carry: every address stays below 256 KiB). A/B (H200, 2026-11-27,
+// benchmarks/results/H200-ab-flags-a6bab56.txt): forward and backward +0-2% alone.
+constexpr bool kDescriptorAdvance = true;
 
 // desc with its start address moved `bytes` (a multiple of 16) further: only bits 0-13 change,
 // since shared-memory addresses stay below 2^18 (a block has at most 227 KiB).

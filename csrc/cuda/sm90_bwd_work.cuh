@@ -40,8 +40,10 @@ constexpr bool kStagedDkDv = true;
 // announces its half (named barrier arrive), issues its dV += P^T dO (its own registers and dO),
 // and only then waits for the other half before dQ and dK; so the tensor pipe gets that wgmma while
 // the other warpgroup still computes its dS (ncu, d128 2k: tensor pipe active 55.6% against
-// cuDNN's 63.0%, the gap in the dS phase; NOTES.md). Prepared, not yet run on a GPU: off.
-constexpr bool kSplitDsBarrier = false;
+// cuDNN's 63.0%, the gap in the dS phase; NOTES.md). A/B with kDescriptorAdvance on in both (H200,
+// 2026-11-27, benchmarks/results/H200-ab-flags-a6bab56.txt): backward +2-4% at d64, 0-1% at d128;
+// racecheck and synccheck clean on gpu_smoke.py.
+constexpr bool kSplitDsBarrier = true;
 
 // What only the general kernel takes: a bias or its gradient, dropout, or a mask that varies along
 // the queries.

@@ -39,8 +39,9 @@ constexpr bool kWideKeyTile = true;
 // and l share the reference, and probabilities up to 2^8 are harmless in float and in the 16-bit P
 // of P V. ncu: the O rescale (64 FMUL a thread) ran in ~96% of the key tiles at d128 1k, where some
 // row of a warp's 16 still finds a larger score in most tiles (NOTES.md, GPU record 2026-11-27
-// 14:25, item 5). Prepared, not yet run on a GPU: off.
-constexpr bool kLazyRescale = false;
+// 14:25, item 5). A/B with kDescriptorAdvance on in both (H200, 2026-11-27,
+// benchmarks/results/H200-ab-flags-a6bab56.txt): forward +1-2%.
+constexpr bool kLazyRescale = true;
 constexpr float kRescaleMargin = 8.f;
 
 template <typename T, int kD_, int kBlockN_, int kConsumers_, bool kPingPong_, bool kPersistent_, bool kGeneral_ = false>
