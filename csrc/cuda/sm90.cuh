@@ -291,6 +291,27 @@ __device__ __forceinline__ void wgmma_wait_group() {
 #endif
 }
 
+// wgmma_wait_group<N> that stays behind the code before it. ptxas schedules a wait_group at the top
+// of its basic block, ahead of independent work that precedes it in the source (it does not see
+// the wait's duration): in every forward kernel but one the softmax meant to run beside the
+// in-flight P V ran after the wait (SASS: every MUFU.EX2 after the WARPGROUP.DEPBAR; checked by
+// benchmarks/sass_overlap.py). A branch ends the block: `never` must be false at run time and the
+// same in the whole warpgroup (wait_group is .aligned), e.g. n_k < 0; the arms differ (an asm
+// comment) so that neither compiler merges them back into one block. Forward +2-3% (H200 A/B,
+// benchmarks/results/H200-ab-wait-behind.txt).
+constexpr bool kWaitBehind = true;  // false: a plain wgmma_wait_group (for an A/B)
+template <int N>
+__device__ __forceinline__ void wgmma_wait_group_behind(bool never) {
+  if (!kWaitBehind) {
+    wgmma_wait_group<N>();
+  } else if (never) {
+    asm volatile("// wgmma_wait_group_behind: never taken" ::: "memory");
+    wgmma_wait_group<N>();
+  } else {
+    wgmma_wait_group<N>();
+  }
+}
+
 // Keeps the compiler from moving accesses of accumulator registers across wgmma issue / wait
 // points (the registers are read and written asynchronously in between).
 template <int kN>

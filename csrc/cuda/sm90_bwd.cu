@@ -489,7 +489,10 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
       auto plain_ds = [&] {
 #pragma unroll
         for (int kk = 0; kk < kKP; ++kk) acc_to_a<T>(pa[kk], s, kk);
-
+        // ptxas puts this wait ahead of the exponentials above in the plain d = 128 kernels (so
+        // they do not run beside dP^T). wgmma_wait_group_behind keeps it behind them, but the
+        // backward ran 2-3% slower that way (H200 A/B, benchmarks/results/H200-ab-wait-behind.txt);
+        // at d = 64 it made ptxas serialize the wgmmas (C7512).
         wgmma_wait_group<0>();
         fence_regs(dp);
 #pragma unroll

@@ -361,14 +361,18 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
     const int j0 = (n_tiles - 1 - t) * Tr::kBlockN;
     const bool check = (causal && j0 + Tr::kBlockN - 1 > row0 + shift) || j0 + Tr::kBlockN > n_k;
     if (check) {
-      const int col_limit = n_k - j0;
-      const int diag = causal ? row0 + shift - j0 : (1 << 30);
+      // Element (nt, e) is column 8 nt + e % 2 + 2 (lane % 4), row lane / 4 + 8 (e / 2) (frag_col,
+      // frag_row): the lane's parts go into the two bounds, so that each test compares one
+      // register with an immediate. (Per-element column registers, hoisted out of the key loop,
+      // held 32 of a consumer's 240 registers and made ptxas spill in four kernels.)
+      const int lim = n_k - j0 - 2 * (lane % 4);
+      const int diag = causal ? row0 + shift - j0 - 2 * (lane % 4) + lane / 4 : (1 << 30);
 #pragma unroll
       for (int nt = 0; nt < kNS; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int r = frag_row(lane, e), col = frag_col(lane, nt, e);
-          if (col >= col_limit || col - r > diag) s[nt][e] = -__int_as_float(0x7f800000);
+          const int c = 8 * nt + e % 2;
+          if (c >= lim || c - 8 * (e / 2) > diag) s[nt][e] = -__int_as_float(0x7f800000);
         }
     }
   };
@@ -502,7 +506,9 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
     if constexpr (kFull) {
       if (drop.on) dropout_tile_rows(drop, drop_bh, s, row0, (n_tiles - 1 - t) * Tr::kBlockN);
     }
-    wgmma_wait_group<0>();  // P V done: O and P may be touched again
+    // P V done: O and P may be touched again. In a block of its own, so that ptxas keeps it behind
+    // the softmax (the point of issuing P V before it; sm90::wgmma_wait_group_behind).
+    wgmma_wait_group_behind<0>(n_k < 0);
     fence_regs(o);
     fence_regs(pa);
     if (lane == 0) mbarrier_arrive(&bar.v_empty[vstage(prev)]);
