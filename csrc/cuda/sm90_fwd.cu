@@ -424,115 +424,59 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
   auto vstage = [&](uint32_t it) { return static_cast<int>(it % Tr::kVStages); };
   auto vparity = [&](uint32_t it) { return (it / Tr::kVStages) & 1; };
 
+  // Prologue: the pending tile's last P V, then S of this tile's first key tile; the pending
+  // tile's output is stored while S computes; then the softmax of S and P. Each branch waits for
+  // every wgmma it issued: a wgmma issued on one path and waited for on another made ptxas
+  // serialize every wgmma of the kernel (C7514; -20% throughput).
   float s[kNS][4];
   uint32_t it = ps.it;
   uint32_t keep;
-  // The first key tile's scores -> probabilities (the tile's softmax state starts here).
-  auto first_scores = [&](SplitSoftmax& sm_) {
-    sm_.init();
-    fence_regs(s);
-    if (lane == 0) mbarrier_arrive(&bar.k_empty[kstage(it)]);
-    release_q(0);
-    use_extras(s, 0, it);
-    mask(s, 0, keep);
-    float alpha[2];
-    sm_.scores(s, softmax_scale, alpha);  // O is still zero: no rescale
-    if constexpr (kFull) {
-      if (drop.on) dropout_tile_rows(drop, drop_bh, s, row0, (n_tiles - 1) * Tr::kBlockN);
-    }
-  };
-  if constexpr (kFirstSoftmaxBesidePV && !kFull) {
-    // Prologue, one path for every tile: S of the first key tile, then the pending tile's last
-    // P V, so that this softmax runs while P V computes; the pending output is stored after. A
-    // consumer's first tile has no pending P V: it issues one with P = 0 on this tile's first V
-    // stage (its result is discarded), so that no wgmma sits in a branch (wgmmas issued or waited
-    // for on some paths only made ptxas serialize every wgmma of the kernel: C7511 / C7519).
-    const bool pend = st.pending;
-    const uint32_t vuse = pend ? st.v_use : it;
-    const int vst = vstage(vuse);
-    if (!pend) {
-#pragma unroll
-      for (int kk = 0; kk < kKP; ++kk)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) pa[kk][r] = 0u;
-    }
+  if (st.pending) {
+    // P V first: it computes while this tile's Q (requested when the pending tile's last S was
+    // done) and first K arrive.
+    const int vst = vstage(st.v_use);
+    mbarrier_wait(&bar.v_full[vst], vparity(st.v_use));
+    turn_begin();
+    wgmma_fence();
+    sm90::gemm_rs_mnmajor<T, Tr::kD, Tr::kBlockN, Tr::kBlockN>(o, pa, smem_addr(sm.v[vst]));
+    wgmma_commit_group();
+    mbarrier_wait(&bar.q_full[qbuf], (ps.q_it / Tr::kQBufs) & 1);
+    mbarrier_wait(&bar.k_full[kstage(it)], kparity(it));
+    wgmma_fence();  // (else ptxas injects one after the waits' loops: C7519)
+    sm90::gemm_ss_kmajor<T, Tr::kBlockN, Tr::kD, Tr::kBlockM, Tr::kBlockN>(s, q_base, smem_addr(sm.k[kstage(it)]));
+    wgmma_commit_group();
+    turn_end();
+    keep = key_keep(0);
+    wgmma_wait_group<1>();  // the pending P V done; S may still run
+    fence_regs(o);
+    fence_regs(pa);
+    if (lane == 0) mbarrier_arrive(&bar.v_empty[vst]);
+    store_rows<T>(p, st.bi, st.hi, st.row0, o, softmax, keep_scale);
+    zero_acc(o);
+    wgmma_wait_group<0>();
+  } else {
     mbarrier_wait(&bar.q_full[qbuf], (ps.q_it / Tr::kQBufs) & 1);
     mbarrier_wait(&bar.k_full[kstage(it)], kparity(it));
     turn_begin();
     wgmma_fence();
     sm90::gemm_ss_kmajor<T, Tr::kBlockN, Tr::kD, Tr::kBlockM, Tr::kBlockN>(s, q_base, smem_addr(sm.k[kstage(it)]));
     wgmma_commit_group();
-    mbarrier_wait(&bar.v_full[vst], vparity(vuse));
-    wgmma_fence();
-    sm90::gemm_rs_mnmajor<T, Tr::kD, Tr::kBlockN, Tr::kBlockN>(o, pa, smem_addr(sm.v[vst]));
-    wgmma_commit_group();
     turn_end();
     keep = key_keep(0);
-    wgmma_wait_group<1>();  // S done; P V may still run
-    SplitSoftmax fresh;
-    first_scores(fresh);
-    wgmma_wait_group_behind<0>(n_k < 0);  // P V done
-    fence_regs(o);
-    fence_regs(pa);
-    if (pend) {
-      if (lane == 0) mbarrier_arrive(&bar.v_empty[vst]);
-      store_rows<T>(p, st.bi, st.hi, st.row0, o, softmax, keep_scale);
-    }
-    zero_acc(o);
-    softmax = fresh;
-    ++ps.q_it;
-  } else {
-    // Prologue: the pending tile's last P V, then S of this tile's first key tile; the pending
-    // tile's output is stored while S computes; then the softmax of S and P. Each branch waits for
-    // every wgmma it issued: a wgmma issued on one path and waited for on another made ptxas
-    // serialize every wgmma of the kernel (C7514; -20% throughput).
-    if (st.pending) {
-      // P V first: it computes while this tile's Q (requested when the pending tile's last S was
-      // done) and first K arrive.
-      const int vst = vstage(st.v_use);
-      mbarrier_wait(&bar.v_full[vst], vparity(st.v_use));
-      turn_begin();
-      wgmma_fence();
-      sm90::gemm_rs_mnmajor<T, Tr::kD, Tr::kBlockN, Tr::kBlockN>(o, pa, smem_addr(sm.v[vst]));
-      wgmma_commit_group();
-      mbarrier_wait(&bar.q_full[qbuf], (ps.q_it / Tr::kQBufs) & 1);
-      mbarrier_wait(&bar.k_full[kstage(it)], kparity(it));
-      wgmma_fence();  // (else ptxas injects one after the waits' loops: C7519)
-      sm90::gemm_ss_kmajor<T, Tr::kBlockN, Tr::kD, Tr::kBlockM, Tr::kBlockN>(s, q_base, smem_addr(sm.k[kstage(it)]));
-      wgmma_commit_group();
-      turn_end();
-      keep = key_keep(0);
-      wgmma_wait_group<1>();  // the pending P V done; S may still run
-      fence_regs(o);
-      fence_regs(pa);
-      if (lane == 0) mbarrier_arrive(&bar.v_empty[vst]);
-      store_rows<T>(p, st.bi, st.hi, st.row0, o, softmax, keep_scale);
-      zero_acc(o);
-      wgmma_wait_group<0>();
-    } else {
-      mbarrier_wait(&bar.q_full[qbuf], (ps.q_it / Tr::kQBufs) & 1);
-      mbarrier_wait(&bar.k_full[kstage(it)], kparity(it));
-      turn_begin();
-      wgmma_fence();
-      sm90::gemm_ss_kmajor<T, Tr::kBlockN, Tr::kD, Tr::kBlockM, Tr::kBlockN>(s, q_base, smem_addr(sm.k[kstage(it)]));
-      wgmma_commit_group();
-      turn_end();
-      keep = key_keep(0);
-      wgmma_wait_group<0>();
-    }
-    ++ps.q_it;
-    softmax.init();
-    fence_regs(s);
-    if (lane == 0) mbarrier_arrive(&bar.k_empty[kstage(it)]);
-    release_q(0);
-    use_extras(s, 0, it);
-    mask(s, 0, keep);
-    {
-      float alpha[2];
-      softmax.scores(s, softmax_scale, alpha);  // O is still zero: no rescale
-      if constexpr (kFull) {
-        if (drop.on) dropout_tile_rows(drop, drop_bh, s, row0, (n_tiles - 1) * Tr::kBlockN);
-      }
+    wgmma_wait_group<0>();
+  }
+  ++ps.q_it;
+  softmax.init();
+  fence_regs(s);
+  if (lane == 0) mbarrier_arrive(&bar.k_empty[kstage(it)]);
+  release_q(0);
+  use_extras(s, 0, it);
+  mask(s, 0, keep);
+  {
+    float alpha[2];
+    softmax.scores(s, softmax_scale, alpha);  // O is still zero: no rescale
+    if constexpr (kFull) {
+      if (drop.on) dropout_tile_rows(drop, drop_bh, s, row0, (n_tiles - 1) * Tr::kBlockN);
     }
   }
 #pragma unroll

@@ -44,15 +44,6 @@ constexpr bool kWideKeyTile = true;
 constexpr bool kLazyRescale = true;
 constexpr float kRescaleMargin = 8.f;
 
-// Prologue of a query tile: its first S issued before the previous tile's last P V, so that the
-// first softmax runs beside that P V (as every later one does), the previous output stored after;
-// a consumer's first tile issues a P V with P = 0 (result discarded) so that the prologue is one
-// path with no wgmma in a branch (the branches had made ptxas serialize every wgmma, C7511 /
-// C7519). SASS: every forward window `66/0` (benchmarks/sass_overlap.py), no C75xx, no spills but
-// in the full general kernels, which keep the old prologue (their spills grew 204 -> 336 bytes at
-// d = 128, 0 -> 52 at d = 64). Prepared, not yet run on a GPU: off.
-constexpr bool kFirstSoftmaxBesidePV = false;
-
 template <typename T, int kD_, int kBlockN_, int kConsumers_, bool kPingPong_, bool kPersistent_, bool kGeneral_ = false>
 struct Sm90FwdTraits {
   static constexpr int kD = kD_;                       // d == d_v
