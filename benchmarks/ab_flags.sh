@@ -7,7 +7,7 @@
 #
 #   FLAGS_ON=kQDoubleBuffer bash benchmarks/ab_flags.sh                     # plain grid, vs cuDNN
 #   FLAGS_ON=kQDoubleBuffer AB_BENCH="--case plain --hdim 64" bash benchmarks/ab_flags.sh
-#   FLAGS_SETS="kQDoubleBuffer;kQDoubleBuffer kLazyRescale" bash benchmarks/ab_flags.sh
+#   FLAGS_SETS="kQDoubleBuffer;kDbiasWriterWarps" bash benchmarks/ab_flags.sh
 #
 # About 5 minutes on an H200 for one set (builds in parallel, ~25 s per benchmark run), ~1.5 more
 # per further set. Results and logs under $OUT (ab.tgz: v*.json, off*.json, logs; ab_table.txt).

@@ -79,6 +79,12 @@ def main():
         (torch.bfloat16, 2, 4, 2, 300, 333, 64, 64, "top_left", None, None, 0.0, True),
         (torch.float16, 2, 2, 2, 200, 256, 128, 128, None, (2, 1, 1, 256), None, 0.0, True),
         (torch.bfloat16, 2, 2, 2, 130, 300, 64, 64, "bottom_right", (1, 2, 130, 300), None, 0.1, True),
+        # float32 on the sm80 kernels (3xTF32): bias read per element and staged (n_k % 4 == 0),
+        # mask, dropout, GQA, padded head dims (32 -> 64, d_v 96 -> 128).
+        (torch.float32, 2, 4, 2, 77, 131, 64, 64, "bottom_right", (1, 4, 77, 131), (2, 1, 1, 131), 0.1),
+        (torch.float32, 1, 2, 1, 130, 256, 128, 128, "top_left", (1, 2, 130, 256), None, 0.0),
+        (torch.float32, 2, 2, 2, 100, 65, 128, 96, None, None, None, 0.0),
+        (torch.float32, 1, 4, 2, 200, 333, 32, 32, "top_left", None, None, 0.0),
     ]
     results = []
     for c in cases:

@@ -21,11 +21,14 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 PATHS = ["auto", "simt", "sm80", "sm90"]
 HALF = [torch.float16, torch.bfloat16]
+# The tensor-core dtypes: float32 runs on the sm80 kernels as 3xTF32 (sm90 falls back to them), to
+# float32's tolerance (conftest.TOL: 1e-5, which tf32 alone misses by two orders of magnitude).
+TC_DTYPES = HALF + [torch.float32]
 
 
 @needs_cuda
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("dtype", TC_DTYPES, ids=str)
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("causal", [None, "top_left", "bottom_right"])
 @pytest.mark.parametrize("shape", [(2, 4, 4, 256, 256), (1, 8, 2, 1000, 777), (2, 4, 1, 130, 515), (1, 2, 2, 1, 64)],
@@ -100,6 +103,39 @@ def test_default_forward_configs_d128(dtype, config, layout):
         assert fwd and all(traits in name for name in fwd), fwd
 
 
+@needs_cuda
+@pytest.mark.parametrize("d", [32, 64, 96, 128])
+@pytest.mark.parametrize("causal", [None, "bottom_right"])
+def test_float32_runs_on_tensor_cores(d, causal):
+    """float32 on the default path runs the sm80 kernels (3xTF32: tf32 tensor cores, each product as
+    three) forward and backward, to float32's tolerance against the float64 reference, head dims
+    padded to 64 / 128 included; d = 160 still takes the SIMT kernels."""
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("tensor-core path needs sm_80+")
+    b, h, h_kv, n_q, n_k = 2, 4, 2, 300, 283
+    q = randn(b, h, n_q, d, dtype=torch.float32, device="cuda", requires_grad=True)
+    k = randn(b, h_kv, n_k, d, dtype=torch.float32, device="cuda", requires_grad=True)
+    v = randn(b, h_kv, n_k, d, dtype=torch.float32, device="cuda", requires_grad=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        res = run_both(q, k, v, causal=causal)
+        torch.cuda.synchronize()
+    check_both(res, torch.float32)
+    kernels = " ".join(e.name for e in prof.events())
+    assert "sm80_fwd_kernel<float" in kernels and "sm80_bwd_kernel<float" in kernels, kernels[:500]
+    assert "simt" not in kernels
+
+
+@needs_cuda
+def test_float32_wide_head_dim_stays_on_simt():
+    q, k, v = (randn(1, 2, 70, 160, dtype=torch.float32, device="cuda", requires_grad=True) for _ in range(3))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        res = run_both(q, k, v)
+        torch.cuda.synchronize()
+    check_both(res, torch.float32)
+    kernels = " ".join(e.name for e in prof.events())
+    assert "sm80_fwd_kernel" not in kernels and "simt" in kernels
+
+
 def test_force_kernel_rejects_unknown_path():
     with pytest.raises(ValueError, match="kernel path"):
         with flash_mha.force_kernel("sm70"):
@@ -150,7 +186,7 @@ STAGED_CONFIGS = {
 
 @needs_cuda
 @pytest.mark.parametrize("path", ["auto", "sm90", "sm80"])
-@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("dtype", TC_DTYPES, ids=str)
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("causal", [None, "bottom_right"])
 @pytest.mark.parametrize("config", list(STAGED_CONFIGS), ids=str)
@@ -243,11 +279,11 @@ def test_size1_dims_with_odd_strides(path, d, causal):
 
 @needs_cuda
 @pytest.mark.parametrize("path", ["auto", "sm90", "sm80"])
-@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("dtype", TC_DTYPES, ids=str)
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("bias_dims", ["bhqk", "1hqk", "b1qk", "11qk", "bh1k", "bhq1", "1h11"])
-def test_half_bias_gradient_every_broadcast(path, dtype, d, bias_dims):
-    """dbias of a float16 / bfloat16 bias with every kind of broadcast (reduced over the broadcast
+def test_tensor_core_bias_gradient_every_broadcast(path, dtype, d, bias_dims):
+    """dbias of a float16 / bfloat16 / float32 bias with every kind of broadcast (reduced over the broadcast
     dims): elements reached by one thread, or by many blocks / threads (the sm80 backward adds those
     with atomics when kAtomicSharedDbias is on, else they take the SIMT backward)."""
     b, h, h_kv, n_q, n_k = 2, 4, 2, 130, 200
@@ -270,7 +306,7 @@ KEY_MASKS = ["b11k", "1h1k", "bh1k", "b11k key-stride view", "b11k offset view",
 
 @needs_cuda
 @pytest.mark.parametrize("path", ["auto", "sm90", "sm80"])
-@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("dtype", TC_DTYPES, ids=str)
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("causal", [None, "top_left", "bottom_right"])
 @pytest.mark.parametrize("kind", KEY_MASKS)
@@ -313,7 +349,7 @@ def test_key_mask(path, dtype, d, causal, kind):
 
 @needs_cuda
 @pytest.mark.parametrize("path", ["auto", "sm90", "sm80"])
-@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("dtype", TC_DTYPES, ids=str)
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("causal", [None, "top_left", "bottom_right"])
 @pytest.mark.parametrize("key_mask", [False, True])

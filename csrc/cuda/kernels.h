@@ -14,8 +14,9 @@ void simt_fwd(const FwdParams& p, cudaStream_t stream);
 int64_t simt_bwd_workspace_bytes(const BwdParams& p);
 void simt_bwd(const BwdParams& p, void* workspace, cudaStream_t stream);
 
-// Tensor-core path for float16 / bfloat16 (sm80_fwd.cu, sm80_bwd.cu). *_supported says whether
-// the shape, strides and alignment fit; if not, the SIMT path runs instead.
+// Tensor-core path for float16 / bfloat16 and float32 (3xTF32) (sm80_fwd.cu, sm80_bwd.cu).
+// *_supported says whether the shape, strides, alignment and (float32) the device's shared memory
+// fit; if not, the SIMT path runs instead.
 bool sm80_fwd_supported(const FwdParams& p);
 void sm80_fwd(const FwdParams& p, cudaStream_t stream);
 bool sm80_bwd_supported(const BwdParams& p);
@@ -50,6 +51,17 @@ inline void allow_smem(Kernel kernel, int64_t bytes) {
   if (bytes > 48 * 1024) {
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
   }
+}
+
+// The current device's shared memory per block with opt-in (0 when it cannot be asked).
+inline int64_t max_smem_per_block() {
+  int dev = 0, bytes = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return bytes;
 }
 
 }  // namespace flash_mha::cuda

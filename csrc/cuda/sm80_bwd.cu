@@ -1,7 +1,8 @@
-// Tensor-core backward for float16 / bfloat16 (sm_80+, mma.sync m16n8k16, fp32 accumulation).
+// Tensor-core backward for float16 / bfloat16 (sm_80+, mma.sync m16n8k16, fp32 accumulation) and
+// float32 (mma.sync m16n8k8 on tf32, 3xTF32: Frag<float> in sm80_tile.cuh).
 //
 // 1. D = rowsum(dO * O) in float (one warp per row).
-// 2. One block of 8 warps (4 for d = 64) per (batch, kv head, 16 keys per warp); warp w owns keys
+// 2. One block of 8 warps (4 for d = 64 and for float32) per (batch, kv head, 16 keys per warp); warp w owns keys
 //    16w .. 16w+15 and keeps their dK, dV in registers while it walks the query heads of the GQA
 //    group and their 64-query tiles (Q, dO, lse, D double buffered through shared memory with
 //    cp.async). Per tile, in the transposed (key-row) layout:
@@ -38,13 +39,17 @@ struct BwdTraits {
   // Warps x 16 keys per block. d = 128: 8 warps, so every Q / dO tile read from shared memory and
   // every dQ atomic covers 128 keys (half the atomics of 64-key blocks); 2-3% faster than 4 warps
   // on an H200. d = 64: 4 warps (two blocks per SM), 4-8% faster than 8 (csrc/cuda/NOTES.md, run 4).
-  static constexpr int kWarps = kD <= 64 ? 4 : 8;
+  // float32 (twice the bytes per tile): 4 warps at d = 128 as well, 209 KiB of shared memory.
+  static constexpr int kWarps = kD <= 64 || sizeof(T) == 4 ? 4 : 8;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kBlockN = 16 * kWarps;  // keys per block
-  static constexpr int kBlockM = 64;           // queries per inner tile
-  // dQ = dS K of a query tile: warp w takes m-tile w % 4 and column group w / 4 of kD.
-  static constexpr int kColGroups = kWarps / 4;
-  static_assert(kWarps % 4 == 0 && kBlockM == 64, "dQ split: 4 query m-tiles x column groups");
+  // Queries per inner tile. float32: 32, so that the [16 keys, kBlockM] S^T and dP^T tiles and the
+  // split (hi, lo) fragments fit the registers next to dK, dV.
+  static constexpr int kBlockM = sizeof(T) == 2 ? 64 : 32;
+  // dQ = dS K of a query tile: warp w takes m-tile w % kQMT and column group w / kQMT of kD.
+  static constexpr int kQMT = kBlockM / 16;
+  static constexpr int kColGroups = kWarps / kQMT;
+  static_assert(kWarps % kQMT == 0 && kQMT <= 4, "dQ split: query m-tiles x column groups");
   static_assert((kD / 16) % kColGroups == 0, "column groups of whole 16-column pairs");
   struct Smem {
     T k[kBlockN * kD];            // [kBlockN, kD] swizzled
@@ -55,7 +60,10 @@ struct BwdTraits {
     float lse2[2][kBlockM];       // [stage][kBlockM] lse * log2(e); +inf past n_q
     float dsum[2][kBlockM];       // [stage][kBlockM] D
   };
-  static_assert(sizeof(Smem) <= 163 * 1024, "backward tile exceeds sm_80's 163 KiB of shared memory per block");
+  static_assert(sizeof(Smem) <= (sizeof(T) == 2 ? 163 : 227) * 1024,
+                "backward tile exceeds sm_80's 163 KiB (float32: sm_90's 227 KiB) of shared memory per block");
+  static_assert(sizeof(T) == 2 || (kD / kColGroups) % 32 == 0,
+                "float32: dQ column groups start at multiples of 32 columns (PermRows32)");
 };
 
 struct BwdWorkspace {
@@ -154,16 +162,23 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
   zero_acc(dk);
   zero_acc(dvacc);
   const int64_t key0 = j0 + 16 * warp;  // first key of this warp
-  const auto k_addr = ldsm_a_addr<kD>(sm.k + 16 * warp * kD);   // K as A of S^T = K Q^T
-  const auto v_addr = ldsm_a_addr<kD>(sm.v + 16 * warp * kD);   // V as A of dP^T = V dO^T
-  // dQ phase: this warp's query m-tile and column group (chunk pairs from dq_c0).
-  const int dq_mt = warp % 4, dq_c0 = (warp / 4) * (kNQ / 2);
-  const auto kt_addr = ldsm_b_trans_addr<kD>(sm.k).shifted(dq_c0);  // K as B of dQ = dS K
-  // dS (queries 16 dq_mt ..) as A of dQ = dS K, from the transposed tile dS^T: chunk pair dq_mt.
+  constexpr int kDc = kCols16<T, kD>;  // the tiles' width for the ldmatrix address patterns
+  constexpr bool kF32 = sizeof(T) == 4;
+  const auto k_addr = ldsm_a_addr<kDc>(sm.k + 16 * warp * kD);   // K as A of S^T = K Q^T
+  const auto v_addr = ldsm_a_addr<kDc>(sm.v + 16 * warp * kD);   // V as A of dP^T = V dO^T
+  // dQ phase: this warp's query m-tile and column group (columns from dq_col0).
+  const int dq_mt = warp % Tr::kQMT, dq_col0 = (warp / Tr::kQMT) * (kD / Tr::kColGroups);
+  const auto kt_addr = [&] {  // K as B of dQ = dS K
+    if constexpr (kF32) return TransB<T, kD>(sm.k, dq_col0);
+    else return TransB<T, kD>(sm.k).shifted(dq_col0 / 16);
+  }();
+  // dS (queries 16 dq_mt ..) as A of dQ = dS K, from the transposed tile dS^T: chunk pair dq_mt
+  // (float: its columns 16 dq_mt + 8 h + lane / 4, read in acc_to_frag's key order).
   static_assert(kBlockM / 16 <= 4, "dS^T rows hold at most 4 chunk pairs: c / 4 == 0");
-  const auto ds_addr = ldsm_a_trans_addr<kBlockM>(sm.ds);
+  const auto ds_addr = ldsm_a_trans_addr<kCols16<T, kBlockM>>(sm.ds);
   const uint32_t ds_base = dq_mt == 0 ? ds_addr.base[0] : dq_mt == 1 ? ds_addr.base[1]
                            : dq_mt == 2 ? ds_addr.base[2] : ds_addr.base[3];
+  const PermRows32<kBlockM, 2> ds_f32(reinterpret_cast<const float*>(sm.ds), 16 * dq_mt);
 
   for (int64_t n = 0; n < n_iters; ++n) {
     const int st = static_cast<int>(n & 1);
@@ -178,36 +193,36 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
     const int64_t hi = kvh * group + n / n_qt, i0 = (first_qt + n % n_qt) * kBlockM;
     const uint64_t bh = static_cast<uint64_t>(bi * p.h + hi);
 
-    const auto q_addr = ldsm_b_addr<kD>(sm.q[st]);        // Q as B of S^T = K Q^T
-    const auto do_addr = ldsm_b_addr<kD>(sm.dout[st]);    // dO as B of dP^T = V dO^T
-    const auto qt_addr = ldsm_b_trans_addr<kD>(sm.q[st]);  // Q as B of dK += dS^T Q
-    const auto dot_addr = ldsm_b_trans_addr<kD>(sm.dout[st]);  // dO as B of dV += P^T dO
+    const auto q_addr = ldsm_b_addr<kDc>(sm.q[st]);        // Q as B of S^T = K Q^T
+    const auto do_addr = ldsm_b_addr<kDc>(sm.dout[st]);    // dO as B of dP^T = V dO^T
+    const TransB<T, kD> qt_addr(sm.q[st]);                 // Q as B of dK += dS^T Q
+    const TransB<T, kD> dot_addr(sm.dout[st]);             // dO as B of dV += P^T dO
     // S^T = K Q^T and dP^T = V dO^T: [16 keys, kBlockM queries]
     float s[kNS][4], dp[kNS][4];
     zero_acc(s);
     zero_acc(dp);
 #pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {
+    for (int kk = 0; kk < kD / kMmaK<T>; ++kk) {
       {  // no d guard: padded columns are zeros, and a branch would split the unrolled loop
-        uint32_t a[4];
-        ldmatrix_x4(a, k_addr(0, kk));
+        Frag<T> a;
+        ldsm_frag(a, k_addr(0, kk));
 #pragma unroll
         for (int np = 0; np < kNS / 2; ++np) {
-          uint32_t b[4];
-          ldmatrix_x4(b, q_addr(np, kk));
-          mma_m16n8k16<T>(s[2 * np], a, b[0], b[1]);
-          mma_m16n8k16<T>(s[2 * np + 1], a, b[2], b[3]);
+          Frag<T> b;
+          ldsm_frag(b, q_addr(np, kk));
+          mma_frag(s[2 * np], a, b, 0);
+          mma_frag(s[2 * np + 1], a, b, 1);
         }
       }
       {
-        uint32_t a[4];
-        ldmatrix_x4(a, v_addr(0, kk));
+        Frag<T> a;
+        ldsm_frag(a, v_addr(0, kk));
 #pragma unroll
         for (int np = 0; np < kNS / 2; ++np) {
-          uint32_t b[4];
-          ldmatrix_x4(b, do_addr(np, kk));
-          mma_m16n8k16<T>(dp[2 * np], a, b[0], b[1]);
-          mma_m16n8k16<T>(dp[2 * np + 1], a, b[2], b[3]);
+          Frag<T> b;
+          ldsm_frag(b, do_addr(np, kk));
+          mma_frag(dp[2 * np], a, b, 0);
+          mma_frag(dp[2 * np + 1], a, b, 1);
         }
       }
     }
@@ -240,22 +255,22 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
     }
     // dV += (P^T Z) dO ;  dK += dS^T Q   (k = queries)
 #pragma unroll
-    for (int kk = 0; kk < kBlockM / 16; ++kk) {
-      uint32_t a_p[4], a_ds[4];
-      acc_to_a<T>(a_p, s, kk);
-      acc_to_a<T>(a_ds, dp, kk);
+    for (int kk = 0; kk < kBlockM / kMmaK<T>; ++kk) {
+      Frag<T> a_p, a_ds;
+      acc_to_frag(a_p, s, kk);
+      acc_to_frag(a_ds, dp, kk);
 #pragma unroll
       for (int np = 0; np < kNO / 2; ++np) {
-        uint32_t b[4];
+        Frag<T> b;
         {
-          ldmatrix_x4_trans(b, dot_addr(kk, np));
-          mma_m16n8k16<T>(dvacc[2 * np], a_p, b[0], b[1]);
-          mma_m16n8k16<T>(dvacc[2 * np + 1], a_p, b[2], b[3]);
+          dot_addr.load(b, kk, np);
+          mma_frag(dvacc[2 * np], a_p, b, 0);
+          mma_frag(dvacc[2 * np + 1], a_p, b, 1);
         }
         {
-          ldmatrix_x4_trans(b, qt_addr(kk, np));
-          mma_m16n8k16<T>(dk[2 * np], a_ds, b[0], b[1]);
-          mma_m16n8k16<T>(dk[2 * np + 1], a_ds, b[2], b[3]);
+          qt_addr.load(b, kk, np);
+          mma_frag(dk[2 * np], a_ds, b, 0);
+          mma_frag(dk[2 * np + 1], a_ds, b, 1);
         }
       }
     }
@@ -281,12 +296,18 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
       }
     }
     // dS^T -> shared memory (rounded to T, as the dK product used it)
+    constexpr int kChunk = 16 / sizeof(T);
 #pragma unroll
     for (int nt = 0; nt < kNS; ++nt) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int r = 16 * warp + frag_row(lane, 2 * h), c = frag_col(lane, nt, 0);
-        *reinterpret_cast<uint32_t*>(sm.ds + swz<kBlockM>(r, c / 8) + c % 8) = pack2<T>(dp[nt][2 * h], dp[nt][2 * h + 1]);
+        T* dst = sm.ds + swz<kBlockM, kChunk>(r, c / kChunk) + c % kChunk;
+        if constexpr (kF32) {
+          *reinterpret_cast<float2*>(dst) = make_float2(dp[nt][2 * h], dp[nt][2 * h + 1]);
+        } else {
+          *reinterpret_cast<uint32_t*>(dst) = pack2<T>(dp[nt][2 * h], dp[nt][2 * h + 1]);
+        }
       }
     }
     __syncthreads();
@@ -295,16 +316,23 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
       float dq[kNQ][4];
       zero_acc(dq);
 #pragma unroll
-      for (int kk = 0; kk < kBlockN / 16; ++kk) {
-        uint32_t a[4];
-        ldmatrix_x4_trans(a, ds_base + kk * 16 * kBlockM * 2);
+      for (int kk = 0; kk < kBlockN / kMmaK<T>; ++kk) {
+        Frag<T> a;
+        if constexpr (kF32) {  // a0..a3: rows g, g + 8 of the m-tile, reduction index t, t + 4
+#pragma unroll
+          for (int x = 0; x < 2; ++x)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) a.set(2 * x + h, ld_shared_b32(ds_f32(kk, h, x)));
+        } else {
+          ldmatrix_x4_trans(a.r, ds_base + kk * 16 * kBlockM * 2);
+        }
 #pragma unroll
         for (int np = 0; np < kNQ / 2; ++np) {
           {
-            uint32_t b[4];
-            ldmatrix_x4_trans(b, kt_addr(kk, np));
-            mma_m16n8k16<T>(dq[2 * np], a, b[0], b[1]);
-            mma_m16n8k16<T>(dq[2 * np + 1], a, b[2], b[3]);
+            Frag<T> b;
+            kt_addr.load(b, kk, np);
+            mma_frag(dq[2 * np], a, b, 0);
+            mma_frag(dq[2 * np + 1], a, b, 1);
           }
         }
       }
@@ -313,11 +341,11 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
       for (int h = 0; h < 2; ++h) {
         const int64_t i = i0 + 16 * dq_mt + frag_row(lane, 2 * h);
         if (i >= p.n_q) continue;
-        float* dst = ws.dq_acc + (bh * p.n_q + i) * p.d + 16 * dq_c0;
+        float* dst = ws.dq_acc + (bh * p.n_q + i) * p.d + dq_col0;
 #pragma unroll
         for (int nt = 0; nt < kNQ; ++nt) {
-          const int c = frag_col(lane, nt, 0);  // column 16 dq_c0 + c
-          if (16 * dq_c0 + c < d) {
+          const int c = frag_col(lane, nt, 0);  // column dq_col0 + c
+          if (dq_col0 + c < d) {
             red_add_v2_f32(dst + c, dq[nt][2 * h] * scale, dq[nt][2 * h + 1] * scale);  // c even, d % 8 == 0
           }
         }
@@ -339,8 +367,8 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
 #pragma unroll
     for (int nt = 0; nt < kNO; ++nt) {
       const int c = frag_col(lane, nt, 0);
-      if (c < d) *reinterpret_cast<uint32_t*>(dkg + c) = pack2<T>(dk[nt][2 * h] * scale, dk[nt][2 * h + 1] * scale);
-      if (c < dv) *reinterpret_cast<uint32_t*>(dvg + c) = pack2<T>(dvacc[nt][2 * h], dvacc[nt][2 * h + 1]);
+      if (c < d) store2(dkg + c, dk[nt][2 * h] * scale, dk[nt][2 * h + 1] * scale);
+      if (c < dv) store2(dvg + c, dvacc[nt][2 * h], dvacc[nt][2 * h + 1]);
     }
   }
 }
@@ -388,13 +416,15 @@ bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15)
 // (if any) whose elements each come from one thread: no broadcast over batch, query or key, nor
 // over heads unless there is one kv head.
 bool sm80_bwd_supported(const BwdParams& p) {
-  if (p.dtype != Dtype::kFloat16 && p.dtype != Dtype::kBFloat16) return false;
+  const bool f32 = p.dtype == Dtype::kFloat32;
+  if (p.dtype != Dtype::kFloat16 && p.dtype != Dtype::kBFloat16 && !f32) return false;
   if (p.deterministic) return false;
   if (p.d % 8 || p.d_v % 8 || p.d > 128 || p.d_v > 128) return false;
+  if (f32 && (p.d > 64 || p.d_v > 64) && sizeof(BwdTraits<float, 128>::Smem) > max_smem_per_block()) return false;
   const int64_t strides[] = {p.q_sb, p.q_sh, p.q_sn, p.k_sb, p.k_sh, p.k_sn, p.v_sb, p.v_sh, p.v_sn,
                              p.do_sb, p.do_sh, p.do_sn};
   for (int64_t s : strides)
-    if (s % 8) return false;
+    if (s % (f32 ? 4 : 8)) return false;
   if (!(aligned16(p.q) && aligned16(p.k) && aligned16(p.v) && aligned16(p.dout))) return false;
   return kAtomicSharedDbias || !dbias_shared(p);
 }
@@ -402,6 +432,7 @@ bool sm80_bwd_supported(const BwdParams& p) {
 int64_t sm80_bwd_workspace_bytes(const BwdParams& p) { return BwdWorkspace(p, nullptr).bytes; }
 
 void sm80_bwd(const BwdParams& p, void* workspace, cudaStream_t stream) {
+  if (p.dtype == Dtype::kFloat32) return dispatch_dim<float>(p, workspace, stream);
   if (p.dtype == Dtype::kFloat16) return dispatch_dim<__half>(p, workspace, stream);
   return dispatch_dim<__nv_bfloat16>(p, workspace, stream);
 }

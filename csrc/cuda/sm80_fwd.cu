@@ -1,4 +1,5 @@
-// Tensor-core forward for float16 / bfloat16 (sm_80+, mma.sync m16n8k16, fp32 accumulation).
+// Tensor-core forward for float16 / bfloat16 (sm_80+, mma.sync m16n8k16, fp32 accumulation) and
+// float32 (mma.sync m16n8k8 on tf32, each product as three: 3xTF32, see Frag<float> in sm80_tile.cuh).
 //
 // One block of 4 warps per (batch, head, query tile of 128 rows; 64 for d = 256); each warp owns
 // 32 (16) consecutive rows as two (one) m16 tiles.
@@ -6,7 +7,8 @@
 // is in flight while tile t is used. Per tile: S = Q K^T (ldmatrix + mma), the score epilogue and
 // online softmax in the log2 domain, dropout on the probabilities, then O += P V with P taken
 // straight from the S accumulators. Causal tiles past the diagonal are never loaded.
-// Head dims (d and d_v, multiples of 8) are padded with zeros up to kD in {64, 128, 256}.
+// Head dims (d and d_v, multiples of 8) are padded with zeros up to kD in {64, 128, 256} (float32:
+// 64, 128).
 #include "kernels.h"
 #include "sm80_tile.cuh"
 #include "softmax.cuh"
@@ -20,8 +22,9 @@ struct FwdTraits {
   static constexpr int kWarps = 4;
   static constexpr int kThreads = 32 * kWarps;
   // m16 row tiles per warp: two tiles share every K and V fragment read from shared memory (half
-  // the ldmatrix traffic per mma). d = 256 keeps one: its [16, 256] output tile is 128 registers.
-  static constexpr int kMT = kD <= 128 ? 2 : 1;
+  // the ldmatrix traffic per mma). d = 256 keeps one: its [16, 256] output tile is 128 registers;
+  // so does float (its split fragments need the registers: 192 bytes of spill at d = 64 with two).
+  static constexpr int kMT = kD <= 128 && sizeof(T) == 2 ? 2 : 1;
   static constexpr int kBlockM = 16 * kMT * kWarps;
   // Key tile: 64 for d = 64; 32 above, where a 64-key score tile next to the output accumulators
   // spills registers (d = 128: 2 x 64 output + 2 x 32 score registers per thread).
@@ -38,25 +41,29 @@ struct FwdTraits {
     T v[2][kBlockN * kD];  // [stage][kBlockN, kD] swizzled
   };
   static_assert(sizeof(Smem) <= 110 * 1024, "two forward blocks should fit an H100 SM");
+  static_assert(sizeof(T) == 2 || kD <= 128, "float32 takes head dims up to 128");
   // The general kernel's bias / mask tiles, double buffered with K / V (cp.async, 16-byte chunks),
   // placed after Smem and allocated for that kernel only. Rows padded by 16 bytes: the fragment
   // reads of 8 rows x 4 lanes hit 32 distinct banks. d = 256 reads per element instead (smem).
   static constexpr bool kStage = kD <= 128;
-  static constexpr int kBiasLd = kBlockN + 8, kMaskLd = kBlockN + 16;
+  static constexpr int kBiasLd = kBlockN + 16 / sizeof(T), kMaskLd = kBlockN + 16;
   struct Staged {
     T bias[2][kBlockM * kBiasLd];
     uint8_t mask[2][kBlockM * kMaskLd];
   };
   static constexpr int64_t kStagedOffset = (sizeof(Smem) + 127) / 128 * 128;
   static constexpr int64_t kGeneralSmem = kStagedOffset + sizeof(Staged);  // used when kStage only
-  static_assert(!kStage || kGeneralSmem <= 110 * 1024, "two staged forward blocks should fit an H100 SM");
+  static_assert(!kStage || sizeof(T) == 4 || kGeneralSmem <= 110 * 1024,
+                "two staged forward blocks should fit an H100 SM");  // float: checked at launch
 };
 
 // Whether the general kernel can stage the bias and mask (those present) in shared memory: 16-byte
 // chunks of a row must be whole and aligned (unit key stride; batch / head / query strides, n_k and
-// the base in multiples of 16 bytes). Otherwise both are read per element from global memory.
+// the base in multiples of 16 bytes), and the tiles must fit the device (float: 190 KiB at d = 64).
+// Otherwise both are read per element from global memory.
 template <typename T, typename Tr>
 bool scores_stageable(const FwdParams& p) {
+  if (Tr::kGeneralSmem > 110 * 1024 && Tr::kGeneralSmem > max_smem_per_block()) return false;
   auto fits = [&](const void* ptr, const Strided4& st, int64_t chunk) {
     return !ptr || ((reinterpret_cast<uintptr_t>(ptr) & 15) == 0 && st.k == 1 && st.b % chunk == 0 &&
                     st.h % chunk == 0 && st.q % chunk == 0 && p.n_k % chunk == 0);
@@ -147,7 +154,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(
     zero_acc(o[mt]);
   }
   const int row_base = 16 * kMT * warp;  // this warp's first row within the block
-  const auto q_addr = ldsm_a_addr<kD>(sm.q + row_base * kD);
+  constexpr int kDc = kCols16<T, kD>;  // the tiles' width for the ldmatrix address patterns
+  const auto q_addr = ldsm_a_addr<kDc>(sm.q + row_base * kD);
 
   for (int t = 0; t < n_tiles; ++t) {
     const int stage = t & 1;
@@ -164,26 +172,26 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(
     }
     __syncthreads();
 
-    const auto k_addr = ldsm_b_addr<kD>(sm.k[stage]);
-    const auto v_addr = ldsm_b_trans_addr<kD>(sm.v[stage]);
+    const auto k_addr = ldsm_b_addr<kDc>(sm.k[stage]);
+    const TransB<T, kD> v_addr(sm.v[stage]);
     // S = Q K^T for this warp's rows: [16, kBlockN] per m-tile
     float s[kMT][kNS][4];
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt) zero_acc(s[mt]);
 #pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {
-      if (!Tr::kGuardDims || 16 * kk < d) {
-        uint32_t a[kMT][4];
+    for (int kk = 0; kk < kD / kMmaK<T>; ++kk) {
+      if (!Tr::kGuardDims || kMmaK<T> * kk < d) {
+        Frag<T> a[kMT];
 #pragma unroll
-        for (int mt = 0; mt < kMT; ++mt) ldmatrix_x4(a[mt], q_addr(mt, kk));
+        for (int mt = 0; mt < kMT; ++mt) ldsm_frag(a[mt], q_addr(mt, kk));
 #pragma unroll
         for (int np = 0; np < kNS / 2; ++np) {
-          uint32_t b[4];
-          ldmatrix_x4(b, k_addr(np, kk));
+          Frag<T> b;
+          ldsm_frag(b, k_addr(np, kk));
 #pragma unroll
           for (int mt = 0; mt < kMT; ++mt) {
-            mma_m16n8k16<T>(s[mt][2 * np], a[mt], b[0], b[1]);
-            mma_m16n8k16<T>(s[mt][2 * np + 1], a[mt], b[2], b[3]);
+            mma_frag(s[mt][2 * np], a[mt], b, 0);
+            mma_frag(s[mt][2 * np + 1], a[mt], b, 1);
           }
         }
       }
@@ -217,19 +225,19 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(
 
     // O += P V
 #pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      uint32_t a[kMT][4];
+    for (int kk = 0; kk < kBlockN / kMmaK<T>; ++kk) {
+      Frag<T> a[kMT];
 #pragma unroll
-      for (int mt = 0; mt < kMT; ++mt) acc_to_a<T>(a[mt], s[mt], kk);
+      for (int mt = 0; mt < kMT; ++mt) acc_to_frag(a[mt], s[mt], kk);
 #pragma unroll
       for (int np = 0; np < kNO / 2; ++np) {
         if (!Tr::kGuardDims || 16 * np < dv) {
-          uint32_t b[4];
-          ldmatrix_x4_trans(b, v_addr(kk, np));
+          Frag<T> b;
+          v_addr.load(b, kk, np);
 #pragma unroll
           for (int mt = 0; mt < kMT; ++mt) {
-            mma_m16n8k16<T>(o[mt][2 * np], a[mt], b[0], b[1]);
-            mma_m16n8k16<T>(o[mt][2 * np + 1], a[mt], b[2], b[3]);
+            mma_frag(o[mt][2 * np], a[mt], b, 0);
+            mma_frag(o[mt][2 * np + 1], a[mt], b, 1);
           }
         }
       }
@@ -252,8 +260,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(
 #pragma unroll
       for (int nt = 0; nt < kNO; ++nt) {
         const int col = 8 * nt + 2 * (lane % 4);
-        if (col < dv)
-          *reinterpret_cast<uint32_t*>(og + col) = pack2<T>(o[mt][nt][2 * h] * inv, o[mt][nt][2 * h + 1] * inv);
+        if (col < dv) store2(og + col, o[mt][nt][2 * h] * inv, o[mt][nt][2 * h + 1] * inv);
       }
       if (lane % 4 == 0) {
         float* lse = static_cast<float*>(p.lse) + bh * p.n_q + i;
@@ -284,26 +291,31 @@ void dispatch_dim(const FwdParams& p, cudaStream_t stream) {
   const int64_t dim = p.d > p.d_v ? p.d : p.d_v;
   if (dim <= 64) return launch<T, 64>(p, stream);
   if (dim <= 128) return launch<T, 128>(p, stream);
-  return launch<T, 256>(p, stream);
+  if constexpr (sizeof(T) == 2) launch<T, 256>(p, stream);
 }
 
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
 
 }  // namespace
 
-// 16-byte cp.async rows: dims and row/head/batch strides in multiples of 8 elements, 16-byte
-// aligned bases. Everything else (odd dims, exotic strides) runs on the SIMT kernels.
+// 16-byte cp.async rows: dims multiples of 8, row/head/batch strides of 16-byte multiples, 16-byte
+// aligned bases; float32 up to head dim 128. Everything else (odd dims, exotic strides) runs on the
+// SIMT kernels.
 bool sm80_fwd_supported(const FwdParams& p) {
-  if (p.dtype != Dtype::kFloat16 && p.dtype != Dtype::kBFloat16) return false;
-  if (p.d % 8 || p.d_v % 8 || p.d > 256 || p.d_v > 256) return false;
+  const bool f32 = p.dtype == Dtype::kFloat32;
+  if (p.dtype != Dtype::kFloat16 && p.dtype != Dtype::kBFloat16 && !f32) return false;
+  const int64_t max_d = f32 ? 128 : 256, chunk = f32 ? 4 : 8;
+  if (p.d % 8 || p.d_v % 8 || p.d > max_d || p.d_v > max_d) return false;
   const int64_t strides[] = {p.q_sb, p.q_sh, p.q_sn, p.k_sb, p.k_sh, p.k_sn, p.v_sb, p.v_sh, p.v_sn};
   for (int64_t s : strides)
-    if (s % 8) return false;
-  if (p.o_sb % 2 || p.o_sh % 2 || p.o_sn % 2) return false;  // 4-byte output stores
-  return aligned16(p.q) && aligned16(p.k) && aligned16(p.v) && (reinterpret_cast<uintptr_t>(p.o) & 3) == 0;
+    if (s % chunk) return false;
+  if (p.o_sb % 2 || p.o_sh % 2 || p.o_sn % 2) return false;  // stores of element pairs
+  const uintptr_t pair_bytes = f32 ? 8 : 4;
+  return aligned16(p.q) && aligned16(p.k) && aligned16(p.v) && (reinterpret_cast<uintptr_t>(p.o) % pair_bytes) == 0;
 }
 
 void sm80_fwd(const FwdParams& p, cudaStream_t stream) {
+  if (p.dtype == Dtype::kFloat32) return dispatch_dim<float>(p, stream);
   if (p.dtype == Dtype::kFloat16) return dispatch_dim<__half>(p, stream);
   return dispatch_dim<__nv_bfloat16>(p, stream);
 }

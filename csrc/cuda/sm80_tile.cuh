@@ -1,37 +1,41 @@
-// Shared-memory tiles of 16-bit elements for the tensor-core kernels: the XOR swizzle, the
-// cp.async tile loader, and the ldmatrix address patterns of the mma.m16n8k16 operands.
+// Shared-memory tiles for the tensor-core kernels: the XOR swizzle, the cp.async tile loader, the
+// ldmatrix address patterns of the mma.m16n8k16 operands (16-bit types), and the operand fragments
+// through which the same kernels run float32 on tf32 tensor cores (3xTF32, see Frag<float>).
 #pragma once
 #include "common.cuh"
 #include "ptx.cuh"
 
 namespace flash_mha::cuda {
 
-// Element offset of (row, 8-element chunk) in a [rows, kCols] tile. Chunk c of row r is stored at
-// chunk c ^ (r % 8): the 8 rows one ldmatrix phase reads then lie in 8 different 16-byte bank
-// groups (a row of kCols >= 64 elements is >= 128 bytes, so without the XOR they would collide).
-template <int kCols>
+// Element offset of (row, 16-byte chunk) in a [rows, kCols] tile whose chunks hold kChunk elements
+// (8 of a 16-bit type, 4 floats). Chunk c of row r is stored at chunk c ^ (r % 8): the 8 rows one
+// ldmatrix phase reads then lie in 8 different 16-byte bank groups (a row of >= 128 bytes would
+// otherwise put them all in one).
+template <int kCols, int kChunk = 8>
 __device__ __forceinline__ int swz(int row, int chunk) {
-  static_assert(kCols % 64 == 0, "swizzled tiles need rows of at least 8 chunks");
-  return row * kCols + ((chunk ^ (row & 7)) << 3);
+  static_assert(kCols % (8 * kChunk) == 0, "swizzled tiles need rows of at least 8 chunks");
+  return row * kCols + (chunk ^ (row & 7)) * kChunk;
 }
 
 // Starts the copy of global rows [0, kRows) x columns [0, kCols) (row stride ld elements) into a
-// swizzled tile; rows >= valid_rows and columns >= valid_cols (a multiple of 8) become zeros.
+// swizzled tile; rows >= valid_rows and columns >= valid_cols (a multiple of the chunk) become zeros.
 template <int kRows, int kCols, int kThreads, typename T>
 __device__ __forceinline__ void load_tile_async(T* tile, const T* g, int64_t ld, int valid_rows, int valid_cols) {
-  constexpr int kChunksPerRow = kCols / 8;
+  constexpr int kChunk = 16 / sizeof(T);
+  constexpr int kChunksPerRow = kCols / kChunk;
   constexpr int kChunks = kRows * kChunksPerRow;
   static_assert(kChunks % kThreads == 0, "tile chunks must split evenly over the threads");
 #pragma unroll
   for (int it = 0; it < kChunks / kThreads; ++it) {
     const int c = it * kThreads + threadIdx.x;
     const int r = c / kChunksPerRow, ch = c % kChunksPerRow;
-    const bool pred = r < valid_rows && ch * 8 < valid_cols;
-    cp_async_16(tile + swz<kCols>(r, ch), pred ? g + r * ld + ch * 8 : g, pred);
+    const bool pred = r < valid_rows && ch * kChunk < valid_cols;
+    cp_async_16(tile + swz<kCols, kChunk>(r, ch), pred ? g + r * ld + ch * kChunk : g, pred);
   }
 }
 
-// Per-lane ldmatrix addresses into a swizzled [rows, kCols] tile of 16-bit elements. In every
+// Per-lane ldmatrix addresses into a swizzled [rows, kCols] tile of 16-bit elements (a float tile
+// of kCols / 2 columns has the same bytes: see kCols16). In every
 // pattern below lane l reads row 16 R + rl and chunk 2 c + x, where rl % 8 == l % 8 and x is 0 or 1.
 // Then the stored chunk (2 c + x) ^ (row % 8) = 8 (c / 4) + ((2 (c % 4) | x) ^ (l % 8)): four base
 // addresses per lane, and R, c only add compile-time offsets (so an unrolled loop keeps 4
@@ -97,6 +101,133 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&s)[kN][
   a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
   a[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
   a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+}
+
+// The kernels below are written once for T in {__half, __nv_bfloat16, float}. One mma step takes
+// kMmaK<T> of the reduction dimension (m16n8k16; float: m16n8k8 on tf32), and the ldmatrix
+// address patterns take a tile's width in 16-bit columns (kCols16<T, kCols>).
+template <typename T>
+constexpr int kMmaK = 32 / sizeof(T);
+template <typename T, int kCols>
+constexpr int kCols16 = kCols * static_cast<int>(sizeof(T)) / 2;
+
+// One mma operand fragment: an A tile (16 x kMmaK) or the B tiles of two n-tiles (regs 0..1 and
+// 2..3). 16-bit types keep the packed registers. float keeps each value as a pair of tf32 values
+// x = hi + lo (|lo| <= 2^-11 |x|), and mma_frag adds a_hi b_hi + a_hi b_lo + a_lo b_hi: products
+// to about 2^-21 relative, float32-level results (tf32 alone gives about 1e-3).
+template <typename T>
+struct Frag {
+  uint32_t r[4];
+  __device__ __forceinline__ void set(int i, uint32_t x) { r[i] = x; }
+};
+template <>
+struct Frag<float> {
+  uint32_t hi[4], lo[4];
+  __device__ __forceinline__ void set(int i, uint32_t x) {
+    const float f = __uint_as_float(x);
+    hi[i] = to_tf32(f);
+    lo[i] = to_tf32(f - __uint_as_float(hi[i]));
+  }
+};
+
+// ldmatrix .x4 into a fragment (A of a row-major tile, or B of two n-tiles; the patterns above).
+template <typename T>
+__device__ __forceinline__ void ldsm_frag(Frag<T>& f, uint32_t addr) {
+  if constexpr (sizeof(T) == 2) {
+    ldmatrix_x4(f.r, addr);
+  } else {
+    uint32_t r[4];
+    ldmatrix_x4(r, addr);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) f.set(i, r[i]);
+  }
+}
+
+// d += a b for n-tile `half` (0 or 1) of b.
+template <typename T>
+__device__ __forceinline__ void mma_frag(float (&d)[4], const Frag<T>& a, const Frag<T>& b, int half) {
+  if constexpr (sizeof(T) == 2) {
+    mma_m16n8k16<T>(d, a.r, b.r[2 * half], b.r[2 * half + 1]);
+  } else {
+    mma_m16n8k8_tf32(d, a.lo, b.hi[2 * half], b.hi[2 * half + 1]);
+    mma_m16n8k8_tf32(d, a.hi, b.lo[2 * half], b.lo[2 * half + 1]);
+    mma_m16n8k8_tf32(d, a.hi, b.hi[2 * half], b.hi[2 * half + 1]);
+  }
+}
+
+// The A operand of reduction step kk from an accumulator tile (its columns kMmaK kk ..): 16-bit,
+// rounded (acc_to_a). float: the accumulator's columns 2 (lane % 4) and + 1 are used as the
+// fragment's columns lane % 4 and + 4, i.e. the step's reduction index k stands for column
+// 2 (k % 4) + k / 4; the B operand must be read in that order too (PermRows32).
+template <typename T, int kN>
+__device__ __forceinline__ void acc_to_frag(Frag<T>& a, const float (&s)[kN][4], int kk) {
+  if constexpr (sizeof(T) == 2) {
+    acc_to_a<T>(a.r, s, kk);
+  } else {
+    a.set(0, __float_as_uint(s[kk][0]));
+    a.set(1, __float_as_uint(s[kk][2]));
+    a.set(2, __float_as_uint(s[kk][1]));
+    a.set(3, __float_as_uint(s[kk][3]));
+  }
+}
+
+// Scalar reads of a swizzled float tile [rows, kCols] (swz<kCols, 4>) at row 8 kk + 2 (lane % 4) + x
+// and column c0 + 8 n + lane / 4, x in {0, 1}: the operand [k][n] = tile[8 kk + 2 (k % 4) + k / 4]
+// [c0 + 8 n + n'] of a tf32 step whose reduction runs over the tile's rows in acc_to_frag's order
+// (ldmatrix cannot transpose 32-bit elements). The 4 rows x 8 columns of one warp-wide read lie in
+// 32 different banks. n < kN; n >= 4 needs c0 % 32 == 0 (the swizzle repeats every 32 columns).
+template <int kCols, int kN>
+struct PermRows32 {
+  static constexpr int kB = kN < 4 ? kN : 4;
+  uint32_t base[kB][2];
+  __device__ __forceinline__ PermRows32(const float* tile, int c0) {
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int n = 0; n < kB; ++n)
+#pragma unroll
+      for (int x = 0; x < 2; ++x) {
+        const int r = 2 * (lane % 4) + x, c = c0 + 8 * n + lane / 4;
+        base[n][x] = smem_addr(tile + swz<kCols, 4>(r, c / 4) + c % 4);
+      }
+  }
+  __device__ __forceinline__ uint32_t operator()(int kk, int n, int x) const {
+    return base[n % kB][x] + (n / kB) * 128 + kk * 8 * kCols * 4;
+  }
+};
+
+// B operands of two n-tiles read transposed from a swizzled [rows, kCols] tile, B[k][n] =
+// tile[kMmaK kk + k][16 np + n] (V for O = P V, dO for dV = P^T dO, ...). 16-bit: ldmatrix .trans.
+// float: PermRows32 (the reduction order of acc_to_frag).
+template <typename T, int kCols>
+struct TransB {
+  SwzAddr<kCols> a;
+  __device__ __forceinline__ explicit TransB(const T* tile) : a(ldsm_b_trans_addr<kCols>(tile)) {}
+  __device__ __forceinline__ TransB(const SwzAddr<kCols>& s) : a(s) {}
+  __device__ __forceinline__ TransB shifted(int c0) const { return TransB(a.shifted(c0)); }
+  __device__ __forceinline__ void load(Frag<T>& b, int kk, int np) const { ldmatrix_x4_trans(b.r, a(kk, np)); }
+};
+template <int kCols>
+struct TransB<float, kCols> {
+  PermRows32<kCols, 4> a;
+  // c0: the first column (a multiple of 32).
+  __device__ __forceinline__ explicit TransB(const float* tile, int c0 = 0) : a(tile, c0) {}
+  __device__ __forceinline__ void load(Frag<float>& b, int kk, int np) const {
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int x = 0; x < 2; ++x) b.set(2 * h + x, ld_shared_b32(a(kk, 2 * np + h, x)));
+  }
+};
+
+// Two adjacent output elements (the pair of an accumulator row) stored to global memory, p 4-byte
+// aligned (16-bit T) or 8-byte aligned (float).
+template <typename T>
+__device__ __forceinline__ void store2(T* p, float x, float y) {
+  if constexpr (sizeof(T) == 2) {
+    *reinterpret_cast<uint32_t*>(p) = pack2<T>(x, y);
+  } else {
+    *reinterpret_cast<float2*>(p) = make_float2(x, y);
+  }
 }
 
 template <int kN>
