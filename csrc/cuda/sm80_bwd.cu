@@ -39,8 +39,7 @@ struct BwdTraits {
   // Warps x 16 keys per block. d = 128: 8 warps, so every Q / dO tile read from shared memory and
   // every dQ atomic covers 128 keys (half the atomics of 64-key blocks); 2-3% faster than 4 warps
   // on an H200. d = 64: 4 warps (two blocks per SM), 4-8% faster than 8 (csrc/cuda/NOTES.md, run 4).
-  // float32 (twice the bytes per tile): 4 warps at d = 128 as well, 209 KiB of shared memory.
-  static constexpr int kWarps = kD <= 64 || sizeof(T) == 4 ? 4 : 8;
+  static constexpr int kWarps = kD <= 64 ? 4 : 8;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kBlockN = 16 * kWarps;  // keys per block
   // Queries per inner tile. float32: 32, so that the [16 keys, kBlockM] S^T and dP^T tiles and the
@@ -60,7 +59,9 @@ struct BwdTraits {
     float lse2[2][kBlockM];       // [stage][kBlockM] lse * log2(e); +inf past n_q
     float dsum[2][kBlockM];       // [stage][kBlockM] D
   };
-  static_assert(sizeof(Smem) <= (sizeof(T) == 2 ? 163 : 227) * 1024,
+  static constexpr int64_t kSmemBytes = sizeof(Smem);
+  // float32 at d = 128: 209 KiB (sm_90); devices with less take the SIMT backward.
+  static_assert(kSmemBytes <= (sizeof(T) == 2 ? 163 : 227) * 1024,
                 "backward tile exceeds sm_80's 163 KiB (float32: sm_90's 227 KiB) of shared memory per block");
   static_assert(sizeof(T) == 2 || (kD / kColGroups) % 32 == 0,
                 "float32: dQ column groups start at multiples of 32 columns (PermRows32)");
@@ -162,6 +163,42 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
   zero_acc(dk);
   zero_acc(dvacc);
   const int64_t key0 = j0 + 16 * warp;  // first key of this warp
+  // float32: dk and dvacc are added every kFlushK queries (sm80_tile.cuh) into this thread's
+  // elements of the dK / dV outputs (unscaled), which no other thread touches; the last step
+  // (flush_part(false)) takes the partial sums back.
+  bool parted = false;  // block-uniform: dK / dV hold partial sums
+  auto flush_part = [&](bool keep_in_part) {
+    const int64_t row = (bi * p.h_kv + kvh) * p.n_k + key0 + lane / 4;
+    T* const dk_rows = static_cast<T*>(p.dk) + row * p.d;
+    T* const dv_rows = static_cast<T*>(p.dv) + row * p.d_v;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const bool row_ok = key0 + lane / 4 + 8 * h < p.n_k;
+#pragma unroll
+      for (int nt = 0; nt < kNO; ++nt) {
+        const int c = frag_col(lane, nt, 0);
+        auto one = [&](float (&acc)[kNO][4], T* rows, int64_t ld, int width) {
+          float* const dst = reinterpret_cast<float*>(rows + 8 * h * ld + c);
+          const bool ok = row_ok && c < width;
+          float2 sum = make_float2(acc[nt][2 * h], acc[nt][2 * h + 1]);
+          if (ok && parted) {
+            const float2 prev = *reinterpret_cast<const float2*>(dst);
+            sum.x += prev.x;
+            sum.y += prev.y;
+          }
+          if (keep_in_part) {
+            if (ok) *reinterpret_cast<float2*>(dst) = sum;
+            sum = make_float2(0.f, 0.f);
+          }
+          acc[nt][2 * h] = sum.x;
+          acc[nt][2 * h + 1] = sum.y;
+        };
+        one(dk, dk_rows, p.d, d);
+        one(dvacc, dv_rows, p.d_v, dv);
+      }
+    }
+    parted = parted || keep_in_part;
+  };
   constexpr int kDc = kCols16<T, kD>;  // the tiles' width for the ldmatrix address patterns
   constexpr bool kF32 = sizeof(T) == 4;
   const auto k_addr = ldsm_a_addr<kDc>(sm.k + 16 * warp * kD);   // K as A of S^T = K Q^T
@@ -274,6 +311,9 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
         }
       }
     }
+    if constexpr (kF32) {
+      if ((n + 1) % (kFlushK / kBlockM) == 0 && n + 1 < n_iters) flush_part(true);
+    }
     // dbias: stored once in the input dtype (kDirectDbias), a plain add where each element belongs
     // to this thread alone, else float atomics.
     if (kGeneral && (ws.dbias_acc || (kDirectDbias && ws.dbias_direct))) {
@@ -356,6 +396,7 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
 
   cp_async_wait_group<0>();  // nothing may be in flight at exit (no query tile: K, V still loading)
 
+  if constexpr (kF32) flush_part(false);
   // dK = scale * dS^T Q, dV: rows key0 + lane / 4 (+ 8)
   const float scale = static_cast<float>(p.scale);
 #pragma unroll
@@ -385,7 +426,7 @@ void launch(const BwdParams& p, void* workspace, cudaStream_t stream) {
     cudaMemsetAsync(p.dbias, 0, static_cast<size_t>(p.b * p.h * p.n_q * p.n_k) * sizeof(T), stream);
   const int64_t blocks = p.b * p.h_kv * ceil_div(p.n_k, Tr::kBlockN);
   if (blocks > 0) {
-    constexpr int64_t smem = sizeof(typename Tr::Smem);
+    constexpr int64_t smem = Tr::kSmemBytes;
     const bool general = p.bias || p.mask || p.dropout_p > 0.0 || p.dbias;
     auto kernel = general ? sm80_bwd_kernel<T, Tr, true> : sm80_bwd_kernel<T, Tr, false>;
     allow_smem(kernel, smem);
@@ -420,7 +461,9 @@ bool sm80_bwd_supported(const BwdParams& p) {
   if (p.dtype != Dtype::kFloat16 && p.dtype != Dtype::kBFloat16 && !f32) return false;
   if (p.deterministic) return false;
   if (p.d % 8 || p.d_v % 8 || p.d > 128 || p.d_v > 128) return false;
-  if (f32 && (p.d > 64 || p.d_v > 64) && sizeof(BwdTraits<float, 128>::Smem) > max_smem_per_block()) return false;
+  if (f32 && (p.d > 64 || p.d_v > 64 ? BwdTraits<float, 128>::kSmemBytes : BwdTraits<float, 64>::kSmemBytes) >
+                 max_smem_per_block())
+    return false;
   const int64_t strides[] = {p.q_sb, p.q_sh, p.q_sn, p.k_sb, p.k_sh, p.k_sn, p.v_sb, p.v_sh, p.v_sn,
                              p.do_sb, p.do_sh, p.do_sn};
   for (int64_t s : strides)

@@ -53,6 +53,7 @@ struct FwdTraits {
   };
   static constexpr int64_t kStagedOffset = (sizeof(Smem) + 127) / 128 * 128;
   static constexpr int64_t kGeneralSmem = kStagedOffset + sizeof(Staged);  // used when kStage only
+  static constexpr int64_t smem_bytes(bool staged) { return staged ? kGeneralSmem : sizeof(Smem); }
   static_assert(!kStage || sizeof(T) == 4 || kGeneralSmem <= 110 * 1024,
                 "two staged forward blocks should fit an H100 SM");  // float: checked at launch
 };
@@ -63,7 +64,7 @@ struct FwdTraits {
 // Otherwise both are read per element from global memory.
 template <typename T, typename Tr>
 bool scores_stageable(const FwdParams& p) {
-  if (Tr::kGeneralSmem > 110 * 1024 && Tr::kGeneralSmem > max_smem_per_block()) return false;
+  if (Tr::smem_bytes(true) > 110 * 1024 && Tr::smem_bytes(true) > max_smem_per_block()) return false;
   auto fits = [&](const void* ptr, const Strided4& st, int64_t chunk) {
     return !ptr || ((reinterpret_cast<uintptr_t>(ptr) & 15) == 0 && st.k == 1 && st.b % chunk == 0 &&
                     st.h % chunk == 0 && st.q % chunk == 0 && p.n_k % chunk == 0);
@@ -156,6 +157,44 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(
   const int row_base = 16 * kMT * warp;  // this warp's first row within the block
   constexpr int kDc = kCols16<T, kD>;  // the tiles' width for the ldmatrix address patterns
   const auto q_addr = ldsm_a_addr<kDc>(sm.q + row_base * kD);
+  // float32: o is added every kFlushK keys (sm80_tile.cuh) into this thread's elements of the
+  // output, which hold the partial sum scaled to the softmax maximum m_part (per row) until the
+  // end; merge_part(false) takes the partial back into o there.
+  constexpr bool kF32 = sizeof(T) == 4;
+  float m_part[kMT][2];
+  bool parted = false;  // block-uniform: the output holds a partial sum
+  auto merge_part = [&](bool keep_in_part) {
+    T* const o_rows = static_cast<T*>(p.o) + bi * p.o_sb + hi * p.o_sh + (i0 + row_base + lane / 4) * p.o_sn;
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float m = softmax[mt].m[h];
+        const float sc = !parted || m_part[mt][h] == -__int_as_float(0x7f800000) ? 0.f : ex2_approx(m_part[mt][h] - m);
+        m_part[mt][h] = m;
+        const bool row_ok = i0 + row_base + 16 * mt + lane / 4 + 8 * h < p.n_q;
+        T* const orow = o_rows + (16 * mt + 8 * h) * p.o_sn;
+#pragma unroll
+        for (int nt = 0; nt < kNO; ++nt) {
+          const int col = 8 * nt + 2 * (lane % 4);
+          float* const dst = reinterpret_cast<float*>(orow + col);
+          const bool ok = row_ok && col < dv;
+          float2 sum = make_float2(o[mt][nt][2 * h], o[mt][nt][2 * h + 1]);
+          if (ok && sc != 0.f) {
+            const float2 prev = *reinterpret_cast<const float2*>(dst);
+            sum.x += prev.x * sc;
+            sum.y += prev.y * sc;
+          }
+          if (keep_in_part) {
+            if (ok) *reinterpret_cast<float2*>(dst) = sum;
+            sum = make_float2(0.f, 0.f);
+          }
+          o[mt][nt][2 * h] = sum.x;
+          o[mt][nt][2 * h + 1] = sum.y;
+        }
+      }
+    parted = parted || keep_in_part;
+  };
 
   for (int t = 0; t < n_tiles; ++t) {
     const int stage = t & 1;
@@ -242,9 +281,13 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(
         }
       }
     }
+    if constexpr (kF32) {
+      if ((t + 1) % (kFlushK / kBlockN) == 0 && t + 1 < n_tiles) merge_part(true);
+    }
     __syncthreads();  // this stage is refilled by the next iteration's prefetch
   }
   cp_async_wait_group<0>();  // nothing may be in flight at exit (no key tile: Q was still loading)
+  if constexpr (kF32) merge_part(false);
 
   // out = O / l (times 1 / (1 - p) for dropout); lse = (m + log2 l) ln 2; empty rows: 0, +inf.
 #pragma unroll
@@ -277,7 +320,7 @@ void launch(const FwdParams& p, cudaStream_t stream) {
   if (blocks == 0) return;
   const bool general = p.bias || p.mask || p.dropout_p > 0.0;
   const bool staged = general && scores_stageable<T, Tr>(p);
-  const int64_t smem = staged ? Tr::kGeneralSmem : sizeof(typename Tr::Smem);
+  const int64_t smem = Tr::smem_bytes(staged);
   auto kernel = general ? sm80_fwd_kernel<T, Tr, true, false> : sm80_fwd_kernel<T, Tr, false, false>;
   if constexpr (Tr::kStage) {
     if (staged) kernel = sm80_fwd_kernel<T, Tr, true, true>;
