@@ -163,41 +163,34 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
   zero_acc(dk);
   zero_acc(dvacc);
   const int64_t key0 = j0 + 16 * warp;  // first key of this warp
-  // float32: dk and dvacc are added every kFlushK queries (sm80_tile.cuh) into this thread's
-  // elements of the dK / dV outputs (unscaled), which no other thread touches; the last step
-  // (flush_part(false)) takes the partial sums back.
-  bool parted = false;  // block-uniform: dK / dV hold partial sums
-  auto flush_part = [&](bool keep_in_part) {
-    const int64_t row = (bi * p.h_kv + kvh) * p.n_k + key0 + lane / 4;
-    T* const dk_rows = static_cast<T*>(p.dk) + row * p.d;
-    T* const dv_rows = static_cast<T*>(p.dv) + row * p.d_v;
+  // dK = scale * dS^T Q and dV (rows key0 + lane / 4 (+ 8)) written from the accumulators. float32
+  // also writes them every kFlushK queries (sm80_tile.cuh) and zeroes the accumulators: the first
+  // time stored, later added by red.add, as is the last part; no other thread writes these rows.
+  bool parted = false;  // block-uniform: dK / dV hold partial sums (float32)
+  auto write_dkdv = [&] {
+    const float scale = static_cast<float>(p.scale);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const bool row_ok = key0 + lane / 4 + 8 * h < p.n_k;
+      const int64_t j = key0 + frag_row(lane, 2 * h);
+      if (j >= p.n_k) continue;
+      T* dkg = static_cast<T*>(p.dk) + ((bi * p.h_kv + kvh) * p.n_k + j) * p.d;
+      T* dvg = static_cast<T*>(p.dv) + ((bi * p.h_kv + kvh) * p.n_k + j) * p.d_v;
+      auto put = [&](T* dst, float x, float y) {
+        if constexpr (sizeof(T) == 4) {
+          if (parted) {
+            red_add_v2_f32(reinterpret_cast<float*>(dst), x, y);
+            return;
+          }
+        }
+        store2(dst, x, y);
+      };
 #pragma unroll
       for (int nt = 0; nt < kNO; ++nt) {
         const int c = frag_col(lane, nt, 0);
-        auto one = [&](float (&acc)[kNO][4], T* rows, int64_t ld, int width) {
-          float* const dst = reinterpret_cast<float*>(rows + 8 * h * ld + c);
-          const bool ok = row_ok && c < width;
-          float2 sum = make_float2(acc[nt][2 * h], acc[nt][2 * h + 1]);
-          if (ok && parted) {
-            const float2 prev = *reinterpret_cast<const float2*>(dst);
-            sum.x += prev.x;
-            sum.y += prev.y;
-          }
-          if (keep_in_part) {
-            if (ok) *reinterpret_cast<float2*>(dst) = sum;
-            sum = make_float2(0.f, 0.f);
-          }
-          acc[nt][2 * h] = sum.x;
-          acc[nt][2 * h + 1] = sum.y;
-        };
-        one(dk, dk_rows, p.d, d);
-        one(dvacc, dv_rows, p.d_v, dv);
+        if (c < d) put(dkg + c, dk[nt][2 * h] * scale, dk[nt][2 * h + 1] * scale);
+        if (c < dv) put(dvg + c, dvacc[nt][2 * h], dvacc[nt][2 * h + 1]);
       }
     }
-    parted = parted || keep_in_part;
   };
   constexpr int kDc = kCols16<T, kD>;  // the tiles' width for the ldmatrix address patterns
   constexpr bool kF32 = sizeof(T) == 4;
@@ -312,7 +305,12 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
       }
     }
     if constexpr (kF32) {
-      if ((n + 1) % (kFlushK / kBlockM) == 0 && n + 1 < n_iters) flush_part(true);
+      if ((n + 1) % (kFlushK / kBlockM) == 0 && n + 1 < n_iters) {
+        write_dkdv();
+        zero_acc(dk);
+        zero_acc(dvacc);
+        parted = true;
+      }
     }
     // dbias: stored once in the input dtype (kDirectDbias), a plain add where each element belongs
     // to this thread alone, else float atomics.
@@ -396,22 +394,7 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
 
   cp_async_wait_group<0>();  // nothing may be in flight at exit (no query tile: K, V still loading)
 
-  if constexpr (kF32) flush_part(false);
-  // dK = scale * dS^T Q, dV: rows key0 + lane / 4 (+ 8)
-  const float scale = static_cast<float>(p.scale);
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int64_t j = key0 + frag_row(lane, 2 * h);
-    if (j >= p.n_k) continue;
-    T* dkg = static_cast<T*>(p.dk) + ((bi * p.h_kv + kvh) * p.n_k + j) * p.d;
-    T* dvg = static_cast<T*>(p.dv) + ((bi * p.h_kv + kvh) * p.n_k + j) * p.d_v;
-#pragma unroll
-    for (int nt = 0; nt < kNO; ++nt) {
-      const int c = frag_col(lane, nt, 0);
-      if (c < d) store2(dkg + c, dk[nt][2 * h] * scale, dk[nt][2 * h + 1] * scale);
-      if (c < dv) store2(dvg + c, dvacc[nt][2 * h], dvacc[nt][2 * h + 1]);
-    }
-  }
+  write_dkdv();
 }
 
 template <typename T, int kD>

@@ -160,8 +160,10 @@ __device__ __forceinline__ void mma_frag(float (&d)[4], const Frag<T>& a, const 
 // queries came out 3e-5 off (H200), against float32's 1e-5 target. The float kernels therefore
 // run their long reductions (O over the keys, dK / dV over the queries) in mma accumulators for
 // kFlushK elements of the reduction at a time, then add them by round-to-nearest into partial
-// sums kept in the thread's own elements of the (float32) output, and zero them.
-constexpr int kFlushK = 128;
+// sums kept in the thread's own elements of the (float32) output, and zero them (registers and
+// shared memory are full). 128 and 256 measured the same error (about 2e-6, H200); the forward's
+// flush waits for its load, so the longer interval.
+constexpr int kFlushK = 256;
 
 // The A operand of reduction step kk from an accumulator tile (its columns kMmaK kk ..): 16-bit,
 // rounded (acc_to_a). float: the accumulator's columns 2 (lane % 4) and + 1 are used as the
