@@ -1,6 +1,6 @@
-// The CUDA entry points of flash_mha.h: float16/bfloat16 shapes the tensor-core path supports go
-// there; everything else (float32, float64, odd head dims or strides, dbias reductions across
-// blocks, deterministic mode for the backward off Hopper) runs on the SIMT kernels. On Hopper (compute
+// The CUDA entry points of flash_mha.h: float16/bfloat16/float32 shapes the tensor-core path
+// supports go there (float32 as 3xTF32); everything else (float64, odd head dims or strides, dbias
+// reductions across blocks, deterministic mode for the backward off Hopper) runs on the SIMT kernels. On Hopper (compute
 // capability 9.0) the forward and backward prefer the TMA + wgmma kernels where they apply; set
 // FLASH_MHA_DISABLE_SM90=1 to keep the portable path.
 #include <algorithm>

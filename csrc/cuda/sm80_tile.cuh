@@ -161,9 +161,10 @@ __device__ __forceinline__ void mma_frag(float (&d)[4], const Frag<T>& a, const 
 // run their long reductions (O over the keys, dK / dV over the queries) in mma accumulators for
 // kFlushK elements of the reduction at a time, then add them by round-to-nearest into partial
 // sums kept in the thread's own elements of the (float32) output, and zero them (registers and
-// shared memory are full). 128 and 256 measured the same error (about 2e-6, H200); the forward's
-// flush waits for its load, so the longer interval.
-constexpr int kFlushK = 256;
+// shared memory are full). benchmarks/f32_accuracy.py on an H200 (GQA 8 / 2 heads, n 1k-8k,
+// norm-wise relative error of out / dq / dk / dv): 1.2-2.4e-6 with 128, 1.2-3.2e-6 with 256
+// (SDPA's EFFICIENT backend 0.6-1.0e-6, MATH 0.6-1.7e-6); the forward at d = 64 gained 0-5% from 256.
+constexpr int kFlushK = 128;
 
 // The A operand of reduction step kk from an accumulator tile (its columns kMmaK kk ..): 16-bit,
 // rounded (acc_to_a). float: the accumulator's columns 2 (lane % 4) and + 1 are used as the
