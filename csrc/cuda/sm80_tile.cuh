@@ -120,13 +120,24 @@ struct Frag {
   uint32_t r[4];
   __device__ __forceinline__ void set(int i, uint32_t x) { r[i] = x; }
 };
+// A/B switch (off: verified): split with two integer ops instead of two cvt.rna.tf32 (ptxas emits
+// each as a compare, a predicated add and a mask): hi = x + half a tf32 ulp, masked (round to
+// nearest, ties away, as cvt.rna; inf becomes NaN, as lo does either way), and lo = x - hi as is
+// (the tensor core ignores its low 13 bits: lo truncated, 2^-21 |x| instead of 2^-22).
+constexpr bool kFastSplit = false;
+
 template <>
 struct Frag<float> {
   uint32_t hi[4], lo[4];
   __device__ __forceinline__ void set(int i, uint32_t x) {
     const float f = __uint_as_float(x);
-    hi[i] = to_tf32(f);
-    lo[i] = to_tf32(f - __uint_as_float(hi[i]));
+    if constexpr (kFastSplit) {
+      hi[i] = (x + 0x1000u) & 0xffffe000u;
+      lo[i] = __float_as_uint(f - __uint_as_float(hi[i]));
+    } else {
+      hi[i] = to_tf32(f);
+      lo[i] = to_tf32(f - __uint_as_float(hi[i]));
+    }
   }
 };
 
