@@ -64,7 +64,8 @@ __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[
   }
 }
 
-// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32: d += a * b on tf32 bit patterns (to_tf32).
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32: d += a * b on tf32 bit patterns (float bits;
+// the tensor core ignores the low 13).
 // a: 4 regs (16x8: rows lane / 4 (+8), columns lane % 4 (+4)), b: 2 regs (8x8: rows lane % 4 (+4),
 // column lane / 4), d: 4 floats in the m16n8k16 accumulator layout.
 __device__ __forceinline__ void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
@@ -73,13 +74,6 @@ __device__ __forceinline__ void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (
       "{%0, %1, %2, %3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// cvt.rna.tf32.f32: x rounded to tf32 (10 mantissa bits, to nearest, ties away), as a 32-bit pattern.
-__device__ __forceinline__ uint32_t to_tf32(float x) {
-  uint32_t r;
-  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
-  return r;
 }
 
 // ld.shared.b32 from a shared-memory address.

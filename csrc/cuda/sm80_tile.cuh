@@ -113,31 +113,24 @@ constexpr int kCols16 = kCols * static_cast<int>(sizeof(T)) / 2;
 
 // One mma operand fragment: an A tile (16 x kMmaK) or the B tiles of two n-tiles (regs 0..1 and
 // 2..3). 16-bit types keep the packed registers. float keeps each value as a pair of tf32 values
-// x = hi + lo (|lo| <= 2^-11 |x|), and mma_frag adds a_hi b_hi + a_hi b_lo + a_lo b_hi: products
-// to about 2^-21 relative, float32-level results (tf32 alone gives about 1e-3).
+// x ~ hi + lo (|lo| <= 2^-11 |x|), and mma_frag adds a_hi b_hi + a_hi b_lo + a_lo b_hi: products
+// to about 2^-20 relative, float32-level results (tf32 alone gives about 1e-3).
 template <typename T>
 struct Frag {
   uint32_t r[4];
   __device__ __forceinline__ void set(int i, uint32_t x) { r[i] = x; }
 };
-// A/B switch (off: verified): split with two integer ops instead of two cvt.rna.tf32 (ptxas emits
-// each as a compare, a predicated add and a mask): hi = x + half a tf32 ulp, masked (round to
-// nearest, ties away, as cvt.rna; inf becomes NaN, as lo does either way), and lo = x - hi as is
-// (the tensor core ignores its low 13 bits: lo truncated, 2^-21 |x| instead of 2^-22).
-constexpr bool kFastSplit = false;
-
 template <>
 struct Frag<float> {
   uint32_t hi[4], lo[4];
+  // hi: x plus half a tf32 ulp, masked to tf32 (round to nearest, ties away, as cvt.rna.tf32, which
+  // ptxas emits as a compare, a predicated add and a mask); lo = x - hi as is: the tensor core
+  // ignores its low 13 bits (lo truncated: 2^-21 |x| instead of 2^-22). An inf becomes NaN, as it
+  // does in lo either way. Against two cvt.rna: forward 35 -> 49-52 TFLOP/s, backward 23-33 ->
+  // 43-46 (H200), errors unchanged (benchmarks/f32_accuracy.py).
   __device__ __forceinline__ void set(int i, uint32_t x) {
-    const float f = __uint_as_float(x);
-    if constexpr (kFastSplit) {
-      hi[i] = (x + 0x1000u) & 0xffffe000u;
-      lo[i] = __float_as_uint(f - __uint_as_float(hi[i]));
-    } else {
-      hi[i] = to_tf32(f);
-      lo[i] = to_tf32(f - __uint_as_float(hi[i]));
-    }
+    hi[i] = (x + 0x1000u) & 0xffffe000u;
+    lo[i] = __float_as_uint(__uint_as_float(x) - __uint_as_float(hi[i]));
   }
 };
 
