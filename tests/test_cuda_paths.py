@@ -103,15 +103,25 @@ def test_default_forward_configs_d128(dtype, config, layout):
         assert fwd and all(traits in name for name in fwd), fwd
 
 
+# The float32 backward at d > 64 needs 213,504 bytes of shared memory per block (sm_90); devices
+# with less run it on the SIMT kernels (sm80_bwd_supported).
+F32_WIDE_BWD_SMEM = 213_504
+
+
 @needs_cuda
 @pytest.mark.parametrize("d", [32, 64, 96, 128])
 @pytest.mark.parametrize("causal", [None, "bottom_right"])
 def test_float32_runs_on_tensor_cores(d, causal):
     """float32 on the default path runs the sm80 kernels (3xTF32: tf32 tensor cores, each product as
     three) forward and backward, to float32's tolerance against the float64 reference, head dims
-    padded to 64 / 128 included; d = 160 still takes the SIMT kernels."""
+    padded to 64 / 128 included."""
     if torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("tensor-core path needs sm_80+")
+    props = torch.cuda.get_device_properties(0)
+    smem = getattr(props, "shared_memory_per_block_optin", None)
+    if smem is None:  # a torch without the field: sm_90 / sm_100 parts have 227 KiB
+        smem = 232_448 if props.major in (9, 10) else 0
+    tc_bwd = d <= 64 or smem >= F32_WIDE_BWD_SMEM
     b, h, h_kv, n_q, n_k = 2, 4, 2, 300, 283
     q = randn(b, h, n_q, d, dtype=torch.float32, device="cuda", requires_grad=True)
     k = randn(b, h_kv, n_k, d, dtype=torch.float32, device="cuda", requires_grad=True)
@@ -121,19 +131,24 @@ def test_float32_runs_on_tensor_cores(d, causal):
         torch.cuda.synchronize()
     check_both(res, torch.float32)
     kernels = " ".join(e.name for e in prof.events())
-    assert "sm80_fwd_kernel<float" in kernels and "sm80_bwd_kernel<float" in kernels, kernels[:500]
-    assert "simt" not in kernels
+    assert "sm80_fwd_kernel<float" in kernels and "simt_fwd_kernel" not in kernels, kernels[:500]
+    if tc_bwd:
+        assert "sm80_bwd_kernel<float" in kernels and "simt_dkdv_kernel" not in kernels, kernels[:500]
+    else:
+        assert "simt_dkdv_kernel" in kernels
 
 
 @needs_cuda
 def test_float32_wide_head_dim_stays_on_simt():
+    """Head dims over 128 in float32 run on the SIMT kernels, forward and backward."""
     q, k, v = (randn(1, 2, 70, 160, dtype=torch.float32, device="cuda", requires_grad=True) for _ in range(3))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         res = run_both(q, k, v)
         torch.cuda.synchronize()
     check_both(res, torch.float32)
     kernels = " ".join(e.name for e in prof.events())
-    assert "sm80_fwd_kernel" not in kernels and "simt" in kernels
+    assert "sm80_fwd_kernel" not in kernels and "simt_fwd_kernel" in kernels
+    assert "sm80_bwd_kernel" not in kernels and "simt_dkdv_kernel" in kernels
 
 
 def test_force_kernel_rejects_unknown_path():

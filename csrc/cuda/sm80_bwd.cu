@@ -2,14 +2,14 @@
 // float32 (mma.sync m16n8k8 on tf32, 3xTF32: Frag<float> in sm80_tile.cuh).
 //
 // 1. D = rowsum(dO * O) in float (one warp per row).
-// 2. One block of 8 warps (4 for d = 64 and for float32) per (batch, kv head, 16 keys per warp); warp w owns keys
+// 2. One block of 8 warps (4 for d = 64) per (batch, kv head, 16 keys per warp); warp w owns keys
 //    16w .. 16w+15 and keeps their dK, dV in registers while it walks the query heads of the GQA
-//    group and their 64-query tiles (Q, dO, lse, D double buffered through shared memory with
+//    group and their 64-query tiles (float32: 32; Q, dO, lse, D double buffered through shared memory with
 //    cp.async). Per tile, in the transposed (key-row) layout:
 //      S^T = K Q^T,  P^T = exp2(S^T log2e - lse log2e),  dP^T = V dO^T,
 //      dS^T = P^T o (dP^T Z - D),  dV += (P^T o Z) dO,  dK += dS^T Q,
-//    then dS^T goes through shared memory and dQ += dS K (warps split into 4 query m-tiles x
-//    kWarps / 4 column groups) is added to a float32 workspace with atomics (so this path is not
+//    then dS^T goes through shared memory and dQ += dS K (warps split into the tile's query
+//    m-tiles x column groups) is added to a float32 workspace with atomics (so this path is not
 //    deterministic; deterministic mode uses the SIMT path).
 //    dbias is written by the one thread that owns each element (no broadcast across blocks).
 // 3. dQ (and dbias) converted from float to the input dtype.
@@ -305,6 +305,7 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
       }
     }
     if constexpr (kF32) {
+      static_assert(kFlushK % kBlockM == 0, "flushes at whole query tiles");
       if ((n + 1) % (kFlushK / kBlockM) == 0 && n + 1 < n_iters) {
         write_dkdv();
         zero_acc(dk);

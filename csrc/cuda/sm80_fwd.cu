@@ -1,8 +1,8 @@
 // Tensor-core forward for float16 / bfloat16 (sm_80+, mma.sync m16n8k16, fp32 accumulation) and
 // float32 (mma.sync m16n8k8 on tf32, each product as three: 3xTF32, see Frag<float> in sm80_tile.cuh).
 //
-// One block of 4 warps per (batch, head, query tile of 128 rows; 64 for d = 256); each warp owns
-// 32 (16) consecutive rows as two (one) m16 tiles.
+// One block of 4 warps per (batch, head, query tile of 128 rows; 64 for d = 256 and for float32);
+// each warp owns 32 (16) consecutive rows as two (one) m16 tiles.
 // K/V tiles of kBlockN keys stream through shared memory with cp.async, double buffered: tile t+1
 // is in flight while tile t is used. Per tile: S = Q K^T (ldmatrix + mma), the score epilogue and
 // online softmax in the log2 domain, dropout on the probabilities, then O += P V with P taken
@@ -44,7 +44,8 @@ struct FwdTraits {
   static_assert(sizeof(T) == 2 || kD <= 128, "float32 takes head dims up to 128");
   // The general kernel's bias / mask tiles, double buffered with K / V (cp.async, 16-byte chunks),
   // placed after Smem and allocated for that kernel only. Rows padded by 16 bytes: the fragment
-  // reads of 8 rows x 4 lanes hit 32 distinct banks. d = 256 reads per element instead (smem).
+  // reads of 8 rows x 4 lanes hit 32 distinct banks (16-bit; float's per-element reads see 2-way
+  // conflicts). d = 256 reads per element instead (smem).
   static constexpr bool kStage = kD <= 128;
   static constexpr int kBiasLd = kBlockN + 16 / sizeof(T), kMaskLd = kBlockN + 16;
   struct Staged {
@@ -60,7 +61,8 @@ struct FwdTraits {
 
 // Whether the general kernel can stage the bias and mask (those present) in shared memory: 16-byte
 // chunks of a row must be whole and aligned (unit key stride; batch / head / query strides, n_k and
-// the base in multiples of 16 bytes), and the tiles must fit the device (float: 190 KiB at d = 64).
+// the base in multiples of 16 bytes), and the tiles must fit the device (float: 124 KiB at d = 64,
+// 120 at d = 128, so one block per SM where the unstaged kernel has two; not measured against it).
 // Otherwise both are read per element from global memory.
 template <typename T, typename Tr>
 bool scores_stageable(const FwdParams& p) {
@@ -282,6 +284,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(
       }
     }
     if constexpr (kF32) {
+      static_assert(kFlushK % kBlockN == 0, "flushes at whole key tiles");
       if ((t + 1) % (kFlushK / kBlockN) == 0 && t + 1 < n_tiles) merge_part(true);
     }
     __syncthreads();  // this stage is refilled by the next iteration's prefetch
