@@ -341,12 +341,7 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int r = 16 * warp + frag_row(lane, 2 * h), c = frag_col(lane, nt, 0);
-        T* dst = sm.ds + swz<kBlockM, kChunk>(r, c / kChunk) + c % kChunk;
-        if constexpr (kF32) {
-          *reinterpret_cast<float2*>(dst) = make_float2(dp[nt][2 * h], dp[nt][2 * h + 1]);
-        } else {
-          *reinterpret_cast<uint32_t*>(dst) = pack2<T>(dp[nt][2 * h], dp[nt][2 * h + 1]);
-        }
+        store2(sm.ds + swz<kBlockM, kChunk>(r, c / kChunk) + c % kChunk, dp[nt][2 * h], dp[nt][2 * h + 1]);
       }
     }
     __syncthreads();

@@ -61,12 +61,11 @@ struct FwdTraits {
 
 // Whether the general kernel can stage the bias and mask (those present) in shared memory: 16-byte
 // chunks of a row must be whole and aligned (unit key stride; batch / head / query strides, n_k and
-// the base in multiples of 16 bytes), and the tiles must fit the device (float: 124 KiB at d = 64,
-// 120 at d = 128).
-// Otherwise both are read per element from global memory.
-// float32 stages only a bias: its staged tiles take 120-124 KiB, one block per SM where the
-// unstaged kernel runs two, which pays for a mask alone (key padding, 4k: +8% forward at d64, +14%
-// at d128) but not for a bias (d64: staged 23 TFLOP/s, unstaged 18; d128 25 / 26; H200, two rounds).
+// the base in multiples of 16 bytes), and the tiles must fit the device. Otherwise both are read
+// per element from global memory. float32 stages only a bias: its staged tiles take 120-124 KiB,
+// one block per SM where the unstaged kernel runs two, which pays for a mask alone (key padding,
+// 4k: +8% forward at d64, +14% at d128) but not for a bias (d64: staged 23 TFLOP/s, unstaged 18;
+// d128 25 / 26; H200, two rounds).
 template <typename T, typename Tr>
 bool scores_stageable(const FwdParams& p) {
   if (sizeof(T) == 4 && !p.bias) return false;

@@ -234,7 +234,7 @@ struct TransB<float, kCols> {
   }
 };
 
-// Two adjacent output elements (the pair of an accumulator row) stored to global memory, p 4-byte
+// Two adjacent elements (the pair of an accumulator row) stored to global or shared memory, p 4-byte
 // aligned (16-bit T) or 8-byte aligned (float).
 template <typename T>
 __device__ __forceinline__ void store2(T* p, float x, float y) {
