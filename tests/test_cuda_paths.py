@@ -230,6 +230,43 @@ def test_bias_and_mask_staged_or_not(path, dtype, d, causal, config):
     check_both(res, dtype)
 
 
+# Masks that hide whole tiles: the sm80 kernels skip a warp's key tile (forward) or key rows
+# (backward) that a staged mask hides entirely, and a block its dQ step; the result must not change.
+SKIP_MASKS = ["padding", "block-sparse", "padding+full-bias", "block-sparse+head-bias"]
+
+
+@needs_cuda
+@pytest.mark.parametrize("path", ["auto", "sm80"])
+@pytest.mark.parametrize("dtype", TC_DTYPES, ids=str)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [None, "bottom_right"])
+@pytest.mark.parametrize("kind", SKIP_MASKS)
+def test_masked_tiles_skipped_exactly(path, dtype, d, causal, kind):
+    b, h, h_kv, n_q, n_k = 2, 4, 2, 300, 512
+    q = randn(b, h, n_q, d, dtype=dtype, device="cuda", requires_grad=True)
+    k = randn(b, h_kv, n_k, d, dtype=dtype, device="cuda", requires_grad=True)
+    v = randn(b, h_kv, n_k, d, dtype=dtype, device="cuda", requires_grad=True)
+    if kind.startswith("padding"):  # batch 1 sees 64 keys: most of its key tiles are hidden
+        lengths = torch.tensor([300, 64], device="cuda")
+        mask = (torch.arange(n_k, device="cuda") < lengths[:, None]).view(b, 1, 1, n_k)
+    else:  # 32 x 32 blocks on or off, per (batch, head): whole warp tiles hidden
+        blocks = torch.rand(b, h, (n_q + 31) // 32, n_k // 32, device="cuda") > 0.5
+        mask = blocks.repeat_interleave(32, 2).repeat_interleave(32, 3)[:, :, :n_q].contiguous()
+    bias = None
+    if "bias" in kind:
+        dims = (b, h, n_q, n_k) if "full" in kind else (1, h, n_q, n_k)
+        bias = randn(*dims, dtype=dtype, device="cuda", requires_grad=True)
+    with flash_mha.force_kernel(path):
+        res = run_both(q, k, v, bias=bias, mask=mask, causal=causal)
+    check_both(res, dtype)
+    if kind.startswith("padding"):  # hidden keys get exactly no gradient
+        off = ~mask.reshape(b, n_k)
+        for name in ("dk", "dv"):
+            assert res["grads"][name].permute(0, 2, 1, 3)[off].abs().max() == 0, f"{name} of hidden keys"
+    if "full-bias" in kind:  # and hidden scores exactly none
+        assert res["grads"]["dbias"].masked_select(~mask.expand(b, h, n_q, n_k)).abs().max() == 0
+
+
 @needs_cuda
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("causal", [None, "bottom_right"])

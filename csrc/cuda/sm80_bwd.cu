@@ -60,6 +60,14 @@ struct BwdTraits {
     float dsum[2][kBlockM];       // [stage][kBlockM] D
   };
   static constexpr int64_t kSmemBytes = sizeof(Smem);
+  // The general kernel's bias / mask tiles of one iteration ([kBlockM queries, kBlockN keys], rows
+  // padded by 16 bytes: conflict-free ldmatrix .trans and per-element reads), single buffered: the
+  // next iteration's tiles load during the dQ phase. Placed after Smem, bias then mask (each only
+  // when present), and used only where they fit the device (staged_smem_bytes).
+  static constexpr int kBiasLd = kBlockN + 16 / sizeof(T), kMaskLd = kBlockN + 16;
+  static constexpr int64_t kStagedOffset = (kSmemBytes + 127) / 128 * 128;
+  static constexpr int64_t kBiasBytes = (int64_t{kBlockM} * kBiasLd * sizeof(T) + 127) / 128 * 128;
+  static constexpr int64_t kMaskBytes = int64_t{kBlockM} * kMaskLd;
   // float32 at d = 128: 209 KiB (sm_90); devices with less take the SIMT backward.
   static_assert(kSmemBytes <= (sizeof(T) == 2 ? 163 : 227) * 1024,
                 "backward tile exceeds sm_80's 163 KiB (float32: sm_90's 227 KiB) of shared memory per block");
@@ -104,9 +112,25 @@ __global__ void __launch_bounds__(128) dot_do_o_kernel(const BwdParams p, float*
   if (lane == 0) dsum[row] = acc;
 }
 
+// Whether the general kernel can stage the bias and mask (those present) in shared memory, and
+// how much it then needs (0: it cannot). 16-byte chunks of a row must be whole and aligned: unit key
+// stride; batch / head / query strides, n_k and the base in multiples of 16 bytes.
+template <typename T, typename Tr>
+int64_t staged_smem_bytes(const BwdParams& p) {
+  if (!p.bias && !p.mask) return 0;
+  auto fits = [&](const void* ptr, const Strided4& st, int64_t chunk) {
+    return !ptr || ((reinterpret_cast<uintptr_t>(ptr) & 15) == 0 && st.k == 1 && st.b % chunk == 0 &&
+                    st.h % chunk == 0 && st.q % chunk == 0 && p.n_k % chunk == 0);
+  };
+  if (!fits(p.bias, p.bias_s, 16 / sizeof(T)) || !fits(p.mask, p.mask_s, 16)) return 0;
+  const int64_t bytes = Tr::kStagedOffset + (p.bias ? Tr::kBiasBytes : 0) + (p.mask ? Tr::kMaskBytes : 0);
+  return bytes <= 48 * 1024 || bytes <= max_smem_per_block() ? bytes : 0;
+}
+
 // kGeneral: bias, mask, dropout or dbias present; otherwise the score epilogue is a multiply plus,
-// on bound / diagonal tiles only, an integer visibility test.
-template <typename T, typename Tr, bool kGeneral>
+// on bound / diagonal tiles only, an integer visibility test. kStaged: the bias / mask tiles come
+// through shared memory (staged_smem_bytes), else element by element from global memory.
+template <typename T, typename Tr, bool kGeneral, bool kStaged>
 __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams p, BwdWorkspace ws) {
   constexpr int kD = Tr::kD, kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kThreads = Tr::kThreads;
   constexpr int kNS = kBlockM / 8;  // n-tiles of a warp's [16 keys, kBlockM queries] tile
@@ -154,7 +178,27 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
       sm.dsum[st][x] = x < rows ? ws.dsum[row + x] : 0.f;
     }
   };
-  if (n_iters > 0) prefetch(0);
+  // The bias / mask tiles of iteration n (kStaged): queries past n_q and keys past n_k read as 0.
+  T* const bias_st = reinterpret_cast<T*>(smem_raw + Tr::kStagedOffset);
+  uint8_t* const mask_st = smem_raw + Tr::kStagedOffset + (p.bias ? Tr::kBiasBytes : 0);
+  const int bias_ld = p.bias_s.q == 0 ? 0 : Tr::kBiasLd, mask_ld = p.mask_s.q == 0 ? 0 : Tr::kMaskLd;
+  auto load_scores = [&](int64_t n) {
+    if constexpr (kStaged) {
+      const int64_t hi = kvh * group + n / n_qt, i0 = (first_qt + n % n_qt) * kBlockM;
+      const int rows = static_cast<int>(imin(kBlockM, p.n_q - i0));
+      if (p.bias)
+        load_score_tile<T, kBlockM, kBlockN, Tr::kBiasLd, kThreads>(
+            bias_st, static_cast<const T*>(p.bias) + bi * p.bias_s.b + hi * p.bias_s.h + i0 * p.bias_s.q + j0,
+            p.bias_s.q, rows, cols);
+      if (p.mask)
+        load_score_tile<uint8_t, kBlockM, kBlockN, Tr::kMaskLd, kThreads>(
+            mask_st, p.mask + bi * p.mask_s.b + hi * p.mask_s.h + i0 * p.mask_s.q + j0, p.mask_s.q, rows, cols);
+    }
+  };
+  if (n_iters > 0) {
+    prefetch(0);
+    load_scores(0);
+  }
   cp_async_commit_group();
 
   Dropout drop;
@@ -210,6 +254,20 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
                            : dq_mt == 2 ? ds_addr.base[2] : ds_addr.base[3];
   const PermRows32<kBlockM, 2> ds_f32(reinterpret_cast<const float*>(sm.ds), 16 * dq_mt);
 
+  // Staged 16-bit bias as S^T fragments by ldmatrix .trans: lane l gives query row
+  // 8 (l / 16) + l % 8 (+ 16 c for call c) at keys 16 warp + 8 ((l / 8) % 2); call c returns the
+  // pairs of n-tile 2 c (rows g, g + 8) and 2 c + 1 (rows g, g + 8). A query-broadcast bias
+  // (bias_ld 0) gives every row the same address, which transposes to the same values.
+  const uint32_t bias_frag_addr =
+      smem_addr(bias_st + (8 * (lane / 16) + lane % 8) * bias_ld + 16 * warp + 8 * ((lane / 8) % 2));
+  // This thread's S^T elements in a staged tile: keys 16 warp + lane / 4 (+ 8), queries 2 (lane % 4) (+ 8 nt, + 1).
+  const int key_l = 16 * warp + lane / 4, q_l = 2 * (lane % 4);
+  // dbias written from the dQ phase's dS fragments (16-bit, every element produced once, unit key
+  // stride): query rows, pairs of adjacent keys, instead of element by element from the S^T layout.
+  const bool frag_dbias = kGeneral && sizeof(T) == 2 && kDirectDbias && ws.dbias_direct && p.dbias_s.k == 1;
+  const bool dbias_pairs = ((p.dbias_s.q | p.dbias_s.h | p.dbias_s.b) & 1) == 0 &&
+                           (reinterpret_cast<uintptr_t>(p.dbias) & 3) == 0;
+
   for (int64_t n = 0; n < n_iters; ++n) {
     const int st = static_cast<int>(n & 1);
     if (n + 1 < n_iters) {
@@ -223,84 +281,149 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
     const int64_t hi = kvh * group + n / n_qt, i0 = (first_qt + n % n_qt) * kBlockM;
     const uint64_t bh = static_cast<uint64_t>(bi * p.h + hi);
 
-    const auto q_addr = ldsm_b_addr<kDc>(sm.q[st]);        // Q as B of S^T = K Q^T
-    const auto do_addr = ldsm_b_addr<kDc>(sm.dout[st]);    // dO as B of dP^T = V dO^T
-    const TransB<T, kD> qt_addr(sm.q[st]);                 // Q as B of dK += dS^T Q
-    const TransB<T, kD> dot_addr(sm.dout[st]);             // dO as B of dV += P^T dO
+    // A warp whose 16 keys no query of the tile sees through the staged mask (key padding,
+    // block-sparse masks) skips its S^T, dP^T, dK and dV work: its dS^T is zero.
+    bool live = true;
+    if constexpr (kStaged) {
+      if (p.mask) {
+        uint32_t any = 0;
+        for (int r = lane; r < (mask_ld == 0 ? 1 : kBlockM); r += 32) {
+          const uint4 v = *reinterpret_cast<const uint4*>(mask_st + r * mask_ld + 16 * warp);
+          any |= v.x | v.y | v.z | v.w;
+        }
+        live = __any_sync(0xffffffffu, any != 0);
+      }
+    }
+
     // S^T = K Q^T and dP^T = V dO^T: [16 keys, kBlockM queries]
     float s[kNS][4], dp[kNS][4];
     zero_acc(s);
     zero_acc(dp);
+    if (live) {
+      const auto q_addr = ldsm_b_addr<kDc>(sm.q[st]);        // Q as B of S^T = K Q^T
+      const auto do_addr = ldsm_b_addr<kDc>(sm.dout[st]);    // dO as B of dP^T = V dO^T
+      const TransB<T, kD> qt_addr(sm.q[st]);                 // Q as B of dK += dS^T Q
+      const TransB<T, kD> dot_addr(sm.dout[st]);             // dO as B of dV += P^T dO
 #pragma unroll
-    for (int kk = 0; kk < kD / kMmaK<T>; ++kk) {
-      {  // no d guard: padded columns are zeros, and a branch would split the unrolled loop
-        Frag<T> a;
-        ldsm_frag(a, k_addr(0, kk));
+      for (int kk = 0; kk < kD / kMmaK<T>; ++kk) {
+        {  // no d guard: padded columns are zeros, and a branch would split the unrolled loop
+          Frag<T> a;
+          ldsm_frag(a, k_addr(0, kk));
 #pragma unroll
-        for (int np = 0; np < kNS / 2; ++np) {
-          Frag<T> b;
-          ldsm_frag(b, q_addr(np, kk));
-          mma_frag(s[2 * np], a, b, 0);
-          mma_frag(s[2 * np + 1], a, b, 1);
+          for (int np = 0; np < kNS / 2; ++np) {
+            Frag<T> b;
+            ldsm_frag(b, q_addr(np, kk));
+            mma_frag(s[2 * np], a, b, 0);
+            mma_frag(s[2 * np + 1], a, b, 1);
+          }
+        }
+        {
+          Frag<T> a;
+          ldsm_frag(a, v_addr(0, kk));
+#pragma unroll
+          for (int np = 0; np < kNS / 2; ++np) {
+            Frag<T> b;
+            ldsm_frag(b, do_addr(np, kk));
+            mma_frag(dp[2 * np], a, b, 0);
+            mma_frag(dp[2 * np + 1], a, b, 1);
+          }
         }
       }
-      {
-        Frag<T> a;
-        ldsm_frag(a, v_addr(0, kk));
-#pragma unroll
-        for (int np = 0; np < kNS / 2; ++np) {
-          Frag<T> b;
-          ldsm_frag(b, do_addr(np, kk));
-          mma_frag(dp[2 * np], a, b, 0);
-          mma_frag(dp[2 * np + 1], a, b, 1);
-        }
-      }
-    }
 
-    const ScoreCtx ctx(p, bi, hi);
-    const bool causal = p.causal != Causal::kNone;
-    const bool diagonal = causal && key0 + 15 > i0 + shift;
-    if constexpr (kGeneral) {
-      score_tile_log2<T, kNS, true>(ctx, s, key0, i0, diagonal);
-    } else {
+      const ScoreCtx ctx(p, bi, hi);
+      const bool causal = p.causal != Causal::kNone;
+      const bool diagonal = causal && key0 + 15 > i0 + shift;
       const bool check = diagonal || key0 + 16 > p.n_k || i0 + kBlockM > p.n_q;
-      scale_mask_tile<kNS, true>(s, ctx.scale_log2, check, clamp_int(p.n_k - key0), clamp_int(p.n_q - i0),
-                                 causal ? clamp_int(i0 + shift - key0) : (1 << 30));
-    }
-    // P^T, then dS^T = P^T (dP^T Z - D) into dp and P^T Z into s.
-#pragma unroll
-    for (int nt = 0; nt < kNS; ++nt) {
-      uint32_t keep = 0xFu;
-      if constexpr (kGeneral) {
-        if (drop.on) keep = dropout_bits_keyrows(drop, bh, key0, i0, nt);
+      const int key_limit = clamp_int(p.n_k - key0), q_limit = clamp_int(p.n_q - i0);
+      const int diag = causal ? clamp_int(i0 + shift - key0) : (1 << 30);
+      if constexpr (kStaged) {
+        // 16-bit: one ldmatrix per pair of n-tiles, issued where the epilogue reaches it (the
+        // mma and ldmatrix asm keep their order), so 4 registers of bias are live at a time.
+        uint32_t bias4[4];
+        auto bias = [&](int nt, int h) -> float2 {
+          if constexpr (sizeof(T) == 2) {
+            if (nt % 2 == 0 && h == 0) ldmatrix_x4_trans(bias4, bias_frag_addr + (nt / 2) * 16 * bias_ld * 2);
+            return unpack2<T>(bias4[2 * (nt % 2) + h]);
+          } else {
+            const T* b = bias_st + (q_l + 8 * nt) * bias_ld + key_l + 8 * h;
+            return make_float2(b[0], b[bias_ld]);
+          }
+        };
+        auto keep = [&](int nt, int h) -> uint32_t {
+          const uint8_t* m = mask_st + (q_l + 8 * nt) * mask_ld + key_l + 8 * h;
+          return (m[0] != 0 ? 1u : 0u) | (m[mask_ld] != 0 ? 2u : 0u);
+        };
+        biased_tile_rt<kNS, true>(s, ctx.scale_log2, p.bias != nullptr, bias, p.mask != nullptr, keep, check,
+                                  key_limit, q_limit, diag);
+      } else if constexpr (kGeneral) {
+        score_tile_log2<T, kNS, true>(ctx, s, key0, i0, diagonal);
+      } else {
+        scale_mask_tile<kNS, true>(s, ctx.scale_log2, check, key_limit, q_limit, diag);
       }
+      // P^T, then dS^T = P^T (dP^T Z - D) into dp and P^T Z into s.
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int q = frag_col(lane, nt, e);
-        const float P = ex2_approx(s[nt][e] - sm.lse2[st][q]);  // -inf or lse = +inf -> 0
-        const float z = (keep >> e) & 1 ? drop.keep_scale : 0.f;
-        dp[nt][e] = P * (dp[nt][e] * z - sm.dsum[st][q]);
-        s[nt][e] = P * z;
-      }
-    }
-    // dV += (P^T Z) dO ;  dK += dS^T Q   (k = queries)
-#pragma unroll
-    for (int kk = 0; kk < kBlockM / kMmaK<T>; ++kk) {
-      Frag<T> a_p, a_ds;
-      acc_to_frag(a_p, s, kk);
-      acc_to_frag(a_ds, dp, kk);
-#pragma unroll
-      for (int np = 0; np < kNO / 2; ++np) {
-        Frag<T> b;
-        {
-          dot_addr.load(b, kk, np);
-          mma_frag(dvacc[2 * np], a_p, b, 0);
-          mma_frag(dvacc[2 * np + 1], a_p, b, 1);
+      for (int nt = 0; nt < kNS; ++nt) {
+        uint32_t keep = 0xFu;
+        if constexpr (kGeneral) {
+          if (drop.on) keep = dropout_bits_keyrows(drop, bh, key0, i0, nt);
         }
-        {
-          qt_addr.load(b, kk, np);
-          mma_frag(dk[2 * np], a_ds, b, 0);
-          mma_frag(dk[2 * np + 1], a_ds, b, 1);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int q = frag_col(lane, nt, e);
+          const float P = ex2_approx(s[nt][e] - sm.lse2[st][q]);  // -inf or lse = +inf -> 0
+          const float z = (keep >> e) & 1 ? drop.keep_scale : 0.f;
+          dp[nt][e] = P * (dp[nt][e] * z - sm.dsum[st][q]);
+          s[nt][e] = P * z;
+        }
+      }
+      // dV += (P^T Z) dO ;  dK += dS^T Q   (k = queries)
+#pragma unroll
+      for (int kk = 0; kk < kBlockM / kMmaK<T>; ++kk) {
+        Frag<T> a_p, a_ds;
+        acc_to_frag(a_p, s, kk);
+        acc_to_frag(a_ds, dp, kk);
+#pragma unroll
+        for (int np = 0; np < kNO / 2; ++np) {
+          Frag<T> b;
+          {
+            dot_addr.load(b, kk, np);
+            mma_frag(dvacc[2 * np], a_p, b, 0);
+            mma_frag(dvacc[2 * np + 1], a_p, b, 1);
+          }
+          {
+            qt_addr.load(b, kk, np);
+            mma_frag(dk[2 * np], a_ds, b, 0);
+            mma_frag(dk[2 * np + 1], a_ds, b, 1);
+          }
+        }
+      }
+      // dbias from the S^T layout (unless frag_dbias): stored once in the input dtype (kDirectDbias),
+      // a plain add where each element belongs to this thread alone, else float atomics.
+      if (kGeneral && !frag_dbias && (ws.dbias_acc || (kDirectDbias && ws.dbias_direct))) {
+        const Strided4& ds_ = p.dbias_s;
+        const int64_t tile_off = bi * ds_.b + hi * ds_.h + i0 * ds_.q + key0 * ds_.k;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int kr = lane / 4 + 8 * h;  // key row within the warp's 16
+          const int64_t row_off = tile_off + kr * ds_.k;
+#pragma unroll
+          for (int nt = 0; nt < kNS; ++nt) {
+#pragma unroll
+            for (int x = 0; x < 2; ++x) {
+              const int qc = q_l + 8 * nt + x;  // query column within the tile
+              if (kr < key_limit && qc < q_limit) {
+                const int64_t off = row_off + qc * ds_.q;
+                const float g = dp[nt][2 * h + x];
+                if (kDirectDbias && ws.dbias_direct) {
+                  static_cast<T*>(p.dbias)[off] = from_acc<T>(g);
+                } else if (kAtomicSharedDbias && ws.dbias_shared) {
+                  red_add_f32(ws.dbias_acc + off, g);
+                } else {
+                  ws.dbias_acc[off] += g;
+                }
+              }
+            }
+          }
         }
       }
     }
@@ -313,27 +436,6 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
         parted = true;
       }
     }
-    // dbias: stored once in the input dtype (kDirectDbias), a plain add where each element belongs
-    // to this thread alone, else float atomics.
-    if (kGeneral && (ws.dbias_acc || (kDirectDbias && ws.dbias_direct))) {
-#pragma unroll
-      for (int nt = 0; nt < kNS; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int64_t j = key0 + frag_row(lane, e), i = i0 + frag_col(lane, nt, e);
-          if (i < p.n_q && j < p.n_k) {
-            const int64_t off = offset4(p.dbias_s, bi, hi, i, j);
-            if (kDirectDbias && ws.dbias_direct) {
-              static_cast<T*>(p.dbias)[off] = from_acc<T>(dp[nt][e]);
-            } else if (kAtomicSharedDbias && ws.dbias_shared) {
-              red_add_f32(ws.dbias_acc + off, dp[nt][e]);
-            } else {
-              ws.dbias_acc[off] += dp[nt][e];
-            }
-          }
-        }
-      }
-    }
     // dS^T -> shared memory (rounded to T, as the dK product used it)
     constexpr int kChunk = 16 / sizeof(T);
 #pragma unroll
@@ -344,9 +446,27 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
         store2(sm.ds + swz<kBlockM, kChunk>(r, c / kChunk) + c % kChunk, dp[nt][2 * h], dp[nt][2 * h + 1]);
       }
     }
-    __syncthreads();
+    // Every warp's dS^T is in place and every read of the staged tiles done: the next iteration's
+    // tiles can load. A block whose warps all skipped the tile has dS = 0: no dQ, no dbias.
+    bool block_live = true;
+    if constexpr (kStaged) {
+      block_live = __syncthreads_or(live);
+      if (n + 1 < n_iters) {
+        load_scores(n + 1);
+        cp_async_commit_group();
+      }
+    } else {
+      __syncthreads();
+    }
     // dQ[queries 16 dq_mt .., column group] += scale * dS K, added to the float workspace.
-    {
+    if (block_live) {
+      // frag_dbias: this thread's dbias row (query i0 + 16 dq_mt + lane / 4, + 8) from key
+      // j0 + 2 (lane % 4); the warps of a query m-tile split the 16-key steps kk between them.
+      const int dq_row = static_cast<int>(16 * dq_mt + lane / 4);
+      const int rows_left = clamp_int(p.n_q - i0 - dq_row), keys_left = cols - 2 * (lane % 4);
+      T* const dbias_row = frag_dbias ? static_cast<T*>(p.dbias) + bi * p.dbias_s.b + hi * p.dbias_s.h +
+                                            (i0 + dq_row) * p.dbias_s.q + j0 + 2 * (lane % 4)
+                                      : nullptr;
       float dq[kNQ][4];
       zero_acc(dq);
 #pragma unroll
@@ -359,6 +479,25 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
             for (int h = 0; h < 2; ++h) a.set(2 * x + h, ld_shared_b32(ds_f32(kk, h, x)));
         } else {
           ldmatrix_x4_trans(a.r, ds_base + kk * 16 * kBlockM * 2);
+          // a.r[2 x + h]: dS of row g + 8 h, keys 16 kk + 8 x + 2 (lane % 4), + 1.
+          if (kGeneral && frag_dbias && kk % Tr::kColGroups == warp / Tr::kQMT) {
+#pragma unroll
+            for (int x = 0; x < 2; ++x)
+#pragma unroll
+              for (int h = 0; h < 2; ++h) {
+                const int kc = 16 * kk + 8 * x;
+                T* const dst = dbias_row + 8 * h * p.dbias_s.q + kc;
+                const uint32_t v = a.r[2 * x + h];
+                if (rows_left > 8 * h && kc < keys_left) {
+                  if (dbias_pairs && kc + 1 < keys_left) {
+                    *reinterpret_cast<uint32_t*>(dst) = v;
+                  } else {
+                    *reinterpret_cast<uint16_t*>(dst) = static_cast<uint16_t>(v & 0xffffu);
+                    if (kc + 1 < keys_left) *reinterpret_cast<uint16_t*>(dst + 1) = static_cast<uint16_t>(v >> 16);
+                  }
+                }
+              }
+          }
         }
 #pragma unroll
         for (int np = 0; np < kNQ / 2; ++np) {
@@ -399,15 +538,19 @@ void launch(const BwdParams& p, void* workspace, cudaStream_t stream) {
   BwdWorkspace ws(p, workspace);
   const int64_t rows = p.b * p.h * p.n_q;
   if (rows > 0) dot_do_o_kernel<T><<<static_cast<unsigned>(ceil_div(rows, 4)), 128, 0, stream>>>(p, ws.dsum);
-  // Direct dbias: the elements no iteration reaches (causal tiles that are skipped) must read 0.
+  // Direct dbias: the elements no iteration reaches (causal tiles that are skipped, tiles the mask
+  // hides) must read 0; without causality or a mask every element is written.
   // dbias is the contiguous [b, h, n_q, n_k] tensor ops.cpp allocates (no broadcast dims).
-  if (kDirectDbias && ws.dbias_direct)
+  if (kDirectDbias && ws.dbias_direct && (p.causal != Causal::kNone || p.mask))
     cudaMemsetAsync(p.dbias, 0, static_cast<size_t>(p.b * p.h * p.n_q * p.n_k) * sizeof(T), stream);
   const int64_t blocks = p.b * p.h_kv * ceil_div(p.n_k, Tr::kBlockN);
   if (blocks > 0) {
-    constexpr int64_t smem = Tr::kSmemBytes;
     const bool general = p.bias || p.mask || p.dropout_p > 0.0 || p.dbias;
-    auto kernel = general ? sm80_bwd_kernel<T, Tr, true> : sm80_bwd_kernel<T, Tr, false>;
+    const int64_t staged = general ? staged_smem_bytes<T, Tr>(p) : 0;
+    auto kernel = !general ? sm80_bwd_kernel<T, Tr, false, false>
+                  : staged ? sm80_bwd_kernel<T, Tr, true, true>
+                           : sm80_bwd_kernel<T, Tr, true, false>;
+    const int64_t smem = staged ? staged : Tr::kSmemBytes;
     allow_smem(kernel, smem);
     kernel<<<static_cast<unsigned>(blocks), Tr::kThreads, smem, stream>>>(p, ws);
   }

@@ -77,18 +77,18 @@ bool scores_stageable(const FwdParams& p) {
   return Tr::kStage && (p.bias || p.mask) && fits(p.bias, p.bias_s, 16 / sizeof(T)) && fits(p.mask, p.mask_s, 16);
 }
 
-// Rows [i0, i0 + rows) x keys [j0, j0 + cols) of a bias (T) or mask (uint8), src at (bi, hi, i0, j0),
-// into a shared tile [kBlockM][kLd] by 16-byte cp.async chunks; keys past cols are zero-filled.
-// A tensor broadcast over queries (row stride 0) loads its one row.
-template <typename E, int kBlockN, int kLd, int kThreads>
-__device__ __forceinline__ void load_score_tile(E* dst, const E* src, int64_t row_stride, int rows, int cols) {
-  constexpr int kChunk = 16 / sizeof(E), kChunks = kBlockN / kChunk;
-  const int n = (row_stride == 0 ? 1 : rows) * kChunks;
-  for (int c = threadIdx.x; c < n; c += kThreads) {
-    const int r = c / kChunks, k = (c % kChunks) * kChunk;
-    const bool ok = k < cols;
-    cp_async_16(dst + r * kLd + k, ok ? src + r * row_stride + k : src, ok);
+// Whether any byte of a staged mask's rows [row0, row0 + kRows) (one row when ld == 0) x kBlockN keys
+// is nonzero, over this lane's 16-byte chunks (the caller ORs the warp's lanes).
+template <int kBlockN, int kRows>
+__device__ __forceinline__ bool staged_mask_any(const uint8_t* mask, int row0, int ld, int lane) {
+  constexpr int kChunks = kBlockN / 16;
+  const int n = (ld == 0 ? 1 : kRows) * kChunks;
+  uint32_t any = 0;
+  for (int c = lane; c < n; c += 32) {
+    const uint4 v = *reinterpret_cast<const uint4*>(mask + (row0 + c / kChunks) * ld + (c % kChunks) * 16);
+    any |= v.x | v.y | v.z | v.w;
   }
+  return any != 0;
 }
 
 // kGeneral: bias, mask or dropout present (Philox, and the bias / mask staged in shared memory when
@@ -134,9 +134,9 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(
   auto load_scores = [&](int buf, int64_t j, int valid) {
     if constexpr (kStaged) {
       if (bias_g)
-        load_score_tile<T, kBlockN, Tr::kBiasLd, kThreads>(stg.bias[buf], bias_g + j, p.bias_s.q, rows, valid);
+        load_score_tile<T, kBlockM, kBlockN, Tr::kBiasLd, kThreads>(stg.bias[buf], bias_g + j, p.bias_s.q, rows, valid);
       if (mask_g)
-        load_score_tile<uint8_t, kBlockN, Tr::kMaskLd, kThreads>(stg.mask[buf], mask_g + j, p.mask_s.q, rows, valid);
+        load_score_tile<uint8_t, kBlockM, kBlockN, Tr::kMaskLd, kThreads>(stg.mask[buf], mask_g + j, p.mask_s.q, rows, valid);
     }
   };
 
@@ -201,6 +201,11 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(
     parted = parted || keep_in_part;
   };
 
+  // The staged mask's row stride (0: broadcast over the queries) and this thread's first bias / mask
+  // element of fragment row lane / 4, column 2 (lane % 4) in a staged tile.
+  const int bias_ld = p.bias_s.q == 0 ? 0 : Tr::kBiasLd, mask_ld = p.mask_s.q == 0 ? 0 : Tr::kMaskLd;
+  const int frag_off = lane / 4, frag_col2 = 2 * (lane % 4);
+
   for (int t = 0; t < n_tiles; ++t) {
     const int stage = t & 1;
     if (t + 1 < n_tiles) {
@@ -216,72 +221,87 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(
     }
     __syncthreads();
 
-    const auto k_addr = ldsm_b_addr<kDc>(sm.k[stage]);
-    const TransB<T, kD> v_addr(sm.v[stage]);
-    // S = Q K^T for this warp's rows: [16, kBlockN] per m-tile
-    float s[kMT][kNS][4];
+    // A warp whose rows see no key of this tile through the staged mask (key padding, block-sparse
+    // masks) skips it: its scores would all be -inf, which changes neither the softmax nor O.
+    bool live = true;
+    if constexpr (kStaged) {
+      if (mask_g) live = __any_sync(0xffffffffu, staged_mask_any<kBlockN, 16 * kMT>(
+                                                     stg.mask[stage], row_base, mask_ld, lane));
+    }
+    if (live) {
+      const auto k_addr = ldsm_b_addr<kDc>(sm.k[stage]);
+      const TransB<T, kD> v_addr(sm.v[stage]);
+      // S = Q K^T for this warp's rows: [16, kBlockN] per m-tile
+      float s[kMT][kNS][4];
 #pragma unroll
-    for (int mt = 0; mt < kMT; ++mt) zero_acc(s[mt]);
+      for (int mt = 0; mt < kMT; ++mt) zero_acc(s[mt]);
 #pragma unroll
-    for (int kk = 0; kk < kD / kMmaK<T>; ++kk) {
-      if (!Tr::kGuardDims || kMmaK<T> * kk < d) {
-        Frag<T> a[kMT];
+      for (int kk = 0; kk < kD / kMmaK<T>; ++kk) {
+        if (!Tr::kGuardDims || kMmaK<T> * kk < d) {
+          Frag<T> a[kMT];
 #pragma unroll
-        for (int mt = 0; mt < kMT; ++mt) ldsm_frag(a[mt], q_addr(mt, kk));
+          for (int mt = 0; mt < kMT; ++mt) ldsm_frag(a[mt], q_addr(mt, kk));
 #pragma unroll
-        for (int np = 0; np < kNS / 2; ++np) {
-          Frag<T> b;
-          ldsm_frag(b, k_addr(np, kk));
+          for (int np = 0; np < kNS / 2; ++np) {
+            Frag<T> b;
+            ldsm_frag(b, k_addr(np, kk));
 #pragma unroll
-          for (int mt = 0; mt < kMT; ++mt) {
-            mma_frag(s[mt][2 * np], a[mt], b, 0);
-            mma_frag(s[mt][2 * np + 1], a[mt], b, 1);
+            for (int mt = 0; mt < kMT; ++mt) {
+              mma_frag(s[mt][2 * np], a[mt], b, 0);
+              mma_frag(s[mt][2 * np + 1], a[mt], b, 1);
+            }
           }
         }
       }
-    }
 
-    const int64_t j0 = static_cast<int64_t>(t) * kBlockN;
-    const bool diagonal = causal && j0 + kBlockN - 1 > i0 + row_base + shift;
-    const bool check = diagonal || j0 + kBlockN > p.n_k;
+      const int64_t j0 = static_cast<int64_t>(t) * kBlockN;
+      const bool diagonal = causal && j0 + kBlockN - 1 > i0 + row_base + shift;
+      const bool check = diagonal || j0 + kBlockN > p.n_k;
 #pragma unroll
-    for (int mt = 0; mt < kMT; ++mt) {
-      const int64_t row0 = i0 + row_base + 16 * mt;
-      if constexpr (kStaged) {
-        StagedScores<T> st;
-        const int r0 = row_base + 16 * mt;  // the m-tile's first row within the block
-        st.bias_ld = p.bias_s.q == 0 ? 0 : Tr::kBiasLd;
-        st.bias = stg.bias[stage] + r0 * st.bias_ld;
-        st.mask_ld = p.mask_s.q == 0 ? 0 : Tr::kMaskLd;
-        st.mask = stg.mask[stage] + r0 * st.mask_ld;
-        score_tile_log2<T, kNS, false, true>(ctx, s[mt], row0, j0, diagonal, st);
-      } else if constexpr (kGeneral) {
-        score_tile_log2<T, kNS, false>(ctx, s[mt], row0, j0, diagonal);
-      } else {
-        scale_mask_tile<kNS, false>(s[mt], ctx.scale_log2, check, 1 << 30, clamp_int(p.n_k - j0),
-                                    causal ? clamp_int(row0 + shift - j0) : (1 << 30));
+      for (int mt = 0; mt < kMT; ++mt) {
+        const int64_t row0 = i0 + row_base + 16 * mt;
+        const int col_limit = clamp_int(p.n_k - j0), diag = causal ? clamp_int(row0 + shift - j0) : (1 << 30);
+        if constexpr (kStaged) {
+          // Tile-local row of this thread's fragment row lane / 4 (+ 8 h).
+          const int r = row_base + 16 * mt + frag_off;
+          const T* brow = stg.bias[stage] + r * bias_ld + frag_col2;
+          const uint8_t* mrow = stg.mask[stage] + r * mask_ld + frag_col2;
+          biased_tile_rt<kNS, false>(
+              s[mt], ctx.scale_log2, bias_g != nullptr,
+              [&](int nt, int h) { return load_pair(brow + 8 * h * bias_ld + 8 * nt); }, mask_g != nullptr,
+              [&](int nt, int h) { return keep_pair(mrow + 8 * h * mask_ld + 8 * nt); }, check, 1 << 30, col_limit,
+              diag);
+        } else if constexpr (kGeneral) {
+          if (p.bias || p.mask) {
+            score_tile_log2<T, kNS, false>(ctx, s[mt], row0, j0, diagonal);
+          } else {  // dropout alone
+            scale_mask_tile<kNS, false>(s[mt], ctx.scale_log2, check, 1 << 30, col_limit, diag);
+          }
+        } else {
+          scale_mask_tile<kNS, false>(s[mt], ctx.scale_log2, check, 1 << 30, col_limit, diag);
+        }
+        softmax[mt].update(s[mt], o[mt]);
+        if constexpr (kGeneral) {
+          if (drop.on) dropout_tile_rows(drop, bh, s[mt], row0, j0);
+        }
       }
-      softmax[mt].update(s[mt], o[mt]);
-      if constexpr (kGeneral) {
-        if (drop.on) dropout_tile_rows(drop, bh, s[mt], row0, j0);
-      }
-    }
 
-    // O += P V
+      // O += P V
 #pragma unroll
-    for (int kk = 0; kk < kBlockN / kMmaK<T>; ++kk) {
-      Frag<T> a[kMT];
+      for (int kk = 0; kk < kBlockN / kMmaK<T>; ++kk) {
+        Frag<T> a[kMT];
 #pragma unroll
-      for (int mt = 0; mt < kMT; ++mt) acc_to_frag(a[mt], s[mt], kk);
+        for (int mt = 0; mt < kMT; ++mt) acc_to_frag(a[mt], s[mt], kk);
 #pragma unroll
-      for (int np = 0; np < kNO / 2; ++np) {
-        if (!Tr::kGuardDims || 16 * np < dv) {
-          Frag<T> b;
-          v_addr.load(b, kk, np);
+        for (int np = 0; np < kNO / 2; ++np) {
+          if (!Tr::kGuardDims || 16 * np < dv) {
+            Frag<T> b;
+            v_addr.load(b, kk, np);
 #pragma unroll
-          for (int mt = 0; mt < kMT; ++mt) {
-            mma_frag(o[mt][2 * np], a[mt], b, 0);
-            mma_frag(o[mt][2 * np + 1], a[mt], b, 1);
+            for (int mt = 0; mt < kMT; ++mt) {
+              mma_frag(o[mt][2 * np], a[mt], b, 0);
+              mma_frag(o[mt][2 * np + 1], a[mt], b, 1);
+            }
           }
         }
       }

@@ -34,6 +34,22 @@ __device__ __forceinline__ void load_tile_async(T* tile, const T* g, int64_t ld,
   }
 }
 
+// Rows [0, kRows) x columns [0, kCols) of a bias (T) or mask (uint8) at src (row stride row_stride,
+// unit column stride) into an unswizzled shared tile [kRows][kLd] by 16-byte cp.async chunks; rows
+// >= rows and columns >= cols (a multiple of the chunk) become zeros. A tensor broadcast over the
+// rows (row_stride 0) loads its one row.
+template <typename E, int kRows, int kCols, int kLd, int kThreads>
+__device__ __forceinline__ void load_score_tile(E* dst, const E* src, int64_t row_stride, int rows, int cols) {
+  constexpr int kChunk = 16 / sizeof(E), kChunks = kCols / kChunk;
+  static_assert(kCols % kChunk == 0 && kLd % kChunk == 0, "whole, aligned 16-byte chunks");
+  const int n = (row_stride == 0 ? 1 : kRows) * kChunks;
+  for (int c = threadIdx.x; c < n; c += kThreads) {
+    const int r = c / kChunks, k = (c % kChunks) * kChunk;
+    const bool ok = r < rows && k < cols;
+    cp_async_16(dst + r * kLd + k, ok ? src + r * row_stride + k : src, ok);
+  }
+}
+
 // Per-lane ldmatrix addresses into a swizzled [rows, kCols] tile of 16-bit elements (a float tile
 // of kCols / 2 columns has the same bytes: see kCols16). In every
 // pattern below lane l reads row 16 R + rl and chunk 2 c + x, where rl % 8 == l % 8 and x is 0 or 1.

@@ -16,6 +16,38 @@ constexpr float kLn2 = 0.6931471805599453f;
 __device__ __forceinline__ int frag_row(int lane, int e) { return lane / 4 + 8 * (e / 2); }
 __device__ __forceinline__ int frag_col(int lane, int nt, int e) { return 8 * nt + 2 * (lane % 4) + e % 2; }
 
+template <typename T>
+__device__ __forceinline__ uint32_t bits16(T x) {
+  return *reinterpret_cast<const uint16_t*>(&x);
+}
+template <typename T>
+__device__ __forceinline__ float2 unpack2(uint32_t v);
+template <>
+__device__ __forceinline__ float2 unpack2<__half>(uint32_t v) {
+  return __half22float2(*reinterpret_cast<const __half2*>(&v));
+}
+template <>
+__device__ __forceinline__ float2 unpack2<__nv_bfloat16>(uint32_t v) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
+}
+
+// Two adjacent elements of a bias (a 4-byte aligned pair of 16-bit T, an 8-byte aligned float pair)
+// in shared or global memory, as floats.
+template <typename T>
+__device__ __forceinline__ float2 load_pair(const T* p) {
+  if constexpr (sizeof(T) == 2) {
+    return unpack2<T>(*reinterpret_cast<const uint32_t*>(p));
+  } else {
+    return *reinterpret_cast<const float2*>(p);
+  }
+}
+
+// Keep bits of two adjacent mask bytes (bit x: byte x is nonzero), read as one 16-bit word.
+__device__ __forceinline__ uint32_t keep_pair(const uint8_t* p) {
+  const uint32_t m = *reinterpret_cast<const uint16_t*>(p);
+  return ((m & 0xffu) != 0 ? 1u : 0u) | ((m & 0xff00u) != 0 ? 2u : 0u);
+}
+
 // Everything the score epilogue needs about one (batch, head).
 struct ScoreCtx {
   const void* bias;       // dtype T, broadcast [b, h, n_q, n_k] via bias_s
@@ -31,23 +63,13 @@ struct ScoreCtx {
         scale_log2(static_cast<float>(p.scale) * kLog2e) {}
 };
 
-// The bias / mask tiles the forward staged in shared memory for one m16 row tile: the value of
-// tile-local element (r, c) is at bias[r * bias_ld + c] (ld 0: one row broadcast over the queries).
-template <typename T>
-struct StagedScores {
-  const T* bias = nullptr;
-  const uint8_t* mask = nullptr;
-  int bias_ld = 0, mask_ld = 0;
-};
-
-// In place: acc (raw q.k) -> log2-domain score s * log2(e), -inf where (i, j) is invisible.
+// In place: acc (raw q.k) -> log2-domain score s * log2(e), -inf where (i, j) is invisible, with
+// the bias / mask read element by element from global memory (the layouts the kernels cannot stage).
 // kKeyRows: the tile's rows are keys and its columns queries (the backward's S^T).
 // check: apply the causal rule per element (tiles on the causal diagonal); bounds always apply.
-// kStaged: every bias / mask present is read from st (shared memory; query-row tiles only).
-template <typename T, int kN, bool kKeyRows, bool kStaged = false>
+template <typename T, int kN, bool kKeyRows>
 __device__ __forceinline__ void score_tile_log2(const ScoreCtx& c, float (&acc)[kN][4], int64_t row0, int64_t col0,
-                                                bool check, const StagedScores<T>& st = {}) {
-  static_assert(!(kStaged && kKeyRows), "staged tiles have query rows");
+                                                bool check) {
   const int lane = threadIdx.x % 32;
   const float neg_inf = -__int_as_float(0x7f800000);
 #pragma unroll
@@ -60,11 +82,9 @@ __device__ __forceinline__ void score_tile_log2(const ScoreCtx& c, float (&acc)[
       float s = acc[nt][e] * c.scale_log2;
       bool vis = i < c.n_q && j < c.n_k;
       if (check) vis = vis && causal_visible(c.causal, i, j, c.shift);
-      if (c.mask && vis)
-        vis = (kStaged ? st.mask[rr * st.mask_ld + cc] : c.mask[offset4(c.mask_s, c.bi, c.hi, i, j)]) != 0;
+      if (c.mask && vis) vis = c.mask[offset4(c.mask_s, c.bi, c.hi, i, j)] != 0;
       if (c.bias && vis) {
-        const T b = kStaged ? st.bias[rr * st.bias_ld + cc]
-                            : static_cast<const T*>(c.bias)[offset4(c.bias_s, c.bi, c.hi, i, j)];
+        const T b = static_cast<const T*>(c.bias)[offset4(c.bias_s, c.bi, c.hi, i, j)];
         s += to_acc<float>(b) * kLog2e;
       }
       acc[nt][e] = vis ? s : neg_inf;
@@ -98,6 +118,58 @@ __device__ __forceinline__ void scale_mask_tile(float (&acc)[kN][4], float scale
       }
       acc[nt][e] = s;
     }
+  }
+}
+
+// The general score epilogue once a tile's bias and mask elements are at hand (shared memory, or
+// registers): s = acc * scale_log2 + bias * log2(e), then -inf where the mask drops the element or,
+// when `check`, where scale_mask_tile's bounds / diagonal rule would. bias(nt, h) -> float2: the bias
+// of elements 2 h, 2 h + 1 of n-tile nt (kBias); keep(nt, h) -> bits 0, 1: those elements pass the
+// mask (kMask). The elements are added before the visibility select, so an inf in the bias of an
+// invisible element cannot turn into NaN.
+template <int kN, bool kKeyRows, bool kBias, bool kMask, class Bias, class Keep>
+__device__ __forceinline__ void biased_tile(float (&acc)[kN][4], float scale_log2, const Bias& bias, const Keep& keep,
+                                            bool check, int row_limit, int col_limit, int diag) {
+  const int lane = threadIdx.x % 32;
+  const float neg_inf = -__int_as_float(0x7f800000);
+#pragma unroll
+  for (int nt = 0; nt < kN; ++nt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float s0 = acc[nt][2 * h] * scale_log2, s1 = acc[nt][2 * h + 1] * scale_log2;
+      if constexpr (kBias) {
+        const float2 b = bias(nt, h);
+        s0 = fmaf(b.x, kLog2e, s0);
+        s1 = fmaf(b.y, kLog2e, s1);
+      }
+      uint32_t k = 3u;
+      if constexpr (kMask) k = keep(nt, h);
+      if (check) {
+        const int r = frag_row(lane, 2 * h), c = frag_col(lane, nt, 0);
+        const bool in0 = r < row_limit && c < col_limit && (kKeyRows ? r - c : c - r) <= diag;
+        const bool in1 = r < row_limit && c + 1 < col_limit && (kKeyRows ? r - c - 1 : c + 1 - r) <= diag;
+        k &= (in0 ? 1u : 0u) | (in1 ? 2u : 0u);
+      }
+      acc[nt][2 * h] = k & 1u ? s0 : neg_inf;
+      acc[nt][2 * h + 1] = k & 2u ? s1 : neg_inf;
+    }
+  }
+}
+
+// biased_tile with the bias / mask presence decided at run time (block-uniform), one unrolled copy
+// per combination.
+template <int kN, bool kKeyRows, class Bias, class Keep>
+__device__ __forceinline__ void biased_tile_rt(float (&acc)[kN][4], float scale_log2, bool has_bias, const Bias& bias,
+                                               bool has_mask, const Keep& keep, bool check, int row_limit,
+                                               int col_limit, int diag) {
+  if (has_bias && has_mask) {
+    biased_tile<kN, kKeyRows, true, true>(acc, scale_log2, bias, keep, check, row_limit, col_limit, diag);
+  } else if (has_bias) {
+    biased_tile<kN, kKeyRows, true, false>(acc, scale_log2, bias, keep, check, row_limit, col_limit, diag);
+  } else if (has_mask) {
+    biased_tile<kN, kKeyRows, false, true>(acc, scale_log2, bias, keep, check, row_limit, col_limit, diag);
+  } else {
+    scale_mask_tile<kN, kKeyRows>(acc, scale_log2, check, row_limit, col_limit, diag);
   }
 }
 
@@ -190,21 +262,6 @@ __device__ __forceinline__ uint32_t mask_line_bits(const uint8_t* line, int64_t 
       bits |= (ok && m != 0 ? 1u : 0u) << (2 * nt + e);
     }
   return bits;
-}
-
-template <typename T>
-__device__ __forceinline__ uint32_t bits16(T x) {
-  return *reinterpret_cast<const uint16_t*>(&x);
-}
-template <typename T>
-__device__ __forceinline__ float2 unpack2(uint32_t v);
-template <>
-__device__ __forceinline__ float2 unpack2<__half>(uint32_t v) {
-  return __half22float2(*reinterpret_cast<const __half2*>(&v));
-}
-template <>
-__device__ __forceinline__ float2 unpack2<__nv_bfloat16>(uint32_t v) {
-  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
 }
 
 // Zeroes dropped probabilities of a [16, 8 kN] query-row tile (rows = queries row0.., cols = keys
