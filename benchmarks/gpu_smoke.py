@@ -18,15 +18,18 @@ def rel(a, b):
     return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def case(dtype, b, h, h_kv, n_q, n_k, d, d_v, causal, bias_shape, mask_shape, dropout_p, deterministic=False):
+def case(dtype, b, h, h_kv, n_q, n_k, d, d_v, causal, bias_shape, mask_shape, dropout_p, deterministic=False,
+         path="auto"):
     torch.use_deterministic_algorithms(deterministic)
     try:
-        return _case(dtype, b, h, h_kv, n_q, n_k, d, d_v, causal, bias_shape, mask_shape, dropout_p, deterministic)
+        with flash_mha.force_kernel(path):
+            return _case(dtype, b, h, h_kv, n_q, n_k, d, d_v, causal, bias_shape, mask_shape, dropout_p, deterministic,
+                         path)
     finally:
         torch.use_deterministic_algorithms(False)
 
 
-def _case(dtype, b, h, h_kv, n_q, n_k, d, d_v, causal, bias_shape, mask_shape, dropout_p, deterministic):
+def _case(dtype, b, h, h_kv, n_q, n_k, d, d_v, causal, bias_shape, mask_shape, dropout_p, deterministic, path):
     dev = "cuda"
     q = torch.randn(b, h, n_q, d, device=dev, dtype=dtype, requires_grad=True)
     k = torch.randn(b, h_kv, n_k, d, device=dev, dtype=dtype, requires_grad=True)
@@ -42,7 +45,8 @@ def _case(dtype, b, h, h_kv, n_q, n_k, d, d_v, causal, bias_shape, mask_shape, d
     errs = [rel(out, ref)] + [rel(a, r) for a, r in zip(grads, ref_grads)]
     ok = all(e < TOL[dtype] for e in errs)
     print(f"{'ok  ' if ok else 'FAIL'} {str(dtype):15s} b{b} h{h}/{h_kv} n{n_q}x{n_k} d{d}/{d_v} causal={causal} "
-          f"bias={bias_shape} mask={mask_shape} p={dropout_p}{' deterministic' if deterministic else ''}: "
+          f"bias={bias_shape} mask={mask_shape} p={dropout_p}{' deterministic' if deterministic else ''}"
+          f"{'' if path == 'auto' else ' path=' + path}: "
           + " ".join(f"{e:.1e}" for e in errs))
     return ok
 
@@ -85,6 +89,14 @@ def main():
         (torch.float32, 1, 2, 1, 130, 256, 128, 128, "top_left", (1, 2, 130, 256), None, 0.0),
         (torch.float32, 2, 2, 2, 100, 65, 128, 96, None, None, None, 0.0),
         (torch.float32, 1, 4, 2, 200, 333, 32, 32, "top_left", None, None, 0.0),
+        # The sm80 kernels forced: a key mask alone (the plain kernels with the mask rows), the
+        # backward's staged bias / mask tiles (two stages on sm_90), dbias from the dS fragments
+        # (full) and by atomics (head-broadcast), warps skipping tiles the mask hides.
+        (torch.bfloat16, 2, 4, 2, 200, 256, 64, 64, None, None, (2, 1, 1, 256), 0.0, False, "sm80"),
+        (torch.float16, 2, 2, 1, 130, 256, 128, 128, "bottom_right", None, (2, 2, 1, 256), 0.0, False, "sm80"),
+        (torch.bfloat16, 2, 2, 2, 130, 256, 128, 128, "bottom_right", (2, 2, 130, 256), (2, 2, 130, 256), 0.0,
+         False, "sm80"),
+        (torch.float16, 2, 4, 2, 200, 320, 64, 64, None, (1, 4, 200, 320), (2, 1, 1, 320), 0.1, False, "sm80"),
     ]
     results = []
     for c in cases:

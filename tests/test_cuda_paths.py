@@ -232,7 +232,7 @@ def test_bias_and_mask_staged_or_not(path, dtype, d, causal, config):
 
 # Masks that hide whole tiles: the sm80 kernels skip a warp's key tile (forward) or key rows
 # (backward) that a staged mask hides entirely, and a block its dQ step; the result must not change.
-SKIP_MASKS = ["padding", "block-sparse", "padding+full-bias", "block-sparse+head-bias"]
+SKIP_MASKS = ["padding", "head-padding", "block-sparse", "padding+full-bias", "block-sparse+head-bias"]
 
 
 @needs_cuda
@@ -249,6 +249,10 @@ def test_masked_tiles_skipped_exactly(path, dtype, d, causal, kind):
     if kind.startswith("padding"):  # batch 1 sees 64 keys: most of its key tiles are hidden
         lengths = torch.tensor([300, 64], device="cuda")
         mask = (torch.arange(n_k, device="cuda") < lengths[:, None]).view(b, 1, 1, n_k)
+    elif kind == "head-padding":  # a key mask per (batch, head): lengths 1 .. n_k, one head all hidden
+        lengths = torch.randint(1, n_k + 1, (b, h), device="cuda")
+        lengths[1, 2] = 0
+        mask = (torch.arange(n_k, device="cuda") < lengths[..., None]).view(b, h, 1, n_k)
     else:  # 32 x 32 blocks on or off, per (batch, head): whole warp tiles hidden
         blocks = torch.rand(b, h, (n_q + 31) // 32, n_k // 32, device="cuda") > 0.5
         mask = blocks.repeat_interleave(32, 2).repeat_interleave(32, 3)[:, :, :n_q].contiguous()

@@ -64,4 +64,15 @@ inline int64_t max_smem_per_block() {
   return bytes;
 }
 
+// The current device's shared memory per SM (0 when it cannot be asked).
+inline int64_t max_smem_per_sm() {
+  int dev = 0, bytes = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return bytes;
+}
+
 }  // namespace flash_mha::cuda

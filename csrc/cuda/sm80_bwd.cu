@@ -61,9 +61,10 @@ struct BwdTraits {
   };
   static constexpr int64_t kSmemBytes = sizeof(Smem);
   // The general kernel's bias / mask tiles of one iteration ([kBlockM queries, kBlockN keys], rows
-  // padded by 16 bytes: conflict-free ldmatrix .trans and per-element reads), single buffered: the
-  // next iteration's tiles load during the dQ phase. Placed after Smem, bias then mask (each only
-  // when present), and used only where they fit the device (staged_smem_bytes).
+  // padded by 16 bytes: conflict-free ldmatrix .trans and per-element reads), in 1 or 2 stages
+  // (staged_smem_bytes): with 2, the next iteration's tiles load with its Q / dO; with 1, during
+  // this iteration's dQ step. Placed after Smem: the bias stages, then the mask stages (each only
+  // when present).
   static constexpr int kBiasLd = kBlockN + 16 / sizeof(T), kMaskLd = kBlockN + 16;
   static constexpr int64_t kStagedOffset = (kSmemBytes + 127) / 128 * 128;
   static constexpr int64_t kBiasBytes = (int64_t{kBlockM} * kBiasLd * sizeof(T) + 127) / 128 * 128;
@@ -81,6 +82,7 @@ struct BwdWorkspace {
   float* dbias_acc;  // dbias's shape, or nullptr
   bool dbias_shared;  // dbias_shared(p): add with atomics
   bool dbias_direct;  // kDirectDbias and dbias_once(p): store into p.dbias, dbias_acc == nullptr
+  int score_stages = 0;  // the general kernel's staged bias / mask tiles (staged_plan)
   int64_t bytes;
   int64_t dbias_elems;
   BwdWorkspace(const BwdParams& p, void* base) {
@@ -112,25 +114,41 @@ __global__ void __launch_bounds__(128) dot_do_o_kernel(const BwdParams p, float*
   if (lane == 0) dsum[row] = acc;
 }
 
-// Whether the general kernel can stage the bias and mask (those present) in shared memory, and
-// how much it then needs (0: it cannot). 16-byte chunks of a row must be whole and aligned: unit key
-// stride; batch / head / query strides, n_k and the base in multiples of 16 bytes.
+// Whether the general kernel can stage the bias and mask (those present) in shared memory, in how
+// many stages, and how much shared memory it then needs (bytes 0: it cannot). 16-byte chunks of a
+// row must be whole and aligned: unit key stride; batch / head / query strides, n_k and the base in
+// multiples of 16 bytes. Two stages where they keep the blocks per SM the registers allow (H100 /
+// H200: both head dims), else one (A100: d = 64; d = 128 with a bias alone), else none.
+struct StagedPlan {
+  int64_t bytes = 0;
+  int stages = 0;
+};
 template <typename T, typename Tr>
-int64_t staged_smem_bytes(const BwdParams& p) {
-  if (!p.bias && !p.mask) return 0;
+StagedPlan staged_plan(const BwdParams& p) {
+  if (!p.bias && !p.mask) return {};
   auto fits = [&](const void* ptr, const Strided4& st, int64_t chunk) {
     return !ptr || ((reinterpret_cast<uintptr_t>(ptr) & 15) == 0 && st.k == 1 && st.b % chunk == 0 &&
                     st.h % chunk == 0 && st.q % chunk == 0 && p.n_k % chunk == 0);
   };
-  if (!fits(p.bias, p.bias_s, 16 / sizeof(T)) || !fits(p.mask, p.mask_s, 16)) return 0;
-  const int64_t bytes = Tr::kStagedOffset + (p.bias ? Tr::kBiasBytes : 0) + (p.mask ? Tr::kMaskBytes : 0);
-  return bytes <= 48 * 1024 || bytes <= max_smem_per_block() ? bytes : 0;
+  if (!fits(p.bias, p.bias_s, 16 / sizeof(T)) || !fits(p.mask, p.mask_s, 16)) return {};
+  const int64_t per_block = max_smem_per_block(), per_sm = max_smem_per_sm();
+  const int64_t reg_blocks = 65536 / (Tr::kThreads * 256);  // blocks per SM at up to 255 registers
+  auto blocks = [&](int64_t bytes) { return per_sm / (bytes + 1024); };
+  const int64_t target = std::min<int64_t>(reg_blocks, blocks(Tr::kSmemBytes));
+  for (int stages = 2; stages >= 1; --stages) {
+    const int64_t bytes =
+        Tr::kStagedOffset + stages * ((p.bias ? Tr::kBiasBytes : 0) + (p.mask ? Tr::kMaskBytes : 0));
+    if (bytes <= per_block && (stages == 1 || blocks(bytes) >= target)) return {bytes, stages};
+  }
+  return {};
 }
 
 // kGeneral: bias, mask, dropout or dbias present; otherwise the score epilogue is a multiply plus,
 // on bound / diagonal tiles only, an integer visibility test. kStaged: the bias / mask tiles come
-// through shared memory (staged_smem_bytes), else element by element from global memory.
-template <typename T, typename Tr, bool kGeneral, bool kStaged>
+// through shared memory (staged_plan), else element by element from global memory.
+// kKeyMask (with !kGeneral): the plain kernel plus a key mask (constant along the queries, no bias,
+// no dropout: key padding), two bytes per thread and head.
+template <typename T, typename Tr, bool kGeneral, bool kStaged, bool kKeyMask = false>
 __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams p, BwdWorkspace ws) {
   constexpr int kD = Tr::kD, kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kThreads = Tr::kThreads;
   constexpr int kNS = kBlockM / 8;  // n-tiles of a warp's [16 keys, kBlockM queries] tile
@@ -179,20 +197,25 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
     }
   };
   // The bias / mask tiles of iteration n (kStaged): queries past n_q and keys past n_k read as 0.
-  T* const bias_st = reinterpret_cast<T*>(smem_raw + Tr::kStagedOffset);
-  uint8_t* const mask_st = smem_raw + Tr::kStagedOffset + (p.bias ? Tr::kBiasBytes : 0);
+  // Stage buf: bias_st(buf), mask_st(buf); iteration n uses buf (n & 1) with two stages, else 0.
+  const int stages = ws.score_stages;
+  auto bias_st = [&](int buf) { return reinterpret_cast<T*>(smem_raw + Tr::kStagedOffset + buf * Tr::kBiasBytes); };
+  auto mask_st = [&](int buf) {
+    return smem_raw + Tr::kStagedOffset + (p.bias ? stages * Tr::kBiasBytes : 0) + buf * Tr::kMaskBytes;
+  };
   const int bias_ld = p.bias_s.q == 0 ? 0 : Tr::kBiasLd, mask_ld = p.mask_s.q == 0 ? 0 : Tr::kMaskLd;
   auto load_scores = [&](int64_t n) {
     if constexpr (kStaged) {
+      const int buf = stages == 2 ? static_cast<int>(n & 1) : 0;
       const int64_t hi = kvh * group + n / n_qt, i0 = (first_qt + n % n_qt) * kBlockM;
       const int rows = static_cast<int>(imin(kBlockM, p.n_q - i0));
       if (p.bias)
         load_score_tile<T, kBlockM, kBlockN, Tr::kBiasLd, kThreads>(
-            bias_st, static_cast<const T*>(p.bias) + bi * p.bias_s.b + hi * p.bias_s.h + i0 * p.bias_s.q + j0,
+            bias_st(buf), static_cast<const T*>(p.bias) + bi * p.bias_s.b + hi * p.bias_s.h + i0 * p.bias_s.q + j0,
             p.bias_s.q, rows, cols);
       if (p.mask)
         load_score_tile<uint8_t, kBlockM, kBlockN, Tr::kMaskLd, kThreads>(
-            mask_st, p.mask + bi * p.mask_s.b + hi * p.mask_s.h + i0 * p.mask_s.q + j0, p.mask_s.q, rows, cols);
+            mask_st(buf), p.mask + bi * p.mask_s.b + hi * p.mask_s.h + i0 * p.mask_s.q + j0, p.mask_s.q, rows, cols);
     }
   };
   if (n_iters > 0) {
@@ -258,8 +281,8 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
   // 8 (l / 16) + l % 8 (+ 16 c for call c) at keys 16 warp + 8 ((l / 8) % 2); call c returns the
   // pairs of n-tile 2 c (rows g, g + 8) and 2 c + 1 (rows g, g + 8). A query-broadcast bias
   // (bias_ld 0) gives every row the same address, which transposes to the same values.
-  const uint32_t bias_frag_addr =
-      smem_addr(bias_st + (8 * (lane / 16) + lane % 8) * bias_ld + 16 * warp + 8 * ((lane / 8) % 2));
+  const uint32_t bias_frag_addr0 =
+      smem_addr(bias_st(0) + (8 * (lane / 16) + lane % 8) * bias_ld + 16 * warp + 8 * ((lane / 8) % 2));
   // This thread's S^T elements in a staged tile: keys 16 warp + lane / 4 (+ 8), queries 2 (lane % 4) (+ 8 nt, + 1).
   const int key_l = 16 * warp + lane / 4, q_l = 2 * (lane % 4);
   // dbias written from the dQ phase's dS fragments (16-bit, every element produced once, unit key
@@ -268,10 +291,28 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
   const bool dbias_pairs = ((p.dbias_s.q | p.dbias_s.h | p.dbias_s.b) & 1) == 0 &&
                            (reinterpret_cast<uintptr_t>(p.dbias) & 3) == 0;
 
+  // kKeyMask: the score limit of the thread's key rows key0 + lane / 4 (+ 8) under the current
+  // head's mask, +inf (visible) or -inf: min(s, limit) also hides a NaN score of a masked key.
+  float row_lim[2] = {0.f, 0.f};
+  bool keys_live = true;  // some key of the warp is visible (kKeyMask)
+  auto load_key_mask = [&](int64_t hi) {
+    const uint8_t* mk = p.mask + bi * p.mask_s.b + hi * p.mask_s.h;
+    uint32_t any = 0;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t j = key0 + lane / 4 + 8 * h;
+      const uint32_t m = j < p.n_k ? mk[j * p.mask_s.k] : 0u;
+      any |= m;
+      row_lim[h] = m ? __int_as_float(0x7f800000) : -__int_as_float(0x7f800000);
+    }
+    keys_live = __any_sync(0xffffffffu, any != 0);
+  };
+
   for (int64_t n = 0; n < n_iters; ++n) {
     const int st = static_cast<int>(n & 1);
     if (n + 1 < n_iters) {
       prefetch(n + 1);
+      if (stages == 2) load_scores(n + 1);
       cp_async_commit_group();
       cp_async_wait_group<1>();
     } else {
@@ -280,15 +321,22 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
     __syncthreads();
     const int64_t hi = kvh * group + n / n_qt, i0 = (first_qt + n % n_qt) * kBlockM;
     const uint64_t bh = static_cast<uint64_t>(bi * p.h + hi);
+    const int buf = stages == 2 ? st : 0;  // this iteration's staged bias / mask
+    const T* const bias_t = bias_st(buf);
+    const uint8_t* const mask_t = mask_st(buf);
 
     // A warp whose 16 keys no query of the tile sees through the staged mask (key padding,
     // block-sparse masks) skips its S^T, dP^T, dK and dV work: its dS^T is zero.
     bool live = true;
+    if constexpr (kKeyMask) {
+      if (n == 0 || (p.mask_s.h != 0 && n % n_qt == 0)) load_key_mask(hi);  // a new head's mask
+      live = keys_live;
+    }
     if constexpr (kStaged) {
       if (p.mask) {
         uint32_t any = 0;
         for (int r = lane; r < (mask_ld == 0 ? 1 : kBlockM); r += 32) {
-          const uint4 v = *reinterpret_cast<const uint4*>(mask_st + r * mask_ld + 16 * warp);
+          const uint4 v = *reinterpret_cast<const uint4*>(mask_t + r * mask_ld + 16 * warp);
           any |= v.x | v.y | v.z | v.w;
         }
         live = __any_sync(0xffffffffu, any != 0);
@@ -342,31 +390,60 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
         uint32_t bias4[4];
         auto bias = [&](int nt, int h) -> float2 {
           if constexpr (sizeof(T) == 2) {
-            if (nt % 2 == 0 && h == 0) ldmatrix_x4_trans(bias4, bias_frag_addr + (nt / 2) * 16 * bias_ld * 2);
+            if (nt % 2 == 0 && h == 0)
+              ldmatrix_x4_trans(bias4, bias_frag_addr0 + buf * Tr::kBiasBytes + (nt / 2) * 16 * bias_ld * 2);
             return unpack2<T>(bias4[2 * (nt % 2) + h]);
           } else {
-            const T* b = bias_st + (q_l + 8 * nt) * bias_ld + key_l + 8 * h;
+            const T* b = bias_t + (q_l + 8 * nt) * bias_ld + key_l + 8 * h;
             return make_float2(b[0], b[bias_ld]);
           }
         };
-        auto keep = [&](int nt, int h) -> uint32_t {
-          const uint8_t* m = mask_st + (q_l + 8 * nt) * mask_ld + key_l + 8 * h;
-          return (m[0] != 0 ? 1u : 0u) | (m[mask_ld] != 0 ? 2u : 0u);
-        };
+        // Keep bits of row half h: bit 2 nt + x for query 8 nt + x of the thread's pair. A
+        // query-broadcast mask (mask_ld 0) takes one byte per key.
+        uint32_t keep_bits[2] = {0u, 0u};
+        if (p.mask) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const uint8_t* m = mask_t + q_l * mask_ld + key_l + 8 * h;
+            if (mask_ld == 0) {
+              keep_bits[h] = m[0] != 0 ? 0xffffffffu : 0u;
+            } else {
+#pragma unroll
+              for (int nt = 0; nt < kNS; ++nt)
+                keep_bits[h] |= ((m[8 * nt * mask_ld] != 0 ? 1u : 0u) | (m[(8 * nt + 1) * mask_ld] != 0 ? 2u : 0u))
+                                << (2 * nt);
+            }
+          }
+        }
+        auto keep = [&](int nt, int h) -> uint32_t { return (keep_bits[h] >> (2 * nt)) & 3u; };
         biased_tile_rt<kNS, true>(s, ctx.scale_log2, p.bias != nullptr, bias, p.mask != nullptr, keep, check,
                                   key_limit, q_limit, diag);
       } else if constexpr (kGeneral) {
         score_tile_log2<T, kNS, true>(ctx, s, key0, i0, diagonal);
       } else {
         scale_mask_tile<kNS, true>(s, ctx.scale_log2, check, key_limit, q_limit, diag);
+        if constexpr (kKeyMask) {
+#pragma unroll
+          for (int nt = 0; nt < kNS; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[nt][e] = fminf(s[nt][e], row_lim[e / 2]);
+        }
       }
       // P^T, then dS^T = P^T (dP^T Z - D) into dp and P^T Z into s.
+      // Dropout keep bits first (bit 4 nt + e: element e of n-tile nt is kept), so that the loop
+      // below has no branch to split it.
+      uint32_t keep_all = 0xffffffffu;
+      if constexpr (kGeneral) {
+        static_assert(kNS <= 8, "4 keep bits per n-tile in one word");
+        if (drop.on) {
+          keep_all = 0;
+#pragma unroll
+          for (int nt = 0; nt < kNS; ++nt) keep_all |= dropout_bits_keyrows(drop, bh, key0, i0, nt) << (4 * nt);
+        }
+      }
 #pragma unroll
       for (int nt = 0; nt < kNS; ++nt) {
-        uint32_t keep = 0xFu;
-        if constexpr (kGeneral) {
-          if (drop.on) keep = dropout_bits_keyrows(drop, bh, key0, i0, nt);
-        }
+        const uint32_t keep = (keep_all >> (4 * nt)) & 0xFu;
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int q = frag_col(lane, nt, e);
@@ -449,9 +526,11 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
     // Every warp's dS^T is in place and every read of the staged tiles done: the next iteration's
     // tiles can load. A block whose warps all skipped the tile has dS = 0: no dQ, no dbias.
     bool block_live = true;
-    if constexpr (kStaged) {
+    if constexpr (kKeyMask) {
       block_live = __syncthreads_or(live);
-      if (n + 1 < n_iters) {
+    } else if constexpr (kStaged) {
+      block_live = __syncthreads_or(live);
+      if (stages == 1 && n + 1 < n_iters) {
         load_scores(n + 1);
         cp_async_commit_group();
       }
@@ -460,13 +539,38 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
     }
     // dQ[queries 16 dq_mt .., column group] += scale * dS K, added to the float workspace.
     if (block_live) {
-      // frag_dbias: this thread's dbias row (query i0 + 16 dq_mt + lane / 4, + 8) from key
-      // j0 + 2 (lane % 4); the warps of a query m-tile split the 16-key steps kk between them.
-      const int dq_row = static_cast<int>(16 * dq_mt + lane / 4);
-      const int rows_left = clamp_int(p.n_q - i0 - dq_row), keys_left = cols - 2 * (lane % 4);
-      T* const dbias_row = frag_dbias ? static_cast<T*>(p.dbias) + bi * p.dbias_s.b + hi * p.dbias_s.h +
-                                            (i0 + dq_row) * p.dbias_s.q + j0 + 2 * (lane % 4)
-                                      : nullptr;
+      // frag_dbias: dS of this warp's dQ rows (queries i0 + 16 dq_mt + lane / 4, + 8) read as the dQ
+      // step reads it and stored as dbias rows, pairs of adjacent keys from j0 + 2 (lane % 4); the
+      // warps of a query m-tile split the 16-key steps kk. Its own loop: a branch inside the dQ
+      // loop would keep the compiler from overlapping that loop's loads and mma.
+      if constexpr (kGeneral && sizeof(T) == 2) {
+        if (frag_dbias) {
+          const int dq_row = 16 * dq_mt + lane / 4;
+          const int rows_left = clamp_int(p.n_q - i0 - dq_row), keys_left = cols - 2 * (lane % 4);
+          T* const dbias_row = static_cast<T*>(p.dbias) + bi * p.dbias_s.b + hi * p.dbias_s.h +
+                               (i0 + dq_row) * p.dbias_s.q + j0 + 2 * (lane % 4);
+          for (int kk = warp / Tr::kQMT; kk < kBlockN / 16; kk += Tr::kColGroups) {
+            uint32_t r[4];  // r[2 x + h]: row g + 8 h, keys 16 kk + 8 x + 2 (lane % 4), + 1
+            ldmatrix_x4_trans(r, ds_base + kk * 16 * kBlockM * 2);
+#pragma unroll
+            for (int x = 0; x < 2; ++x)
+#pragma unroll
+              for (int h = 0; h < 2; ++h) {
+                const int kc = 16 * kk + 8 * x;
+                T* const dst = dbias_row + 8 * h * p.dbias_s.q + kc;
+                const uint32_t v = r[2 * x + h];
+                if (rows_left > 8 * h && kc < keys_left) {
+                  if (dbias_pairs && kc + 1 < keys_left) {
+                    *reinterpret_cast<uint32_t*>(dst) = v;
+                  } else {
+                    *reinterpret_cast<uint16_t*>(dst) = static_cast<uint16_t>(v & 0xffffu);
+                    if (kc + 1 < keys_left) *reinterpret_cast<uint16_t*>(dst + 1) = static_cast<uint16_t>(v >> 16);
+                  }
+                }
+              }
+          }
+        }
+      }
       float dq[kNQ][4];
       zero_acc(dq);
 #pragma unroll
@@ -479,25 +583,6 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
             for (int h = 0; h < 2; ++h) a.set(2 * x + h, ld_shared_b32(ds_f32(kk, h, x)));
         } else {
           ldmatrix_x4_trans(a.r, ds_base + kk * 16 * kBlockM * 2);
-          // a.r[2 x + h]: dS of row g + 8 h, keys 16 kk + 8 x + 2 (lane % 4), + 1.
-          if (kGeneral && frag_dbias && kk % Tr::kColGroups == warp / Tr::kQMT) {
-#pragma unroll
-            for (int x = 0; x < 2; ++x)
-#pragma unroll
-              for (int h = 0; h < 2; ++h) {
-                const int kc = 16 * kk + 8 * x;
-                T* const dst = dbias_row + 8 * h * p.dbias_s.q + kc;
-                const uint32_t v = a.r[2 * x + h];
-                if (rows_left > 8 * h && kc < keys_left) {
-                  if (dbias_pairs && kc + 1 < keys_left) {
-                    *reinterpret_cast<uint32_t*>(dst) = v;
-                  } else {
-                    *reinterpret_cast<uint16_t*>(dst) = static_cast<uint16_t>(v & 0xffffu);
-                    if (kc + 1 < keys_left) *reinterpret_cast<uint16_t*>(dst + 1) = static_cast<uint16_t>(v >> 16);
-                  }
-                }
-              }
-          }
         }
 #pragma unroll
         for (int np = 0; np < kNQ / 2; ++np) {
@@ -545,12 +630,16 @@ void launch(const BwdParams& p, void* workspace, cudaStream_t stream) {
     cudaMemsetAsync(p.dbias, 0, static_cast<size_t>(p.b * p.h * p.n_q * p.n_k) * sizeof(T), stream);
   const int64_t blocks = p.b * p.h_kv * ceil_div(p.n_k, Tr::kBlockN);
   if (blocks > 0) {
-    const bool general = p.bias || p.mask || p.dropout_p > 0.0 || p.dbias;
-    const int64_t staged = general ? staged_smem_bytes<T, Tr>(p) : 0;
-    auto kernel = !general ? sm80_bwd_kernel<T, Tr, false, false>
-                  : staged ? sm80_bwd_kernel<T, Tr, true, true>
-                           : sm80_bwd_kernel<T, Tr, true, false>;
-    const int64_t smem = staged ? staged : Tr::kSmemBytes;
+    // A key mask alone (key padding): the plain kernel with kKeyMask.
+    const bool key_mask = p.mask && !p.bias && !p.dbias && p.dropout_p == 0.0 && (p.mask_s.q == 0 || p.n_q == 1);
+    const bool general = !key_mask && (p.bias || p.mask || p.dropout_p > 0.0 || p.dbias);
+    const StagedPlan plan = general ? staged_plan<T, Tr>(p) : StagedPlan{};
+    ws.score_stages = plan.stages;
+    auto kernel = key_mask      ? sm80_bwd_kernel<T, Tr, false, false, true>
+                  : !general    ? sm80_bwd_kernel<T, Tr, false, false>
+                  : plan.stages ? sm80_bwd_kernel<T, Tr, true, true>
+                                : sm80_bwd_kernel<T, Tr, true, false>;
+    const int64_t smem = plan.stages ? plan.bytes : Tr::kSmemBytes;
     allow_smem(kernel, smem);
     kernel<<<static_cast<unsigned>(blocks), Tr::kThreads, smem, stream>>>(p, ws);
   }

@@ -55,6 +55,8 @@ struct FwdTraits {
   static constexpr int64_t kStagedOffset = (sizeof(Smem) + 127) / 128 * 128;
   static constexpr int64_t kGeneralSmem = kStagedOffset + sizeof(Staged);  // used when kStage only
   static constexpr int64_t smem_bytes(bool staged) { return staged ? kGeneralSmem : sizeof(Smem); }
+  // The key-mask kernel's mask rows (kBlockN bytes per stage) after Smem.
+  static constexpr int64_t kKeyMaskSmem = kStagedOffset + 2 * kBlockN;
   static_assert(!kStage || sizeof(T) == 4 || kGeneralSmem <= 110 * 1024,
                 "two staged forward blocks should fit an H100 SM");  // float: checked at launch
 };
@@ -77,6 +79,16 @@ bool scores_stageable(const FwdParams& p) {
   return Tr::kStage && (p.bias || p.mask) && fits(p.bias, p.bias_s, 16 / sizeof(T)) && fits(p.mask, p.mask_s, 16);
 }
 
+// Whether the plain kernel with kKeyMask takes the call: a mask constant along the queries (key
+// padding, per batch and / or head) and nothing else general, whose rows come in whole, aligned
+// 16-byte chunks of the key tile (unit key stride, n_k, the batch / head strides and the base in
+// multiples of 16 bytes).
+inline bool key_mask_ok(const FwdParams& p, int block_n) {
+  const Strided4& m = p.mask_s;
+  return p.mask && !p.bias && p.dropout_p == 0.0 && (m.q == 0 || p.n_q == 1) && m.k == 1 && m.b % 16 == 0 &&
+         m.h % 16 == 0 && p.n_k % 16 == 0 && block_n % 16 == 0 && (reinterpret_cast<uintptr_t>(p.mask) & 15) == 0;
+}
+
 // Whether any byte of a staged mask's rows [row0, row0 + kRows) (one row when ld == 0) x kBlockN keys
 // is nonzero, over this lane's 16-byte chunks (the caller ORs the warp's lanes).
 template <int kBlockN, int kRows>
@@ -91,10 +103,12 @@ __device__ __forceinline__ bool staged_mask_any(const uint8_t* mask, int row0, i
   return any != 0;
 }
 
+// kKeyMask (with !kGeneral): the plain kernel plus a key mask (a mask constant along the queries, no
+// bias, no dropout: key padding), its rows staged with K / V (key_mask_ok).
 // kGeneral: bias, mask or dropout present (Philox, and the bias / mask staged in shared memory when
 // kStaged, else loaded per element); otherwise the score epilogue is a multiply plus, on bound /
 // diagonal tiles only, an integer visibility test.
-template <typename T, typename Tr, bool kGeneral, bool kStaged>
+template <typename T, typename Tr, bool kGeneral, bool kStaged, bool kKeyMask = false>
 __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(const FwdParams p) {
   constexpr int kD = Tr::kD, kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kThreads = Tr::kThreads;
   constexpr int kMT = Tr::kMT;
@@ -131,7 +145,15 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(
     if (p.bias) bias_g = static_cast<const T*>(p.bias) + bi * p.bias_s.b + hi * p.bias_s.h + i0 * p.bias_s.q;
     if (p.mask) mask_g = p.mask + bi * p.mask_s.b + hi * p.mask_s.h + i0 * p.mask_s.q;
   }
+  uint8_t* const key_mask = smem_raw + Tr::kStagedOffset;  // [2][kBlockN] (kKeyMask)
+  const uint8_t* const key_mask_g = kKeyMask ? p.mask + bi * p.mask_s.b + hi * p.mask_s.h : nullptr;
   auto load_scores = [&](int buf, int64_t j, int valid) {
+    if constexpr (kKeyMask) {
+      if (threadIdx.x < kBlockN / 16) {
+        const int k = 16 * threadIdx.x;
+        cp_async_16(key_mask + buf * kBlockN + k, key_mask_g + j + (k < valid ? k : 0), k < valid);
+      }
+    }
     if constexpr (kStaged) {
       if (bias_g)
         load_score_tile<T, kBlockM, kBlockN, Tr::kBiasLd, kThreads>(stg.bias[buf], bias_g + j, p.bias_s.q, rows, valid);
@@ -228,6 +250,20 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(
       if (mask_g) live = __any_sync(0xffffffffu, staged_mask_any<kBlockN, 16 * kMT>(
                                                      stg.mask[stage], row_base, mask_ld, lane));
     }
+    // kKeyMask: the score limit of the thread's column pair of n-tile nt, +inf (visible) or -inf
+    // (masked): min(s, limit) also hides a NaN score of a masked key, as the reference does.
+    float2 key_lim[kKeyMask ? kNS : 1];
+    if constexpr (kKeyMask) {
+      const float inf = __int_as_float(0x7f800000);
+      uint32_t any = 0;
+#pragma unroll
+      for (int nt = 0; nt < kNS; ++nt) {
+        const uint32_t m = *reinterpret_cast<const uint16_t*>(key_mask + stage * kBlockN + frag_col2 + 8 * nt);
+        any |= m;
+        key_lim[nt] = make_float2(m & 0xffu ? inf : -inf, m & 0xff00u ? inf : -inf);
+      }
+      live = __any_sync(0xffffffffu, any != 0);
+    }
     if (live) {
       const auto k_addr = ldsm_b_addr<kDc>(sm.k[stage]);
       const TransB<T, kD> v_addr(sm.v[stage]);
@@ -279,6 +315,15 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(
           }
         } else {
           scale_mask_tile<kNS, false>(s[mt], ctx.scale_log2, check, 1 << 30, col_limit, diag);
+          if constexpr (kKeyMask) {
+#pragma unroll
+            for (int nt = 0; nt < kNS; ++nt) {
+              s[mt][nt][0] = fminf(s[mt][nt][0], key_lim[nt].x);
+              s[mt][nt][1] = fminf(s[mt][nt][1], key_lim[nt].y);
+              s[mt][nt][2] = fminf(s[mt][nt][2], key_lim[nt].x);
+              s[mt][nt][3] = fminf(s[mt][nt][3], key_lim[nt].y);
+            }
+          }
         }
         softmax[mt].update(s[mt], o[mt]);
         if constexpr (kGeneral) {
@@ -344,12 +389,17 @@ void launch(const FwdParams& p, cudaStream_t stream) {
   using Tr = FwdTraits<T, kD>;
   const int64_t blocks = p.b * p.h * ceil_div(p.n_q, Tr::kBlockM);
   if (blocks == 0) return;
-  const bool general = p.bias || p.mask || p.dropout_p > 0.0;
+  const bool key_mask = key_mask_ok(p, Tr::kBlockN);
+  const bool general = !key_mask && (p.bias || p.mask || p.dropout_p > 0.0);
   const bool staged = general && scores_stageable<T, Tr>(p);
-  const int64_t smem = Tr::smem_bytes(staged);
+  int64_t smem = Tr::smem_bytes(staged);
   auto kernel = general ? sm80_fwd_kernel<T, Tr, true, false> : sm80_fwd_kernel<T, Tr, false, false>;
   if constexpr (Tr::kStage) {
     if (staged) kernel = sm80_fwd_kernel<T, Tr, true, true>;
+  }
+  if (key_mask) {
+    kernel = sm80_fwd_kernel<T, Tr, false, false, true>;
+    smem = Tr::kKeyMaskSmem;
   }
   allow_smem(kernel, smem);
   kernel<<<static_cast<unsigned>(blocks), Tr::kThreads, smem, stream>>>(p);
