@@ -175,6 +175,23 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
   const int64_t n_qt = first_row < p.n_q ? (p.n_q + kBlockM - 1) / kBlockM - first_qt : 0;
   const int64_t n_iters = group * (n_qt > 0 ? n_qt : 0);
 
+  // kKeyMask: a block whose keys no query head of its group sees (padding) only writes zero dK, dV.
+  if constexpr (kKeyMask) {
+    bool any = false;
+    const int64_t heads = p.mask_s.h == 0 ? 1 : group;
+    for (int64_t g = 0; g < heads && !any; ++g) {
+      const uint8_t* mk = p.mask + bi * p.mask_s.b + (kvh * group + g) * p.mask_s.h;
+      for (int c = threadIdx.x; c < cols && !any; c += kThreads) any = mk[(j0 + c) * p.mask_s.k] != 0;
+    }
+    if (!__syncthreads_or(any)) {
+      T* const dkg = static_cast<T*>(p.dk) + ((bi * p.h_kv + kvh) * p.n_k + j0) * p.d;
+      T* const dvg = static_cast<T*>(p.dv) + ((bi * p.h_kv + kvh) * p.n_k + j0) * p.d_v;
+      for (int64_t e = threadIdx.x; e < cols * p.d; e += kThreads) dkg[e] = from_acc<T>(0.f);
+      for (int64_t e = threadIdx.x; e < cols * p.d_v; e += kThreads) dvg[e] = from_acc<T>(0.f);
+      return;
+    }
+  }
+
   const T* kg = static_cast<const T*>(p.k) + bi * p.k_sb + kvh * p.k_sh + j0 * p.k_sn;  // [cols, d]
   const T* vg = static_cast<const T*>(p.v) + bi * p.v_sb + kvh * p.v_sh + j0 * p.v_sn;  // [cols, d_v]
   load_tile_async<kBlockN, kD, kThreads>(sm.k, kg, p.k_sn, cols, d);
