@@ -311,8 +311,7 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
   // kKeyMask: the score limit of the thread's key rows key0 + lane / 4 (+ 8) under the current
   // head's mask, +inf (visible) or -inf: min(s, limit) also hides a NaN score of a masked key.
   float row_lim[2] = {0.f, 0.f};
-  bool keys_live = true;   // some key of the warp is visible (kKeyMask)
-  bool keys_whole = true;  // every key of the warp is: no limits to apply
+  bool keys_live = true;  // some key of the warp is visible (kKeyMask)
   auto load_key_mask = [&](int64_t hi) {
     const uint8_t* mk = p.mask + bi * p.mask_s.b + hi * p.mask_s.h;
     uint32_t any = 0;
@@ -324,7 +323,6 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
       row_lim[h] = m ? __int_as_float(0x7f800000) : -__int_as_float(0x7f800000);
     }
     keys_live = __any_sync(0xffffffffu, any != 0);
-    keys_whole = __all_sync(0xffffffffu, row_lim[0] > 0.f && row_lim[1] > 0.f);
   };
 
   for (int64_t n = 0; n < n_iters; ++n) {
@@ -441,7 +439,7 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
         score_tile_log2<T, kNS, true>(ctx, s, key0, i0, diagonal);
       } else {
         scale_mask_tile<kNS, true>(s, ctx.scale_log2, check, key_limit, q_limit, diag);
-        if (kKeyMask && !keys_whole) {
+        if constexpr (kKeyMask) {
 #pragma unroll
           for (int nt = 0; nt < kNS; ++nt)
 #pragma unroll

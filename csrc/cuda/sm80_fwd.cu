@@ -252,22 +252,17 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(
     }
     // kKeyMask: the score limit of the thread's column pair of n-tile nt, +inf (visible) or -inf
     // (masked): min(s, limit) also hides a NaN score of a masked key, as the reference does.
-    // A tile the mask leaves whole (every key visible to the warp) needs no limits at all.
     float2 key_lim[kKeyMask ? kNS : 1];
-    bool key_whole = true;
     if constexpr (kKeyMask) {
       const float inf = __int_as_float(0x7f800000);
       uint32_t any = 0;
-      bool all = true;
 #pragma unroll
       for (int nt = 0; nt < kNS; ++nt) {
         const uint32_t m = *reinterpret_cast<const uint16_t*>(key_mask + stage * kBlockN + frag_col2 + 8 * nt);
         any |= m;
-        all = all && (m & 0xffu) && (m & 0xff00u);
         key_lim[nt] = make_float2(m & 0xffu ? inf : -inf, m & 0xff00u ? inf : -inf);
       }
       live = __any_sync(0xffffffffu, any != 0);
-      key_whole = __all_sync(0xffffffffu, all);
     }
     if (live) {
       const auto k_addr = ldsm_b_addr<kDc>(sm.k[stage]);
@@ -320,7 +315,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(
           }
         } else {
           scale_mask_tile<kNS, false>(s[mt], ctx.scale_log2, check, 1 << 30, col_limit, diag);
-          if (kKeyMask && !key_whole) {
+          if constexpr (kKeyMask) {
 #pragma unroll
             for (int nt = 0; nt < kNS; ++nt) {
               s[mt][nt][0] = fminf(s[mt][nt][0], key_lim[nt].x);
