@@ -53,26 +53,18 @@ inline void allow_smem(Kernel kernel, int64_t bytes) {
   }
 }
 
-// The current device's shared memory per block with opt-in (0 when it cannot be asked).
-inline int64_t max_smem_per_block() {
-  int dev = 0, bytes = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
+// An attribute of the current device (0 when it cannot be asked).
+inline int64_t device_attribute(cudaDeviceAttr attr) {
+  int dev = 0, value = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&value, attr, dev) != cudaSuccess) {
     cudaGetLastError();
     return 0;
   }
-  return bytes;
+  return value;
 }
 
-// The current device's shared memory per SM (0 when it cannot be asked).
-inline int64_t max_smem_per_sm() {
-  int dev = 0, bytes = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev) != cudaSuccess) {
-    cudaGetLastError();
-    return 0;
-  }
-  return bytes;
-}
+// Shared memory per block with opt-in, and per SM, of the current device (0 when unknown).
+inline int64_t max_smem_per_block() { return device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin); }
+inline int64_t max_smem_per_sm() { return device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor); }
 
 }  // namespace flash_mha::cuda
