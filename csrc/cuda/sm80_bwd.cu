@@ -118,7 +118,8 @@ __global__ void __launch_bounds__(128) dot_do_o_kernel(const BwdParams p, float*
 // many stages, and how much shared memory it then needs (bytes 0: it cannot). 16-byte chunks of a
 // row must be whole and aligned: unit key stride; batch / head / query strides, n_k and the base in
 // multiples of 16 bytes. Two stages where they keep the blocks per SM the registers allow (H100 /
-// H200: both head dims), else one (A100: d = 64; d = 128 with a bias alone), else none.
+// H200: every case), else one, else none (A100, 16-bit: d = 64 bias + mask one stage, bias or
+// mask alone two; d = 128 bias alone one stage, mask alone two, both none).
 struct StagedPlan {
   int64_t bytes = 0;
   int stages = 0;
@@ -689,9 +690,12 @@ bool sm80_bwd_supported(const BwdParams& p) {
   if (p.dtype != Dtype::kFloat16 && p.dtype != Dtype::kBFloat16 && !f32) return false;
   if (p.deterministic) return false;
   if (p.d % 8 || p.d_v % 8 || p.d > 128 || p.d_v > 128) return false;
-  if (f32 && (p.d > 64 || p.d_v > 64 ? BwdTraits<float, 128>::kSmemBytes : BwdTraits<float, 64>::kSmemBytes) >
-                 max_smem_per_block())
-    return false;
+  // The tiles must fit the device's shared memory: float32 at d > 64 needs sm_90's 227 KiB, 16-bit
+  // at d > 64 145 KiB (A100 / H100 / H200, not the 99 KiB of sm_86 / sm_89 cards: SIMT there).
+  const bool wide = p.d > 64 || p.d_v > 64;
+  const int64_t smem = f32 ? (wide ? BwdTraits<float, 128>::kSmemBytes : BwdTraits<float, 64>::kSmemBytes)
+                           : (wide ? BwdTraits<__half, 128>::kSmemBytes : BwdTraits<__half, 64>::kSmemBytes);
+  if (smem > 48 * 1024 && smem > max_smem_per_block()) return false;
   const int64_t strides[] = {p.q_sb, p.q_sh, p.q_sn, p.k_sb, p.k_sh, p.k_sn, p.v_sb, p.v_sh, p.v_sn,
                              p.do_sb, p.do_sh, p.do_sn};
   for (int64_t s : strides)

@@ -71,7 +71,7 @@ struct FwdTraits {
 template <typename T, typename Tr>
 bool scores_stageable(const FwdParams& p) {
   if (sizeof(T) == 4 && !p.bias) return false;
-  if (Tr::smem_bytes(true) > 110 * 1024 && Tr::smem_bytes(true) > max_smem_per_block()) return false;
+  if (Tr::smem_bytes(true) > 48 * 1024 && Tr::smem_bytes(true) > max_smem_per_block()) return false;
   auto fits = [&](const void* ptr, const Strided4& st, int64_t chunk) {
     return !ptr || ((reinterpret_cast<uintptr_t>(ptr) & 15) == 0 && st.k == 1 && st.b % chunk == 0 &&
                     st.h % chunk == 0 && st.q % chunk == 0 && p.n_k % chunk == 0);
