@@ -223,8 +223,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(
     parted = parted || keep_in_part;
   };
 
-  // The staged mask's row stride (0: broadcast over the queries) and this thread's first bias / mask
-  // element of fragment row lane / 4, column 2 (lane % 4) in a staged tile.
+  // Row strides of the staged bias / mask tiles (0: broadcast over the queries), and this thread's
+  // fragment row lane / 4 and first column 2 (lane % 4) within a tile.
   const int bias_ld = p.bias_s.q == 0 ? 0 : Tr::kBiasLd, mask_ld = p.mask_s.q == 0 ? 0 : Tr::kMaskLd;
   const int frag_off = lane / 4, frag_col2 = 2 * (lane % 4);
 
