@@ -361,6 +361,28 @@ KEY_MASKS = ["b11k", "1h1k", "bh1k", "b11k key-stride view", "b11k offset view",
 
 
 @needs_cuda
+@pytest.mark.parametrize("path", ["auto", "sm80"])
+@pytest.mark.parametrize("dtype", TC_DTYPES, ids=str)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("scale", [-0.3, 0.0, 1e-4])
+@pytest.mark.parametrize("key_padding", [False, True], ids=["plain", "key_padding"])
+def test_any_scale(path, dtype, d, scale, key_padding):
+    """Scales the plain kernels' softmax cannot take (it takes the row maximum of the raw scores, so
+    scale > 0) and a tiny one, without and with a key-padding mask, against the reference: a
+    negative scale makes the smallest raw score the heaviest."""
+    b, h, n_q, n_k = 2, 2, 150, 272
+    q = randn(b, h, n_q, d, dtype=dtype, device="cuda", requires_grad=True)
+    k = randn(b, h, n_k, d, dtype=dtype, device="cuda", requires_grad=True)
+    v = randn(b, h, n_k, d, dtype=dtype, device="cuda", requires_grad=True)
+    mask = None
+    if key_padding:
+        mask = (torch.arange(n_k, device="cuda") < torch.tensor([200, 48], device="cuda")[:, None]).view(b, 1, 1, n_k)
+    with flash_mha.force_kernel(path):
+        res = run_both(q, k, v, mask=mask, scale=scale, causal="top_left")
+    check_both(res, dtype)
+
+
+@needs_cuda
 @pytest.mark.parametrize("path", ["auto", "sm90", "sm80"])
 @pytest.mark.parametrize("dtype", TC_DTYPES, ids=str)
 @pytest.mark.parametrize("d", [64, 128])

@@ -14,9 +14,12 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 
 // cp.async.cg.shared.global: 16 bytes global -> shared, bypassing L1. When !pred, the 16 bytes
 // are zero-filled (src-size 0) and nothing is read from src.
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool pred) {
+__device__ __forceinline__ void cp_async_16(uint32_t smem, const void* gmem, bool pred) {
   const int src_size = pred ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem), "r"(src_size));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(src_size));
+}
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool pred) {
+  cp_async_16(smem_addr(smem), gmem, pred);
 }
 
 // cp.async.commit_group

@@ -16,9 +16,12 @@
 namespace flash_mha::cuda {
 namespace {
 
-template <typename T, int kD_>
+template <typename T, int kD_, bool kWide_ = false>
 struct FwdTraits {
   static constexpr int kD = kD_;
+  // kWide: the plain kernels' wider key tile at d = 128 (16-bit only; see kBlockN).
+  static constexpr bool kWide = kWide_;
+  static_assert(!kWide || (sizeof(T) == 2 && kD == 128), "the wide key tile is for 16-bit d = 128");
   static constexpr int kWarps = 4;
   static constexpr int kThreads = 32 * kWarps;
   // m16 row tiles per warp: two tiles share every K and V fragment read from shared memory (half
@@ -27,8 +30,12 @@ struct FwdTraits {
   static constexpr int kMT = kD <= 128 && sizeof(T) == 2 ? 2 : 1;
   static constexpr int kBlockM = 16 * kMT * kWarps;
   // Key tile: 64 for d = 64; 32 above, where a 64-key score tile next to the output accumulators
-  // spills registers (d = 128: 2 x 64 output + 2 x 32 score registers per thread).
-  static constexpr int kBlockN = kD <= 64 ? 64 : 32;
+  // spills registers in the general kernel (d = 128: 2 x 64 output + 2 x 32 score registers per
+  // thread). The plain kernels at d = 128 take 64 (kWide) where two 96 KiB blocks fit an SM: with
+  // the loader's registers freed (TileStream) it spills 36 bytes outside the key loop, and paying
+  // the per-tile costs (softmax reductions, barriers, loads) per 64 keys took the forward from
+  // 0.81-0.83x to 0.90-0.95x SDPA FLASH (H200, bf16, 1k-16k).
+  static constexpr int kBlockN = kD <= 64 || kWide ? 64 : 32;
   // Blocks per SM the register allocation must allow (1: up to 255 registers per thread).
   static constexpr int kMinBlocks = 1;
   // Skip the mma steps of all-zero padding columns (d, d_v < kD). A runtime branch splits the
@@ -46,7 +53,7 @@ struct FwdTraits {
   // placed after Smem and allocated for that kernel only. Rows padded by 16 bytes: the fragment
   // reads of 8 rows x 4 lanes hit 32 distinct banks (16-bit; float's per-element reads see 2-way
   // conflicts). d = 256 reads per element instead (smem).
-  static constexpr bool kStage = kD <= 128;
+  static constexpr bool kStage = kD <= 128 && !kWide;
   static constexpr int kBiasLd = kBlockN + 16 / sizeof(T), kMaskLd = kBlockN + 16;
   struct Staged {
     T bias[2][kBlockM * kBiasLd];
@@ -163,9 +170,10 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(
   };
 
   load_tile_async<kBlockM, kD, kThreads>(sm.q, qg, p.q_sn, rows, d);
+  TileStream<kBlockN, kD, kThreads, T> k_stream(kg, p.k_sn, d), v_stream(vg, p.v_sn, dv);
   if (n_tiles > 0) {
-    load_tile_async<kBlockN, kD, kThreads>(sm.k[0], kg, p.k_sn, static_cast<int>(imin(kBlockN, p.n_k)), d);
-    load_tile_async<kBlockN, kD, kThreads>(sm.v[0], vg, p.v_sn, static_cast<int>(imin(kBlockN, p.n_k)), dv);
+    k_stream.load(sm.k[0], static_cast<int>(imin(kBlockN, p.n_k)));
+    v_stream.load(sm.v[0], static_cast<int>(imin(kBlockN, p.n_k)));
     load_scores(0, 0, static_cast<int>(imin(kBlockN, p.n_k)));
   }
   cp_async_commit_group();
@@ -174,7 +182,10 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(
   Dropout drop;
   drop.init(p);
   const uint64_t bh = static_cast<uint64_t>(bi * p.h + hi);
-  OnlineSoftmax softmax[kMT];
+  // The plain kernels fold the scale into the exponent (SplitSoftmax::scores: one FFMA per score
+  // instead of a multiply and a subtract; launch sends scale <= 0 to the general kernel) and keep
+  // a row's maximum until it grows by kRescaleMargin; the general kernel scales in its epilogue.
+  SplitSoftmax softmax[kMT];
   float o[kMT][kNO][4];  // [16 rows, kD] per m-tile of this warp
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt) {
@@ -228,13 +239,15 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(
   const int bias_ld = p.bias_s.q == 0 ? 0 : Tr::kBiasLd, mask_ld = p.mask_s.q == 0 ? 0 : Tr::kMaskLd;
   const int frag_off = lane / 4, frag_col2 = 2 * (lane % 4);
 
-  for (int t = 0; t < n_tiles; ++t) {
+  // Key tile t: kCheck (the type of its second argument) compiles the bounds / diagonal test in.
+  auto key_step = [&](const int t, auto check_type) {
+    constexpr bool kCheck = decltype(check_type)::value;
     const int stage = t & 1;
     if (t + 1 < n_tiles) {
       const int64_t jn = static_cast<int64_t>(t + 1) * kBlockN;
       const int valid = static_cast<int>(imin(kBlockN, p.n_k - jn));
-      load_tile_async<kBlockN, kD, kThreads>(sm.k[stage ^ 1], kg + jn * p.k_sn, p.k_sn, valid, d);
-      load_tile_async<kBlockN, kD, kThreads>(sm.v[stage ^ 1], vg + jn * p.v_sn, p.v_sn, valid, dv);
+      k_stream.load(sm.k[stage ^ 1], valid);
+      v_stream.load(sm.v[stage ^ 1], valid);
       load_scores(stage ^ 1, jn, valid);
       cp_async_commit_group();
       cp_async_wait_group<1>();
@@ -292,7 +305,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(
 
       const int64_t j0 = static_cast<int64_t>(t) * kBlockN;
       const bool diagonal = causal && j0 + kBlockN - 1 > i0 + row_base + shift;
-      const bool check = diagonal || j0 + kBlockN > p.n_k;
+      const bool check = kCheck && (diagonal || j0 + kBlockN > p.n_k);
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt) {
         const int64_t row0 = i0 + row_base + 16 * mt;
@@ -314,7 +327,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(
             scale_mask_tile<kNS, false>(s[mt], ctx.scale_log2, check, 1 << 30, col_limit, diag);
           }
         } else {
-          scale_mask_tile<kNS, false>(s[mt], ctx.scale_log2, check, 1 << 30, col_limit, diag);
+          scale_mask_tile<kNS, false, false>(s[mt], ctx.scale_log2, check, 1 << 30, col_limit, diag);
           if constexpr (kKeyMask) {
 #pragma unroll
             for (int nt = 0; nt < kNS; ++nt) {
@@ -325,7 +338,13 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(
             }
           }
         }
-        softmax[mt].update(s[mt], o[mt]);
+        if constexpr (kGeneral) {
+          softmax[mt].update(s[mt], o[mt]);
+        } else {
+          float alpha[2];
+          softmax[mt].scores(s[mt], ctx.scale_log2, alpha);
+          SplitSoftmax::rescale(o[mt], alpha);
+        }
         if constexpr (kGeneral) {
           if (drop.on) dropout_tile_rows(drop, bh, s[mt], row0, j0);
         }
@@ -356,7 +375,17 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(
       if ((t + 1) % (kFlushK / kBlockN) == 0 && t + 1 < n_tiles) merge_part(true);
     }
     __syncthreads();  // this stage is refilled by the next iteration's prefetch
-  }
+  };
+  // Key tiles [0, n_inner) need neither test for any row of the block (whole tiles below n_k and
+  // below every row's diagonal); the later ones (at most the last tile, plus the diagonal's under
+  // causal) take them. Two loops, since ptxas turns a uniform branch around the per-element test
+  // into selects that ran on every tile (d64: ~3 instructions per score element).
+  int64_t inner_end = p.n_k;
+  if (causal) inner_end = imin(inner_end, i0 + shift + 1);
+  const int n_inner = inner_end <= 0 ? 0 : static_cast<int>(imin(inner_end / kBlockN, n_tiles));
+  int t = 0;
+  for (; t < n_inner; ++t) key_step(t, std::false_type());
+  for (; t < n_tiles; ++t) key_step(t, std::true_type());
   cp_async_wait_group<0>();  // nothing may be in flight at exit (no key tile: Q was still loading)
   if constexpr (kF32) merge_part(false);
 
@@ -389,8 +418,22 @@ void launch(const FwdParams& p, cudaStream_t stream) {
   using Tr = FwdTraits<T, kD>;
   const int64_t blocks = p.b * p.h * ceil_div(p.n_q, Tr::kBlockM);
   if (blocks == 0) return;
-  const bool key_mask = key_mask_ok(p, Tr::kBlockN);
-  const bool general = !key_mask && (p.bias || p.mask || p.dropout_p > 0.0);
+  // The plain kernels take the row maximum of the raw scores (scale > 0; SplitSoftmax).
+  const bool scale_ok = p.scale > 0.0 && p.scale <= 1e30;
+  const bool key_mask = scale_ok && key_mask_ok(p, Tr::kBlockN);
+  const bool general = !key_mask && (p.bias || p.mask || p.dropout_p > 0.0 || !scale_ok);
+  if constexpr (sizeof(T) == 2 && kD == 128) {
+    // The wide key tile where two blocks (and the 1 KiB each reserves) fit an SM: H100 / H200, not
+    // A100 (164 KiB) or sm_86 / sm_89 (100 KiB), where it would halve the warps per SM.
+    using Wide = FwdTraits<T, kD, true>;
+    if (!general && 2 * (Wide::kKeyMaskSmem + 1024) <= max_smem_per_sm()) {
+      const auto kernel = key_mask ? sm80_fwd_kernel<T, Wide, false, false, true> : sm80_fwd_kernel<T, Wide, false, false>;
+      const int64_t smem = key_mask ? Wide::kKeyMaskSmem : Wide::smem_bytes(false);
+      allow_smem(kernel, smem);
+      kernel<<<static_cast<unsigned>(blocks), Wide::kThreads, smem, stream>>>(p);
+      return;
+    }
+  }
   const bool staged = general && scores_stageable<T, Tr>(p);
   int64_t smem = Tr::smem_bytes(staged);
   auto kernel = general ? sm80_fwd_kernel<T, Tr, true, false> : sm80_fwd_kernel<T, Tr, false, false>;

@@ -34,6 +34,48 @@ __device__ __forceinline__ void load_tile_async(T* tile, const T* g, int64_t ld,
   }
 }
 
+// load_tile_async for a loop over consecutive [kRows, kCols] tiles of one matrix (the key loop's K /
+// V): a thread's chunk column is the same in every pass (kThreads is a multiple of a row's chunks)
+// and its rows lie kPass apart, so a whole tile costs kPasses 64-bit pointer steps and cp.async,
+// and only a tile that ends past the last row tests each chunk's row (the loader's per-chunk
+// offsets, bounds and selects had taken ~100 instructions per tile and warp).
+template <int kRows, int kCols, int kThreads, typename T>
+struct TileStream {
+  static constexpr int kChunk = 16 / sizeof(T), kChunksPerRow = kCols / kChunk;
+  static constexpr int kPass = kThreads / kChunksPerRow, kPasses = kRows / kPass;
+  static_assert(kThreads % kChunksPerRow == 0 && kRows % kPass == 0, "whole passes of whole rows");
+  const T* g;         // this thread's first chunk of the next tile (column 0 when !col_ok)
+  int64_t pass_step;  // kPass rows
+  int row0, chunk;
+  bool col_ok;        // the chunk is below valid_cols (zero-filled otherwise)
+
+  // rows: the matrix's first row; ld its row stride (elements); columns >= valid_cols become zeros.
+  __device__ __forceinline__ TileStream(const T* rows, int64_t ld, int valid_cols)
+      : row0(threadIdx.x / kChunksPerRow), chunk(threadIdx.x % kChunksPerRow) {
+    col_ok = chunk * kChunk < valid_cols;
+    g = rows + row0 * ld + (col_ok ? chunk * kChunk : 0);
+    pass_step = kPass * ld;
+  }
+  // Starts the copy of the next tile into `tile` (rows >= valid_rows become zeros) and moves on
+  // by kRows rows.
+  __device__ __forceinline__ void load(T* tile, int valid_rows) {
+    const uint32_t dst = smem_addr(tile);
+    const T* src = g;
+    if (valid_rows >= kRows) {
+#pragma unroll
+      for (int it = 0; it < kPasses; ++it, src += pass_step)
+        cp_async_16(dst + sizeof(T) * swz<kCols, kChunk>(row0 + it * kPass, chunk), src, col_ok);
+    } else {
+#pragma unroll
+      for (int it = 0; it < kPasses; ++it, src += pass_step) {
+        const bool pred = col_ok && row0 + it * kPass < valid_rows;
+        cp_async_16(dst + sizeof(T) * swz<kCols, kChunk>(row0 + it * kPass, chunk), pred ? src : g, pred);
+      }
+    }
+    g += kPasses * pass_step;
+  }
+};
+
 // Rows [0, kRows) x columns [0, kCols) of a bias (T) or mask (uint8) at src (row stride row_stride,
 // unit column stride) into an unswizzled shared tile [kRows][kLd] by 16-byte cp.async chunks; rows
 // >= rows and columns >= cols (a multiple of the chunk) become zeros. A tensor broadcast over the

@@ -97,11 +97,12 @@ __device__ __forceinline__ int clamp_int(int64_t x) {
   return static_cast<int>(x < -(1 << 30) ? -(1 << 30) : (x > (1 << 30) ? (1 << 30) : x));
 }
 
-// The score epilogue without bias or mask: acc -> acc * scale_log2, and when `check` (uniform: a
+// The score epilogue without bias or mask: acc -> acc * scale_log2 (kScale; without it the scores
+// stay raw, for a softmax that folds the scale into its exponent), and when `check` (uniform: a
 // tile on the key/query bound or the causal diagonal) -inf where the tile-local element (r, c) has
 // r >= row_limit, c >= col_limit, or (query - key offset) past the diagonal: visible iff
 // (kKeyRows ? r - c : c - r) <= diag, with diag = (first query + shift) - first key.
-template <int kN, bool kKeyRows>
+template <int kN, bool kKeyRows, bool kScale = true>
 __device__ __forceinline__ void scale_mask_tile(float (&acc)[kN][4], float scale_log2, bool check, int row_limit,
                                                 int col_limit, int diag) {
   const int lane = threadIdx.x % 32;
@@ -110,7 +111,7 @@ __device__ __forceinline__ void scale_mask_tile(float (&acc)[kN][4], float scale
   for (int nt = 0; nt < kN; ++nt) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      float s = acc[nt][e] * scale_log2;
+      float s = kScale ? acc[nt][e] * scale_log2 : acc[nt][e];
       if (check) {
         const int r = frag_row(lane, e), c = frag_col(lane, nt, e);
         const bool vis = r < row_limit && c < col_limit && (kKeyRows ? r - c : c - r) <= diag;
@@ -229,6 +230,71 @@ struct OnlineSoftmax {
     for (int h = 0; h < 2; ++h) {
       l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
       l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
+    }
+  }
+};
+
+// Online softmax: keep a row's reference maximum until the row's scores exceed it by more than
+// kRescaleMargin (log2 units), instead of moving it (and rescaling O) whenever it grows. Exact: O
+// and l share the reference, and probabilities up to 2^8 are harmless in float and in the 16-bit P
+// of P V. ncu: the O rescale (64 FMUL a thread) ran in ~96% of the key tiles at d128 1k, where some
+// row of a warp's 16 still finds a larger score in most tiles (NOTES.md, GPU record 2026-11-27
+// 14:25, item 5). A/B with kDescriptorAdvance on in both (H200, 2026-11-27,
+// benchmarks/results/H200-ab-flags-a6bab56.txt): Hopper forward +1-2%. Used by SplitSoftmax (the
+// Hopper forward and the sm80 plain forward).
+constexpr bool kLazyRescale = true;
+constexpr float kRescaleMargin = 8.f;
+
+// OnlineSoftmax (m in log2 units of the scaled scores) split in two halves so that the output
+// rescale can wait for an in-flight P V (Hopper): scores() turns raw q.k scores (-inf where
+// invisible) into probabilities and returns the per-row rescale factors, rescale() applies them to O.
+// The scale is folded into the exponent: 2^(s scale log2e - m) is one FFMA + EX2 (scale > 0, so
+// the row maximum of the raw scores gives m). Maxima and sums use 4 independent partials: the
+// softmax sits on each warpgroup's critical path, so short dependency chains matter.
+struct SplitSoftmax : OnlineSoftmax {
+  template <int kN>
+  __device__ __forceinline__ void scores(float (&s)[kN][4], float scale_log2, float (&alpha)[2]) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float mx4[4], sum4[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) mx4[i] = s[0][2 * h];
+#pragma unroll
+      for (int nt = 0; nt < kN; ++nt) mx4[nt % 4] = fmaxf(mx4[nt % 4], fmaxf(s[nt][2 * h], s[nt][2 * h + 1]));
+      float mx = fmaxf(fmaxf(mx4[0], mx4[1]), fmaxf(mx4[2], mx4[3]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      mx = fmaxf(m[h], mx * scale_log2);
+      // kLazyRescale: a maximum that grew by at most kRescaleMargin keeps the old one (alpha = 1);
+      // -inf - -inf is NaN, so a row that saw nothing yet always takes the new maximum.
+      if constexpr (kLazyRescale) {
+        if (mx - m[h] <= kRescaleMargin) mx = m[h];
+      }
+      // Nothing visible yet: m stays -inf; subtract 0 so that 2^(-inf) = 0, not NaN.
+      const float m_use = mx == -__int_as_float(0x7f800000) ? 0.f : mx;
+      alpha[h] = ex2_approx(m[h] - m_use);
+      m[h] = mx;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) sum4[i] = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < kN; ++nt) {
+        s[nt][2 * h] = ex2_approx(fmaf(s[nt][2 * h], scale_log2, -m_use));
+        s[nt][2 * h + 1] = ex2_approx(fmaf(s[nt][2 * h + 1], scale_log2, -m_use));
+        sum4[nt % 4] += s[nt][2 * h] + s[nt][2 * h + 1];
+      }
+      l[h] = l[h] * alpha[h] + ((sum4[0] + sum4[1]) + (sum4[2] + sum4[3]));
+    }
+  }
+  // Once the row maxima settle, alpha is 1 for every row of the warp: skip the multiplies.
+  template <int kNO>
+  __device__ __forceinline__ static void rescale(float (&o)[kNO][4], const float (&alpha)[2]) {
+    if (!__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) return;
+#pragma unroll
+    for (int nt = 0; nt < kNO; ++nt) {
+      o[nt][0] *= alpha[0];
+      o[nt][1] *= alpha[0];
+      o[nt][2] *= alpha[1];
+      o[nt][3] *= alpha[1];
     }
   }
 };
