@@ -122,6 +122,18 @@ __device__ __forceinline__ void red_add_v2_f32(float* p, float a, float b) {
 #endif
 }
 
+// red_add_v2_f32 iff pred, without a branch (the dQ adds of the sm80 backward).
+__device__ __forceinline__ void red_add_v2_f32_if(bool pred, float* p, float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("{\n .reg .pred q;\n setp.ne.b32 q, %3, 0;\n @q red.add.global.v2.f32 [%0], {%1, %2};\n}\n" ::"l"(p),
+               "f"(a), "f"(b), "r"(static_cast<int>(pred))
+               : "memory");
+#else
+  red_add_f32_if(pred, p, a);
+  red_add_f32_if(pred, p + 1, b);
+#endif
+}
+
 // 16-bit load from a shared-memory address (zero-extended).
 __device__ __forceinline__ uint32_t ld_shared_u16(uint32_t addr) {
   uint16_t v;

@@ -198,20 +198,32 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
   load_tile_async<kBlockN, kD, kThreads>(sm.k, kg, p.k_sn, cols, d);
   load_tile_async<kBlockN, kD, kThreads>(sm.v, vg, p.v_sn, cols, dv);
 
-  // Starts the loads of iteration n (head, query tile) into stage n & 1.
-  auto prefetch = [&](int64_t n) {
+  // Iteration n (head hi, query tile from row i0): prefetch starts the loads of its Q / dO tiles into
+  // stage n & 1 and those of its lse / D rows into registers (thread x < kBlockM: row i0 + x), which
+  // store_rows puts into that stage at the end of the iteration before, so that their latency is
+  // not waited for at the loads.
+  TileStream<kBlockM, kD, kThreads, T> q_stream(static_cast<const T*>(p.q), p.q_sn, d),
+      do_stream(static_cast<const T*>(p.dout), p.do_sn, dv);
+  static_assert(kBlockM <= kThreads, "one lse / D row per thread");
+  float lse_next = 0.f, dsum_next = 0.f;
+  auto prefetch = [&](int64_t n, int64_t hi, int64_t i0) {
     const int st = static_cast<int>(n & 1);
-    const int64_t hi = kvh * group + n / n_qt, i0 = (first_qt + n % n_qt) * kBlockM;
     const int rows = static_cast<int>(imin(kBlockM, p.n_q - i0));
-    load_tile_async<kBlockM, kD, kThreads>(sm.q[st], static_cast<const T*>(p.q) + bi * p.q_sb + hi * p.q_sh + i0 * p.q_sn,
-                                           p.q_sn, rows, d);
-    load_tile_async<kBlockM, kD, kThreads>(sm.dout[st],
-                                           static_cast<const T*>(p.dout) + bi * p.do_sb + hi * p.do_sh + i0 * p.do_sn,
-                                           p.do_sn, rows, dv);
-    const int64_t row = (bi * p.h + hi) * p.n_q + i0;
-    for (int x = threadIdx.x; x < kBlockM; x += kThreads) {
-      sm.lse2[st][x] = x < rows ? static_cast<const float*>(p.lse)[row + x] * kLog2e : __int_as_float(0x7f800000);
-      sm.dsum[st][x] = x < rows ? ws.dsum[row + x] : 0.f;
+    q_stream.load_rows(sm.q[st], static_cast<const T*>(p.q) + bi * p.q_sb + hi * p.q_sh + i0 * p.q_sn, rows);
+    do_stream.load_rows(sm.dout[st], static_cast<const T*>(p.dout) + bi * p.do_sb + hi * p.do_sh + i0 * p.do_sn, rows);
+    const int x = threadIdx.x;
+    const int64_t row = (bi * p.h + hi) * p.n_q + i0 + x;
+    lse_next = __int_as_float(0x7f800000);  // rows past n_q: P = 2^-inf = 0
+    dsum_next = 0.f;
+    if (x < rows) {
+      lse_next = static_cast<const float*>(p.lse)[row];
+      dsum_next = ws.dsum[row];
+    }
+  };
+  auto store_rows = [&](int64_t n) {
+    if (threadIdx.x < kBlockM) {
+      sm.lse2[n & 1][threadIdx.x] = lse_next * kLog2e;
+      sm.dsum[n & 1][threadIdx.x] = dsum_next;
     }
   };
   // The bias / mask tiles of iteration n (kStaged): queries past n_q and keys past n_k read as 0.
@@ -222,10 +234,9 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
     return smem_raw + Tr::kStagedOffset + (p.bias ? stages * Tr::kBiasBytes : 0) + buf * Tr::kMaskBytes;
   };
   const int bias_ld = p.bias_s.q == 0 ? 0 : Tr::kBiasLd, mask_ld = p.mask_s.q == 0 ? 0 : Tr::kMaskLd;
-  auto load_scores = [&](int64_t n) {
+  auto load_scores = [&](int64_t n, int64_t hi, int64_t i0) {
     if constexpr (kStaged) {
       const int buf = stages == 2 ? static_cast<int>(n & 1) : 0;
-      const int64_t hi = kvh * group + n / n_qt, i0 = (first_qt + n % n_qt) * kBlockM;
       const int rows = static_cast<int>(imin(kBlockM, p.n_q - i0));
       if (p.bias)
         load_score_tile<T, kBlockM, kBlockN, Tr::kBiasLd, kThreads>(
@@ -237,8 +248,9 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
     }
   };
   if (n_iters > 0) {
-    prefetch(0);
-    load_scores(0);
+    prefetch(0, kvh * group, first_qt * kBlockM);
+    load_scores(0, kvh * group, first_qt * kBlockM);
+    store_rows(0);
   }
   cp_async_commit_group();
 
@@ -326,18 +338,25 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
     keys_live = __any_sync(0xffffffffu, any != 0);
   };
 
-  for (int64_t n = 0; n < n_iters; ++n) {
+  const bool causal = p.causal != Causal::kNone;
+  // Iteration n's head kvh * group + g_n and query tile first_qt + qt_n, carried (no division).
+  int64_t g_n = 0, qt_n = 0;
+  // One iteration; kCheck (the type of check_type) compiles the bounds / diagonal test in.
+  auto step = [&](const int64_t n, auto check_type) {
+    constexpr bool kCheck = decltype(check_type)::value;
     const int st = static_cast<int>(n & 1);
+    const int64_t hi = kvh * group + g_n, i0 = (first_qt + qt_n) * kBlockM;
+    const bool next_head = qt_n + 1 == n_qt;
+    const int64_t hi_next = next_head ? hi + 1 : hi, i0_next = next_head ? first_qt * kBlockM : i0 + kBlockM;
     if (n + 1 < n_iters) {
-      prefetch(n + 1);
-      if (stages == 2) load_scores(n + 1);
+      prefetch(n + 1, hi_next, i0_next);
+      if (stages == 2) load_scores(n + 1, hi_next, i0_next);
       cp_async_commit_group();
       cp_async_wait_group<1>();
     } else {
       cp_async_wait_group<0>();
     }
     __syncthreads();
-    const int64_t hi = kvh * group + n / n_qt, i0 = (first_qt + n % n_qt) * kBlockM;
     const uint64_t bh = static_cast<uint64_t>(bi * p.h + hi);
     const int buf = stages == 2 ? st : 0;  // this iteration's staged bias / mask
     const T* const bias_t = bias_st(buf);
@@ -347,7 +366,7 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
     // block-sparse masks) skips its S^T, dP^T, dK and dV work: its dS^T is zero.
     bool live = true;
     if constexpr (kKeyMask) {
-      if (n == 0 || (p.mask_s.h != 0 && n % n_qt == 0)) load_key_mask(hi);  // a new head's mask
+      if (qt_n == 0 && (n == 0 || p.mask_s.h != 0)) load_key_mask(hi);  // a new head's mask
       live = keys_live;
     }
     if constexpr (kStaged) {
@@ -397,9 +416,8 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
       }
 
       const ScoreCtx ctx(p, bi, hi);
-      const bool causal = p.causal != Causal::kNone;
       const bool diagonal = causal && key0 + 15 > i0 + shift;
-      const bool check = diagonal || key0 + 16 > p.n_k || i0 + kBlockM > p.n_q;
+      const bool check = kCheck && (diagonal || key0 + 16 > p.n_k || i0 + kBlockM > p.n_q);
       const int key_limit = clamp_int(p.n_k - key0), q_limit = clamp_int(p.n_q - i0);
       const int diag = causal ? clamp_int(i0 + shift - key0) : (1 << 30);
       if constexpr (kStaged) {
@@ -438,8 +456,8 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
                                   key_limit, q_limit, diag);
       } else if constexpr (kGeneral) {
         score_tile_log2<T, kNS, true>(ctx, s, key0, i0, diagonal);
-      } else {
-        scale_mask_tile<kNS, true>(s, ctx.scale_log2, check, key_limit, q_limit, diag);
+      } else {  // raw scores: the scale is applied in P's exponent below
+        scale_mask_tile<kNS, true, false>(s, ctx.scale_log2, check, key_limit, q_limit, diag);
         if constexpr (kKeyMask) {
 #pragma unroll
           for (int nt = 0; nt < kNS; ++nt)
@@ -465,7 +483,9 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int q = frag_col(lane, nt, e);
-          const float P = ex2_approx(s[nt][e] - sm.lse2[st][q]);  // -inf or lse = +inf -> 0
+          // -inf or lse = +inf -> 0. The plain kernels fold the scale in (scale > 0, see launch).
+          const float P = kGeneral ? ex2_approx(s[nt][e] - sm.lse2[st][q])
+                                   : ex2_approx(fmaf(s[nt][e], ctx.scale_log2, -sm.lse2[st][q]));
           const float z = (keep >> e) & 1 ? drop.keep_scale : 0.f;
           dp[nt][e] = P * (dp[nt][e] * z - sm.dsum[st][q]);
           s[nt][e] = P * z;
@@ -549,7 +569,7 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
     } else if constexpr (kStaged) {
       block_live = __syncthreads_or(live);
       if (stages == 1 && n + 1 < n_iters) {
-        load_scores(n + 1);
+        load_scores(n + 1, hi_next, i0_next);
         cp_async_commit_group();
       }
     } else {
@@ -616,18 +636,31 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int64_t i = i0 + 16 * dq_mt + frag_row(lane, 2 * h);
-        if (i >= p.n_q) continue;
         float* dst = ws.dq_acc + (bh * p.n_q + i) * p.d + dq_col0;
 #pragma unroll
         for (int nt = 0; nt < kNQ; ++nt) {
-          const int c = frag_col(lane, nt, 0);  // column dq_col0 + c
-          if (dq_col0 + c < d) {
-            red_add_v2_f32(dst + c, dq[nt][2 * h] * scale, dq[nt][2 * h + 1] * scale);  // c even, d % 8 == 0
-          }
+          const int c = frag_col(lane, nt, 0);  // column dq_col0 + c; c even, d % 8 == 0
+          red_add_v2_f32_if(i < p.n_q && dq_col0 + c < d, dst + c, dq[nt][2 * h] * scale, dq[nt][2 * h + 1] * scale);
         }
       }
     }
+    if (n + 1 < n_iters) store_rows(n + 1);  // stage st ^ 1's lse / D rows (its last reader is done)
     __syncthreads();  // stage st and sm.ds are overwritten next
+  };
+  // The bounds / diagonal test is needed where the block's keys reach the diagonal of the tile's
+  // first query, past n_k, or the tile past n_q. Two copies of the iteration, since ptxas turns a
+  // uniform branch around the per-element test into selects that run on every iteration.
+  for (int64_t n = 0; n < n_iters; ++n) {
+    const int64_t i0 = (first_qt + qt_n) * kBlockM;
+    if (kGeneral || (causal && j0 + kBlockN - 1 > i0 + shift) || j0 + kBlockN > p.n_k || i0 + kBlockM > p.n_q) {
+      step(n, std::true_type());
+    } else {
+      step(n, std::false_type());
+    }
+    if (++qt_n == n_qt) {
+      qt_n = 0;
+      ++g_n;
+    }
   }
 
   cp_async_wait_group<0>();  // nothing may be in flight at exit (no query tile: K, V still loading)
@@ -649,8 +682,12 @@ void launch(const BwdParams& p, void* workspace, cudaStream_t stream) {
   const int64_t blocks = p.b * p.h_kv * ceil_div(p.n_k, Tr::kBlockN);
   if (blocks > 0) {
     // A key mask alone (key padding): the plain kernel with kKeyMask.
-    const bool key_mask = p.mask && !p.bias && !p.dbias && p.dropout_p == 0.0 && (p.mask_s.q == 0 || p.n_q == 1);
-    const bool general = !key_mask && (p.bias || p.mask || p.dropout_p > 0.0 || p.dbias);
+    // The plain kernels fold the scale into P's exponent, which needs scale > 0 (a masked score's
+    // -inf times the scale must stay -inf); other scales take the general kernel.
+    const bool scale_ok = p.scale > 0.0 && p.scale <= 1e30;
+    const bool key_mask =
+        scale_ok && p.mask && !p.bias && !p.dbias && p.dropout_p == 0.0 && (p.mask_s.q == 0 || p.n_q == 1);
+    const bool general = !key_mask && (p.bias || p.mask || p.dropout_p > 0.0 || p.dbias || !scale_ok);
     const StagedPlan plan = general ? staged_plan<T, Tr>(p) : StagedPlan{};
     ws.score_stages = plan.stages;
     auto kernel = key_mask      ? sm80_bwd_kernel<T, Tr, false, false, true>

@@ -45,6 +45,7 @@ struct TileStream {
   static constexpr int kPass = kThreads / kChunksPerRow, kPasses = kRows / kPass;
   static_assert(kThreads % kChunksPerRow == 0 && kRows % kPass == 0, "whole passes of whole rows");
   const T* g;         // this thread's first chunk of the next tile (column 0 when !col_ok)
+  int64_t off;        // that chunk's offset from the tile's first element
   int64_t pass_step;  // kPass rows
   int row0, chunk;
   bool col_ok;        // the chunk is below valid_cols (zero-filled otherwise)
@@ -53,8 +54,14 @@ struct TileStream {
   __device__ __forceinline__ TileStream(const T* rows, int64_t ld, int valid_cols)
       : row0(threadIdx.x / kChunksPerRow), chunk(threadIdx.x % kChunksPerRow) {
     col_ok = chunk * kChunk < valid_cols;
-    g = rows + row0 * ld + (col_ok ? chunk * kChunk : 0);
+    off = row0 * ld + (col_ok ? chunk * kChunk : 0);
+    g = rows + off;
     pass_step = kPass * ld;
+  }
+  // The tile whose first row is `rows` (same row stride), wherever it lies.
+  __device__ __forceinline__ void load_rows(T* tile, const T* rows, int valid_rows) {
+    g = rows + off;
+    load(tile, valid_rows);
   }
   // Starts the copy of the next tile into `tile` (rows >= valid_rows become zeros) and moves on
   // by kRows rows.
