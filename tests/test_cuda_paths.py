@@ -364,12 +364,13 @@ KEY_MASKS = ["b11k", "1h1k", "bh1k", "b11k key-stride view", "b11k offset view",
 @pytest.mark.parametrize("path", ["auto", "sm80"])
 @pytest.mark.parametrize("dtype", TC_DTYPES, ids=str)
 @pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("scale", [-0.3, 0.0, 1e-4])
+@pytest.mark.parametrize("scale", [-0.3, 0.0, 1e-46, 1e-4])
 @pytest.mark.parametrize("key_padding", [False, True], ids=["plain", "key_padding"])
 def test_any_scale(path, dtype, d, scale, key_padding):
-    """Scales the plain kernels' softmax cannot take (it takes the row maximum of the raw scores, so
-    scale > 0) and a tiny one, without and with a key-padding mask, against the reference: a
-    negative scale makes the smallest raw score the heaviest."""
+    """Scales the plain kernels' softmax cannot take (it takes the row maximum of the raw scores and
+    scales it after: scale > 0, and not 0 once rounded to float, 1e-46) and a tiny one, without and
+    with a key-padding mask, against the reference: a negative scale makes the smallest raw score
+    the heaviest."""
     b, h, n_q, n_k = 2, 2, 150, 272
     q = randn(b, h, n_q, d, dtype=dtype, device="cuda", requires_grad=True)
     k = randn(b, h, n_k, d, dtype=dtype, device="cuda", requires_grad=True)

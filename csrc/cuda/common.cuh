@@ -7,6 +7,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cfloat>
 #include <cstdint>
 
 #include "../flash_mha.h"
@@ -44,6 +45,13 @@ __device__ __forceinline__ double log_acc(double x) { return log(x); }
 __device__ __forceinline__ bool causal_visible(Causal c, int64_t i, int64_t j, int64_t shift) {
   return c == Causal::kNone || j <= i + shift;
 }
+
+// Whether a softmax that takes the row maximum of the raw scores and folds the scale into the
+// exponent (2^(s scale log2e - m): the sm80 plain kernels, the Hopper forward) can take this
+// scale. It must be positive as a float and not subnormal (a masked score's -inf times a scale
+// that is 0 in float, or flushed to 0, is NaN); above 1e30 the scaled maximum could overflow.
+// Other scales go to the kernels that scale each score first.
+inline bool scale_foldable(double scale) { return scale >= FLT_MIN && scale <= 1e30; }
 
 __host__ __device__ __forceinline__ int64_t causal_shift(const FwdParams& p) {
   return p.causal == Causal::kBottomRight ? p.n_k - p.n_q : 0;

@@ -682,9 +682,9 @@ void launch(const BwdParams& p, void* workspace, cudaStream_t stream) {
   const int64_t blocks = p.b * p.h_kv * ceil_div(p.n_k, Tr::kBlockN);
   if (blocks > 0) {
     // A key mask alone (key padding): the plain kernel with kKeyMask.
-    // The plain kernels fold the scale into P's exponent, which needs scale > 0 (a masked score's
-    // -inf times the scale must stay -inf); other scales take the general kernel.
-    const bool scale_ok = p.scale > 0.0 && p.scale <= 1e30;
+    // The plain kernels fold the scale into P's exponent (scale_foldable: a masked score's -inf
+    // times the scale must stay -inf); other scales take the general kernel.
+    const bool scale_ok = scale_foldable(p.scale);
     const bool key_mask =
         scale_ok && p.mask && !p.bias && !p.dbias && p.dropout_p == 0.0 && (p.mask_s.q == 0 || p.n_q == 1);
     const bool general = !key_mask && (p.bias || p.mask || p.dropout_p > 0.0 || p.dbias || !scale_ok);

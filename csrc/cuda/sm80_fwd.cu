@@ -32,7 +32,8 @@ struct FwdTraits {
   // Key tile: 64 for d = 64; 32 above, where a 64-key score tile next to the output accumulators
   // spills registers in the general kernel (d = 128: 2 x 64 output + 2 x 32 score registers per
   // thread). The plain kernels at d = 128 take 64 (kWide) where two 96 KiB blocks fit an SM: with
-  // the loader's registers freed (TileStream) it spills 36 bytes outside the key loop, and paying
+  // the loader's registers freed (TileStream) it spills 52 bytes (4 loads / stores in the key
+  // loop; 100 bytes with kKeyMask), and paying
   // the per-tile costs (softmax reductions, barriers, loads) per 64 keys took the forward from
   // 0.81-0.83x to 0.90-0.95x SDPA FLASH (H200, bf16, 1k-16k).
   static constexpr int kBlockN = kD <= 64 || kWide ? 64 : 32;
@@ -183,7 +184,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(
   drop.init(p);
   const uint64_t bh = static_cast<uint64_t>(bi * p.h + hi);
   // The plain kernels fold the scale into the exponent (SplitSoftmax::scores: one FFMA per score
-  // instead of a multiply and a subtract; launch sends scale <= 0 to the general kernel) and keep
+  // instead of a multiply and a subtract; launch sends other scales (scale_foldable) to the general kernel) and keep
   // a row's maximum until it grows by kRescaleMargin; the general kernel scales in its epilogue.
   SplitSoftmax softmax[kMT];
   float o[kMT][kNO][4];  // [16 rows, kD] per m-tile of this warp
@@ -418,8 +419,8 @@ void launch(const FwdParams& p, cudaStream_t stream) {
   using Tr = FwdTraits<T, kD>;
   const int64_t blocks = p.b * p.h * ceil_div(p.n_q, Tr::kBlockM);
   if (blocks == 0) return;
-  // The plain kernels take the row maximum of the raw scores (scale > 0; SplitSoftmax).
-  const bool scale_ok = p.scale > 0.0 && p.scale <= 1e30;
+  // The plain kernels take the row maximum of the raw scores (SplitSoftmax).
+  const bool scale_ok = scale_foldable(p.scale);
   const bool key_mask = scale_ok && key_mask_ok(p, Tr::kBlockN);
   const bool general = !key_mask && (p.bias || p.mask || p.dropout_p > 0.0 || !scale_ok);
   if constexpr (sizeof(T) == 2 && kD == 128) {

@@ -34,8 +34,9 @@ __device__ __forceinline__ void load_tile_async(T* tile, const T* g, int64_t ld,
   }
 }
 
-// load_tile_async for a loop over consecutive [kRows, kCols] tiles of one matrix (the key loop's K /
-// V): a thread's chunk column is the same in every pass (kThreads is a multiple of a row's chunks)
+// load_tile_async for a loop over [kRows, kCols] tiles of one matrix (the forward's K / V: consecutive
+// tiles, load; the backward's Q / dO: load_rows): a thread's chunk column is the same in every pass
+// (kThreads is a multiple of a row's chunks)
 // and its rows lie kPass apart, so a whole tile costs kPasses 64-bit pointer steps and cp.async,
 // and only a tile that ends past the last row tests each chunk's row (the loader's per-chunk
 // offsets, bounds and selects had taken ~100 instructions per tile and warp).
@@ -75,8 +76,9 @@ struct TileStream {
     } else {
 #pragma unroll
       for (int it = 0; it < kPasses; ++it, src += pass_step) {
+        // Without pred nothing is read; the address given is the tile's first element (g - off).
         const bool pred = col_ok && row0 + it * kPass < valid_rows;
-        cp_async_16(dst + sizeof(T) * swz<kCols, kChunk>(row0 + it * kPass, chunk), pred ? src : g, pred);
+        cp_async_16(dst + sizeof(T) * swz<kCols, kChunk>(row0 + it * kPass, chunk), pred ? src : g - off, pred);
       }
     }
     g += kPasses * pass_step;

@@ -743,7 +743,7 @@ bool sm90_fwd_supported(const FwdParams& p) {
   // The softmax takes the row maximum of the unscaled scores, then scales it by scale * log2(e) in
   // float: a scale near float's range could turn a finite maximum into +inf and make the row look
   // empty (zeros, lse = +inf). Such scales go to the portable path.
-  if (!(p.scale > 0.0) || p.scale > 1e30) return false;
+  if (!scale_foldable(p.scale)) return false;
   if (p.h_kv <= 0 || p.h % p.h_kv) return false;
   // TMA coordinates and the kernel's tile indices are 32-bit.
   constexpr int64_t kMaxCoord = (int64_t{1} << 30);
