@@ -32,10 +32,10 @@ struct FwdTraits {
   // Key tile: 64 for d = 64; 32 above, where a 64-key score tile next to the output accumulators
   // spills registers in the general kernel (d = 128: 2 x 64 output + 2 x 32 score registers per
   // thread). The plain kernels at d = 128 take 64 (kWide) where two 96 KiB blocks fit an SM: with
-  // the loader's registers freed (TileStream) it spills 52 bytes (4 loads / stores in the key
-  // loop; 100 bytes with kKeyMask), and paying
-  // the per-tile costs (softmax reductions, barriers, loads) per 64 keys took the forward from
-  // 0.81-0.83x to 0.90-0.95x SDPA FLASH (H200, bf16, 1k-16k).
+  // the loader's registers freed (TileStream) they spill 52 bytes (4 loads / stores in the key
+  // loop; 100 bytes with kKeyMask), and paying the per-tile costs (softmax reductions, barriers,
+  // loads) per 64 keys took the forward from 0.81-0.83x to 0.90-0.95x SDPA FLASH (H200, bf16,
+  // 1k-16k, before the key loop was split; NOTES.md).
   static constexpr int kBlockN = kD <= 64 || kWide ? 64 : 32;
   // Blocks per SM the register allocation must allow (1: up to 255 registers per thread).
   static constexpr int kMinBlocks = 1;
@@ -184,8 +184,9 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(
   drop.init(p);
   const uint64_t bh = static_cast<uint64_t>(bi * p.h + hi);
   // The plain kernels fold the scale into the exponent (SplitSoftmax::scores: one FFMA per score
-  // instead of a multiply and a subtract; launch sends other scales (scale_foldable) to the general kernel) and keep
-  // a row's maximum until it grows by kRescaleMargin; the general kernel scales in its epilogue.
+  // instead of a multiply and a subtract; launch sends the scales scale_foldable refuses to the
+  // general kernel) and keep a row's maximum until it grows by kRescaleMargin; the general kernel
+  // scales in its epilogue.
   SplitSoftmax softmax[kMT];
   float o[kMT][kNO][4];  // [16 rows, kD] per m-tile of this warp
 #pragma unroll
@@ -341,13 +342,11 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(
         }
         if constexpr (kGeneral) {
           softmax[mt].update(s[mt], o[mt]);
+          if (drop.on) dropout_tile_rows(drop, bh, s[mt], row0, j0);
         } else {
           float alpha[2];
           softmax[mt].scores(s[mt], ctx.scale_log2, alpha);
           SplitSoftmax::rescale(o[mt], alpha);
-        }
-        if constexpr (kGeneral) {
-          if (drop.on) dropout_tile_rows(drop, bh, s[mt], row0, j0);
         }
       }
 
