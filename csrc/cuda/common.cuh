@@ -134,10 +134,10 @@ __host__ __device__ inline bool dbias_once(const BwdParams& p) {
 }
 
 namespace {
-// dst[e] = src[e] in T (float accumulators to the output dtype). 16-bit T with both pointers
-// 16-byte aligned: 8 elements a thread per step (two 16-byte loads, one 16-byte store).
+// dst[e] = src[e] * scale in T (float accumulators to the output dtype). 16-bit T with both
+// pointers 16-byte aligned: 8 elements a thread per step (two 16-byte loads, one 16-byte store).
 template <typename T>
-__global__ void to_dtype_kernel(T* dst, const float* src, int64_t n) {
+__global__ void to_dtype_kernel(T* dst, const float* src, int64_t n, float scale = 1.f) {
   const int64_t first = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   int64_t done = 0;
@@ -147,8 +147,8 @@ __global__ void to_dtype_kernel(T* dst, const float* src, int64_t n) {
       for (int64_t v = first; v < n8; v += step) {
         const float4 a = reinterpret_cast<const float4*>(src)[2 * v];
         const float4 b = reinterpret_cast<const float4*>(src)[2 * v + 1];
-        auto pack = [](float x, float y) {
-          const T lo = from_acc<T>(x), hi = from_acc<T>(y);
+        auto pack = [&](float x, float y) {
+          const T lo = from_acc<T>(x * scale), hi = from_acc<T>(y * scale);
           const uint32_t l = *reinterpret_cast<const uint16_t*>(&lo), h = *reinterpret_cast<const uint16_t*>(&hi);
           return l | h << 16;
         };
@@ -157,7 +157,7 @@ __global__ void to_dtype_kernel(T* dst, const float* src, int64_t n) {
       done = n8 * 8;
     }
   }
-  for (int64_t e = done + first; e < n; e += step) dst[e] = from_acc<T>(src[e]);
+  for (int64_t e = done + first; e < n; e += step) dst[e] = from_acc<T>(src[e] * scale);
 }
 }  // namespace
 

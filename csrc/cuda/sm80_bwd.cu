@@ -33,18 +33,28 @@ constexpr bool kAtomicSharedDbias = true;
 // on an H200 together with kAtomicSharedDbias, NOTES.md).
 constexpr bool kDirectDbias = true;
 
-template <typename T, int kD_>
+// kMT: key m-tiles (16 keys each) per warp. 2 (the 16-bit plain kernels at d = 64): each Q / dO
+// fragment read from shared memory feeds both m-tiles, and a block covers 128 keys (half the dQ
+// atomics and Q / dO loads per key), with 32-query tiles so that S^T, dP^T (32 + 32 registers) fit
+// beside dK, dV (128). The general kernels (bias, mask, dropout) keep 1.
+template <typename T, int kD_, int kMT_ = 1>
 struct BwdTraits {
   static constexpr int kD = kD_;
-  // Warps x 16 keys per block. d = 128: 8 warps, so every Q / dO tile read from shared memory and
-  // every dQ atomic covers 128 keys (half the atomics of 64-key blocks); 2-3% faster than 4 warps
-  // on an H200. d = 64: 4 warps (two blocks per SM), 4-8% faster than 8 (csrc/cuda/NOTES.md, run 4).
+  static constexpr int kMT = kMT_;
+  static_assert(kMT == 1 || (kMT == 2 && sizeof(T) == 2 && kD == 64), "two key m-tiles per warp: 16-bit, d = 64");
+  // Warps x 16 kMT keys per block. d = 128: 8 warps, so every Q / dO tile read from shared memory
+  // and every dQ atomic covers 128 keys (half the atomics of 64-key blocks); 2-3% faster than 4
+  // warps on an H200. d = 64: 4 warps (two blocks per SM), 4-8% faster than 8 (NOTES.md, run 4).
   static constexpr int kWarps = kD <= 64 ? 4 : 8;
   static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kBlockN = 16 * kWarps;  // keys per block
+  static constexpr int kWarpKeys = 16 * kMT;
+  static constexpr int kBlockN = kWarpKeys * kWarps;  // keys per block
   // Queries per inner tile. float32: 32, so that the [16 keys, kBlockM] S^T and dP^T tiles and the
-  // split (hi, lo) fragments fit the registers next to dK, dV.
-  static constexpr int kBlockM = sizeof(T) == 2 ? 64 : 32;
+  // split (hi, lo) fragments fit the registers next to dK, dV; kMT = 2: 32 likewise.
+  static constexpr int kBlockM = sizeof(T) == 2 ? 64 / kMT : 32;
+  // dS^T's row length in elements: at least 128 bytes (the swizzle's 8 chunks; kMT = 2 leaves the
+  // second half of each row unused).
+  static constexpr int kDsCols = kBlockM * static_cast<int>(sizeof(T)) >= 128 ? kBlockM : 128 / static_cast<int>(sizeof(T));
   // dQ = dS K of a query tile: warp w takes m-tile w % kQMT and column group w / kQMT of kD.
   static constexpr int kQMT = kBlockM / 16;
   static constexpr int kColGroups = kWarps / kQMT;
@@ -55,7 +65,7 @@ struct BwdTraits {
     T v[kBlockN * kD];            // [kBlockN, kD] swizzled
     T q[2][kBlockM * kD];         // [stage][kBlockM, kD] swizzled
     T dout[2][kBlockM * kD];      // [stage][kBlockM, kD] swizzled
-    T ds[kBlockN * kBlockM];      // dS^T [kBlockN, kBlockM] swizzled
+    T ds[kBlockN * kDsCols];      // dS^T [kBlockN, kBlockM] in rows of kDsCols, swizzled
     float lse2[2][kBlockM];       // [stage][kBlockM] lse * log2(e); +inf past n_q
     float dsum[2][kBlockM];       // [stage][kBlockM] D
   };
@@ -152,7 +162,10 @@ StagedPlan staged_plan(const BwdParams& p) {
 template <typename T, typename Tr, bool kGeneral, bool kStaged, bool kKeyMask = false>
 __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams p, BwdWorkspace ws) {
   constexpr int kD = Tr::kD, kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kThreads = Tr::kThreads;
-  constexpr int kNS = kBlockM / 8;  // n-tiles of a warp's [16 keys, kBlockM queries] tile
+  constexpr int kMT = Tr::kMT, kWarpKeys = Tr::kWarpKeys, kDsCols = Tr::kDsCols;
+  // The bias / mask / dropout / dbias code below reads m-tile 0 only.
+  static_assert(kMT == 1 || !kGeneral, "the general kernels take one key m-tile per warp");
+  constexpr int kNS = kBlockM / 8;  // n-tiles of an m-tile's [16 keys, kBlockM queries] tile
   constexpr int kNO = kD / 8;       // n-tiles of a warp's [16, kD] dK / dV tile
   constexpr int kNQ = kNO / Tr::kColGroups;  // n-tiles of a warp's [16 queries, kD / groups] dQ tile
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -256,19 +269,26 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
 
   Dropout drop;
   drop.init(p);
-  float dk[kNO][4], dvacc[kNO][4];  // this warp's [16 keys, kD]
-  zero_acc(dk);
-  zero_acc(dvacc);
-  const int64_t key0 = j0 + 16 * warp;  // first key of this warp
-  // dK = scale * dS^T Q and dV (rows key0 + lane / 4 (+ 8)) written from the accumulators. float32
+  float dk[kMT][kNO][4], dvacc[kMT][kNO][4];  // m-tile mt: this warp's keys 16 mt .. 16 mt + 15, [16, kD]
+  auto zero_dkdv = [&] {
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+      zero_acc(dk[mt]);
+      zero_acc(dvacc[mt]);
+    }
+  };
+  zero_dkdv();
+  const int64_t key0 = j0 + kWarpKeys * warp;  // first key of this warp
+  // dK = scale * dS^T Q and dV (rows key0 + 16 mt + lane / 4 (+ 8)) written from the accumulators. float32
   // also writes them every kFlushK queries (sm80_tile.cuh) and zeroes the accumulators: the first
   // time stored, later added by red.add, as is the last part; no other thread writes these rows.
   bool parted = false;  // block-uniform: dK / dV hold partial sums (float32)
   auto write_dkdv = [&] {
     const float scale = static_cast<float>(p.scale);
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t j = key0 + frag_row(lane, 2 * h);
+    for (int hm = 0; hm < 2 * kMT; ++hm) {
+      const int mt = hm / 2, h = hm % 2;
+      const int64_t j = key0 + 16 * mt + frag_row(lane, 2 * h);
       if (j >= p.n_k) continue;
       T* dkg = static_cast<T*>(p.dk) + ((bi * p.h_kv + kvh) * p.n_k + j) * p.d;
       T* dvg = static_cast<T*>(p.dv) + ((bi * p.h_kv + kvh) * p.n_k + j) * p.d_v;
@@ -284,15 +304,15 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
 #pragma unroll
       for (int nt = 0; nt < kNO; ++nt) {
         const int c = frag_col(lane, nt, 0);
-        if (c < d) put(dkg + c, dk[nt][2 * h] * scale, dk[nt][2 * h + 1] * scale);
-        if (c < dv) put(dvg + c, dvacc[nt][2 * h], dvacc[nt][2 * h + 1]);
+        if (c < d) put(dkg + c, dk[mt][nt][2 * h] * scale, dk[mt][nt][2 * h + 1] * scale);
+        if (c < dv) put(dvg + c, dvacc[mt][nt][2 * h], dvacc[mt][nt][2 * h + 1]);
       }
     }
   };
   constexpr int kDc = kCols16<T, kD>;  // the tiles' width for the ldmatrix address patterns
   constexpr bool kF32 = sizeof(T) == 4;
-  const auto k_addr = ldsm_a_addr<kDc>(sm.k + 16 * warp * kD);   // K as A of S^T = K Q^T
-  const auto v_addr = ldsm_a_addr<kDc>(sm.v + 16 * warp * kD);   // V as A of dP^T = V dO^T
+  const auto k_addr = ldsm_a_addr<kDc>(sm.k + kWarpKeys * warp * kD);   // K as A of S^T = K Q^T
+  const auto v_addr = ldsm_a_addr<kDc>(sm.v + kWarpKeys * warp * kD);   // V as A of dP^T = V dO^T
   // dQ phase: this warp's query m-tile and column group (columns from dq_col0).
   const int dq_mt = warp % Tr::kQMT, dq_col0 = (warp / Tr::kQMT) * (kD / Tr::kColGroups);
   const auto kt_addr = [&] {  // K as B of dQ = dS K
@@ -302,9 +322,10 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
   // dS (queries 16 dq_mt ..) as A of dQ = dS K, from the transposed tile dS^T: chunk pair dq_mt
   // (float: its columns 16 dq_mt + 8 h + lane / 4, read in acc_to_frag's key order).
   static_assert(kBlockM / 16 <= 4, "dS^T rows hold at most 4 chunk pairs: c / 4 == 0");
-  const auto ds_addr = ldsm_a_trans_addr<kCols16<T, kBlockM>>(sm.ds);
+  const auto ds_addr = ldsm_a_trans_addr<kCols16<T, kDsCols>>(sm.ds);
   const uint32_t ds_base = dq_mt == 0 ? ds_addr.base[0] : dq_mt == 1 ? ds_addr.base[1]
                            : dq_mt == 2 ? ds_addr.base[2] : ds_addr.base[3];
+  static_assert(sizeof(T) == 2 || kDsCols == kBlockM, "float32: dS^T rows of kBlockM");
   const PermRows32<kBlockM, 2> ds_f32(reinterpret_cast<const float*>(sm.ds), 16 * dq_mt);
 
   // Staged 16-bit bias as S^T fragments by ldmatrix .trans: lane l gives query row
@@ -312,28 +333,28 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
   // pairs of n-tile 2 c (rows g, g + 8) and 2 c + 1 (rows g, g + 8). A query-broadcast bias
   // (bias_ld 0) gives every row the same address, which transposes to the same values.
   const uint32_t bias_frag_addr0 =
-      smem_addr(bias_st(0) + (8 * (lane / 16) + lane % 8) * bias_ld + 16 * warp + 8 * ((lane / 8) % 2));
+      smem_addr(bias_st(0) + (8 * (lane / 16) + lane % 8) * bias_ld + kWarpKeys * warp + 8 * ((lane / 8) % 2));
   // This thread's S^T elements in a staged tile: keys 16 warp + lane / 4 (+ 8), queries 2 (lane % 4) (+ 8 nt, + 1).
-  const int key_l = 16 * warp + lane / 4, q_l = 2 * (lane % 4);
+  const int key_l = kWarpKeys * warp + lane / 4, q_l = 2 * (lane % 4);
   // dbias written from the dQ phase's dS fragments (16-bit, every element produced once, unit key
   // stride): query rows, pairs of adjacent keys, instead of element by element from the S^T layout.
   const bool frag_dbias = kGeneral && sizeof(T) == 2 && kDirectDbias && ws.dbias_direct && p.dbias_s.k == 1;
   const bool dbias_pairs = ((p.dbias_s.q | p.dbias_s.h | p.dbias_s.b) & 1) == 0 &&
                            (reinterpret_cast<uintptr_t>(p.dbias) & 3) == 0;
 
-  // kKeyMask: the score limit of the thread's key rows key0 + lane / 4 (+ 8) under the current
-  // head's mask, +inf (visible) or -inf: min(s, limit) also hides a NaN score of a masked key.
-  float row_lim[2] = {0.f, 0.f};
+  // kKeyMask: the score limit of the thread's key rows key0 + 16 mt + lane / 4 (+ 8) under the
+  // current head's mask, +inf (visible) or -inf: min(s, limit) also hides a NaN score of a masked key.
+  float row_lim[kMT][2] = {};
   bool keys_live = true;  // some key of the warp is visible (kKeyMask)
   auto load_key_mask = [&](int64_t hi) {
     const uint8_t* mk = p.mask + bi * p.mask_s.b + hi * p.mask_s.h;
     uint32_t any = 0;
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t j = key0 + lane / 4 + 8 * h;
+    for (int hm = 0; hm < 2 * kMT; ++hm) {
+      const int64_t j = key0 + lane / 4 + 8 * hm;
       const uint32_t m = j < p.n_k ? mk[j * p.mask_s.k] : 0u;
       any |= m;
-      row_lim[h] = m ? __int_as_float(0x7f800000) : -__int_as_float(0x7f800000);
+      row_lim[hm / 2][hm % 2] = m ? __int_as_float(0x7f800000) : -__int_as_float(0x7f800000);
     }
     keys_live = __any_sync(0xffffffffu, any != 0);
   };
@@ -373,17 +394,20 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
       if (p.mask) {
         uint32_t any = 0;
         for (int r = lane; r < (mask_ld == 0 ? 1 : kBlockM); r += 32) {
-          const uint4 v = *reinterpret_cast<const uint4*>(mask_t + r * mask_ld + 16 * warp);
+          const uint4 v = *reinterpret_cast<const uint4*>(mask_t + r * mask_ld + kWarpKeys * warp);
           any |= v.x | v.y | v.z | v.w;
         }
         live = __any_sync(0xffffffffu, any != 0);
       }
     }
 
-    // S^T = K Q^T and dP^T = V dO^T: [16 keys, kBlockM queries]
-    float s[kNS][4], dp[kNS][4];
-    zero_acc(s);
-    zero_acc(dp);
+    // S^T = K Q^T and dP^T = V dO^T: [16 keys, kBlockM queries] per m-tile
+    float s[kMT][kNS][4], dp[kMT][kNS][4];
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+      zero_acc(s[mt]);
+      zero_acc(dp[mt]);
+    }
     if (live) {
       const auto q_addr = ldsm_b_addr<kDc>(sm.q[st]);        // Q as B of S^T = K Q^T
       const auto do_addr = ldsm_b_addr<kDc>(sm.dout[st]);    // dO as B of dP^T = V dO^T
@@ -392,32 +416,40 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
 #pragma unroll
       for (int kk = 0; kk < kD / kMmaK<T>; ++kk) {
         {  // no d guard: padded columns are zeros, and a branch would split the unrolled loop
-          Frag<T> a;
-          ldsm_frag(a, k_addr(0, kk));
+          Frag<T> a[kMT];
+#pragma unroll
+          for (int mt = 0; mt < kMT; ++mt) ldsm_frag(a[mt], k_addr(mt, kk));
 #pragma unroll
           for (int np = 0; np < kNS / 2; ++np) {
             Frag<T> b;
             ldsm_frag(b, q_addr(np, kk));
-            mma_frag(s[2 * np], a, b, 0);
-            mma_frag(s[2 * np + 1], a, b, 1);
+#pragma unroll
+            for (int mt = 0; mt < kMT; ++mt) {
+              mma_frag(s[mt][2 * np], a[mt], b, 0);
+              mma_frag(s[mt][2 * np + 1], a[mt], b, 1);
+            }
           }
         }
         {
-          Frag<T> a;
-          ldsm_frag(a, v_addr(0, kk));
+          Frag<T> a[kMT];
+#pragma unroll
+          for (int mt = 0; mt < kMT; ++mt) ldsm_frag(a[mt], v_addr(mt, kk));
 #pragma unroll
           for (int np = 0; np < kNS / 2; ++np) {
             Frag<T> b;
             ldsm_frag(b, do_addr(np, kk));
-            mma_frag(dp[2 * np], a, b, 0);
-            mma_frag(dp[2 * np + 1], a, b, 1);
+#pragma unroll
+            for (int mt = 0; mt < kMT; ++mt) {
+              mma_frag(dp[mt][2 * np], a[mt], b, 0);
+              mma_frag(dp[mt][2 * np + 1], a[mt], b, 1);
+            }
           }
         }
       }
 
       const ScoreCtx ctx(p, bi, hi);
-      const bool diagonal = causal && key0 + 15 > i0 + shift;
-      const bool check = kCheck && (diagonal || key0 + 16 > p.n_k || i0 + kBlockM > p.n_q);
+      const bool diagonal = causal && key0 + kWarpKeys - 1 > i0 + shift;
+      const bool check = kCheck && (diagonal || key0 + kWarpKeys > p.n_k || i0 + kBlockM > p.n_q);
       const int key_limit = clamp_int(p.n_k - key0), q_limit = clamp_int(p.n_q - i0);
       const int diag = causal ? clamp_int(i0 + shift - key0) : (1 << 30);
       if constexpr (kStaged) {
@@ -452,17 +484,21 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
           }
         }
         auto keep = [&](int nt, int h) -> uint32_t { return (keep_bits[h] >> (2 * nt)) & 3u; };
-        biased_tile_rt<kNS, true>(s, ctx.scale_log2, p.bias != nullptr, bias, p.mask != nullptr, keep, check,
+        biased_tile_rt<kNS, true>(s[0], ctx.scale_log2, p.bias != nullptr, bias, p.mask != nullptr, keep, check,
                                   key_limit, q_limit, diag);
       } else if constexpr (kGeneral) {
-        score_tile_log2<T, kNS, true>(ctx, s, key0, i0, diagonal);
+        score_tile_log2<T, kNS, true>(ctx, s[0], key0, i0, diagonal);
       } else {  // raw scores: the scale is applied in P's exponent below
-        scale_mask_tile<kNS, true, false>(s, ctx.scale_log2, check, key_limit, q_limit, diag);
-        if constexpr (kKeyMask) {
 #pragma unroll
-          for (int nt = 0; nt < kNS; ++nt)
+        for (int mt = 0; mt < kMT; ++mt) {
+          scale_mask_tile<kNS, true, false>(s[mt], ctx.scale_log2, check, key_limit - 16 * mt, q_limit,
+                                            diag - 16 * mt);
+          if constexpr (kKeyMask) {
 #pragma unroll
-            for (int e = 0; e < 4; ++e) s[nt][e] = fminf(s[nt][e], row_lim[e / 2]);
+            for (int nt = 0; nt < kNS; ++nt)
+#pragma unroll
+              for (int e = 0; e < 4; ++e) s[mt][nt][e] = fminf(s[mt][nt][e], row_lim[mt][e / 2]);
+          }
         }
       }
       // P^T, then dS^T = P^T (dP^T Z - D) into dp and P^T Z into s.
@@ -478,37 +514,48 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
         }
       }
 #pragma unroll
-      for (int nt = 0; nt < kNS; ++nt) {
-        const uint32_t keep = (keep_all >> (4 * nt)) & 0xFu;
+      for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int q = frag_col(lane, nt, e);
-          // -inf or lse = +inf -> 0. The plain kernels fold the scale in (scale > 0, see launch).
-          const float P = kGeneral ? ex2_approx(s[nt][e] - sm.lse2[st][q])
-                                   : ex2_approx(fmaf(s[nt][e], ctx.scale_log2, -sm.lse2[st][q]));
-          const float z = (keep >> e) & 1 ? drop.keep_scale : 0.f;
-          dp[nt][e] = P * (dp[nt][e] * z - sm.dsum[st][q]);
-          s[nt][e] = P * z;
+        for (int nt = 0; nt < kNS; ++nt) {
+          const uint32_t keep = (keep_all >> (4 * nt)) & 0xFu;
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int q = frag_col(lane, nt, e);
+            // -inf or lse = +inf -> 0. The plain kernels fold the scale in (scale > 0, see launch).
+            const float P = kGeneral ? ex2_approx(s[mt][nt][e] - sm.lse2[st][q])
+                                     : ex2_approx(fmaf(s[mt][nt][e], ctx.scale_log2, -sm.lse2[st][q]));
+            const float z = (keep >> e) & 1 ? drop.keep_scale : 0.f;
+            dp[mt][nt][e] = P * (dp[mt][nt][e] * z - sm.dsum[st][q]);
+            s[mt][nt][e] = P * z;
+          }
         }
-      }
       // dV += (P^T Z) dO ;  dK += dS^T Q   (k = queries)
 #pragma unroll
       for (int kk = 0; kk < kBlockM / kMmaK<T>; ++kk) {
-        Frag<T> a_p, a_ds;
-        acc_to_frag(a_p, s, kk);
-        acc_to_frag(a_ds, dp, kk);
+        Frag<T> a_p[kMT], a_ds[kMT];
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          acc_to_frag(a_p[mt], s[mt], kk);
+          acc_to_frag(a_ds[mt], dp[mt], kk);
+        }
 #pragma unroll
         for (int np = 0; np < kNO / 2; ++np) {
           Frag<T> b;
           {
             dot_addr.load(b, kk, np);
-            mma_frag(dvacc[2 * np], a_p, b, 0);
-            mma_frag(dvacc[2 * np + 1], a_p, b, 1);
+#pragma unroll
+            for (int mt = 0; mt < kMT; ++mt) {
+              mma_frag(dvacc[mt][2 * np], a_p[mt], b, 0);
+              mma_frag(dvacc[mt][2 * np + 1], a_p[mt], b, 1);
+            }
           }
           {
             qt_addr.load(b, kk, np);
-            mma_frag(dk[2 * np], a_ds, b, 0);
-            mma_frag(dk[2 * np + 1], a_ds, b, 1);
+#pragma unroll
+            for (int mt = 0; mt < kMT; ++mt) {
+              mma_frag(dk[mt][2 * np], a_ds[mt], b, 0);
+              mma_frag(dk[mt][2 * np + 1], a_ds[mt], b, 1);
+            }
           }
         }
       }
@@ -528,7 +575,7 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
               const int qc = q_l + 8 * nt + x;  // query column within the tile
               if (kr < key_limit && qc < q_limit) {
                 const int64_t off = row_off + qc * ds_.q;
-                const float g = dp[nt][2 * h + x];
+                const float g = dp[0][nt][2 * h + x];
                 if (kDirectDbias && ws.dbias_direct) {
                   static_cast<T*>(p.dbias)[off] = from_acc<T>(g);
                 } else if (kAtomicSharedDbias && ws.dbias_shared) {
@@ -546,21 +593,22 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
       static_assert(kFlushK % kBlockM == 0, "flushes at whole query tiles");
       if ((n + 1) % (kFlushK / kBlockM) == 0 && n + 1 < n_iters) {
         write_dkdv();
-        zero_acc(dk);
-        zero_acc(dvacc);
+        zero_dkdv();
         parted = true;
       }
     }
     // dS^T -> shared memory (rounded to T, as the dK product used it)
     constexpr int kChunk = 16 / sizeof(T);
 #pragma unroll
-    for (int nt = 0; nt < kNS; ++nt) {
+    for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int r = 16 * warp + frag_row(lane, 2 * h), c = frag_col(lane, nt, 0);
-        store2(sm.ds + swz<kBlockM, kChunk>(r, c / kChunk) + c % kChunk, dp[nt][2 * h], dp[nt][2 * h + 1]);
+      for (int nt = 0; nt < kNS; ++nt) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int r = kWarpKeys * warp + 16 * mt + frag_row(lane, 2 * h), c = frag_col(lane, nt, 0);
+          store2(sm.ds + swz<kDsCols, kChunk>(r, c / kChunk) + c % kChunk, dp[mt][nt][2 * h], dp[mt][nt][2 * h + 1]);
+        }
       }
-    }
     // Every warp's dS^T is in place and every read of the staged tiles done: the next iteration's
     // tiles can load. A block whose warps all skipped the tile has dS = 0: no dQ, no dbias.
     bool block_live = true;
@@ -575,7 +623,7 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
     } else {
       __syncthreads();
     }
-    // dQ[queries 16 dq_mt .., column group] += scale * dS K, added to the float workspace.
+    // dQ[queries 16 dq_mt .., column group] += dS K, added to the float workspace.
     if (block_live) {
       // frag_dbias: dS of this warp's dQ rows (queries i0 + 16 dq_mt + lane / 4, + 8) read as the dQ
       // step reads it and stored as dbias rows, pairs of adjacent keys from j0 + 2 (lane % 4); the
@@ -589,7 +637,7 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
                                (i0 + dq_row) * p.dbias_s.q + j0 + 2 * (lane % 4);
           for (int kk = warp / Tr::kQMT; kk < kBlockN / 16; kk += Tr::kColGroups) {
             uint32_t r[4];  // r[2 x + h]: row g + 8 h, keys 16 kk + 8 x + 2 (lane % 4), + 1
-            ldmatrix_x4_trans(r, ds_base + kk * 16 * kBlockM * 2);
+            ldmatrix_x4_trans(r, ds_base + kk * 16 * kDsCols * 2);
 #pragma unroll
             for (int x = 0; x < 2; ++x)
 #pragma unroll
@@ -620,7 +668,7 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
 #pragma unroll
             for (int h = 0; h < 2; ++h) a.set(2 * x + h, ld_shared_b32(ds_f32(kk, h, x)));
         } else {
-          ldmatrix_x4_trans(a.r, ds_base + kk * 16 * kBlockM * 2);
+          ldmatrix_x4_trans(a.r, ds_base + kk * 16 * kDsCols * 2);
         }
 #pragma unroll
         for (int np = 0; np < kNQ / 2; ++np) {
@@ -632,7 +680,7 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
           }
         }
       }
-      const float scale = static_cast<float>(p.scale);
+      // Unscaled: the conversion to dQ multiplies by the scale.
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int64_t i = i0 + 16 * dq_mt + frag_row(lane, 2 * h);
@@ -640,7 +688,7 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
 #pragma unroll
         for (int nt = 0; nt < kNQ; ++nt) {
           const int c = frag_col(lane, nt, 0);  // column dq_col0 + c; c even, d % 8 == 0
-          red_add_v2_f32_if(i < p.n_q && dq_col0 + c < d, dst + c, dq[nt][2 * h] * scale, dq[nt][2 * h + 1] * scale);
+          red_add_v2_f32_if(i < p.n_q && dq_col0 + c < d, dst + c, dq[nt][2 * h], dq[nt][2 * h + 1]);
         }
       }
     }
@@ -668,9 +716,14 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
   write_dkdv();
 }
 
+// Key m-tiles per warp of the plain kernels (BwdTraits::kMT). With a key mask (kKeyMask) only when
+// kKeyMaskTiles2: its d = 64 kernel spills 130 bytes in the key loop with 2 (ptxas, sm_90a).
+template <typename T, int kD>
+constexpr int kPlainKeyTiles = sizeof(T) == 2 && kD == 64 ? 2 : 1;
+constexpr bool kKeyMaskTiles2 = false;
+
 template <typename T, int kD>
 void launch(const BwdParams& p, void* workspace, cudaStream_t stream) {
-  using Tr = BwdTraits<T, kD>;
   BwdWorkspace ws(p, workspace);
   const int64_t rows = p.b * p.h * p.n_q;
   if (rows > 0) dot_do_o_kernel<T><<<static_cast<unsigned>(ceil_div(rows, 4)), 128, 0, stream>>>(p, ws.dsum);
@@ -679,29 +732,40 @@ void launch(const BwdParams& p, void* workspace, cudaStream_t stream) {
   // dbias is the contiguous [b, h, n_q, n_k] tensor ops.cpp allocates (no broadcast dims).
   if (kDirectDbias && ws.dbias_direct && (p.causal != Causal::kNone || p.mask))
     cudaMemsetAsync(p.dbias, 0, static_cast<size_t>(p.b * p.h * p.n_q * p.n_k) * sizeof(T), stream);
-  const int64_t blocks = p.b * p.h_kv * ceil_div(p.n_k, Tr::kBlockN);
-  if (blocks > 0) {
-    // A key mask alone (key padding): the plain kernel with kKeyMask.
-    // The plain kernels fold the scale into P's exponent (scale_foldable: a masked score's -inf
-    // times the scale must stay -inf); other scales take the general kernel.
-    const bool scale_ok = scale_foldable(p.scale);
-    const bool key_mask =
-        scale_ok && p.mask && !p.bias && !p.dbias && p.dropout_p == 0.0 && (p.mask_s.q == 0 || p.n_q == 1);
-    const bool general = !key_mask && (p.bias || p.mask || p.dropout_p > 0.0 || p.dbias || !scale_ok);
-    const StagedPlan plan = general ? staged_plan<T, Tr>(p) : StagedPlan{};
-    ws.score_stages = plan.stages;
-    auto kernel = key_mask      ? sm80_bwd_kernel<T, Tr, false, false, true>
-                  : !general    ? sm80_bwd_kernel<T, Tr, false, false>
-                  : plan.stages ? sm80_bwd_kernel<T, Tr, true, true>
-                                : sm80_bwd_kernel<T, Tr, true, false>;
-    const int64_t smem = plan.stages ? plan.bytes : Tr::kSmemBytes;
+  // A key mask alone (key padding): the plain kernel with kKeyMask.
+  // The plain kernels fold the scale into P's exponent (scale_foldable: a masked score's -inf
+  // times the scale must stay -inf); other scales take the general kernel.
+  const bool scale_ok = scale_foldable(p.scale);
+  const bool key_mask =
+      scale_ok && p.mask && !p.bias && !p.dbias && p.dropout_p == 0.0 && (p.mask_s.q == 0 || p.n_q == 1);
+  const bool general = !key_mask && (p.bias || p.mask || p.dropout_p > 0.0 || p.dbias || !scale_ok);
+  auto run = [&](auto kernel, auto traits, int64_t smem) {
+    using Tk = decltype(traits);
+    const int64_t blocks = p.b * p.h_kv * ceil_div(p.n_k, Tk::kBlockN);
+    if (blocks == 0) return;
     allow_smem(kernel, smem);
-    kernel<<<static_cast<unsigned>(blocks), Tr::kThreads, smem, stream>>>(p, ws);
+    kernel<<<static_cast<unsigned>(blocks), Tk::kThreads, smem, stream>>>(p, ws);
+  };
+  if (general) {
+    using Tr = BwdTraits<T, kD>;
+    const StagedPlan plan = staged_plan<T, Tr>(p);
+    ws.score_stages = plan.stages;
+    if (plan.stages)
+      run(sm80_bwd_kernel<T, Tr, true, true>, Tr(), plan.bytes);
+    else
+      run(sm80_bwd_kernel<T, Tr, true, false>, Tr(), Tr::kSmemBytes);
+  } else {
+    using Tr = BwdTraits<T, kD, kPlainKeyTiles<T, kD>>;
+    using TrMask = BwdTraits<T, kD, kKeyMaskTiles2 ? kPlainKeyTiles<T, kD> : 1>;
+    if (key_mask)
+      run(sm80_bwd_kernel<T, TrMask, false, false, true>, TrMask(), TrMask::kSmemBytes);
+    else
+      run(sm80_bwd_kernel<T, Tr, false, false>, Tr(), Tr::kSmemBytes);
   }
   const int64_t n_dq = p.b * p.h * p.n_q * p.d;
   if (n_dq > 0)
     to_dtype_kernel<T><<<static_cast<unsigned>(std::min<int64_t>(ceil_div(n_dq, 256), 65536)), 256, 0, stream>>>(
-        static_cast<T*>(p.dq), ws.dq_acc, n_dq);
+        static_cast<T*>(p.dq), ws.dq_acc, n_dq, static_cast<float>(p.scale));
   if (ws.dbias_elems > 0)
     to_dtype_kernel<T><<<static_cast<unsigned>(std::min<int64_t>(ceil_div(ws.dbias_elems, 256), 65536)), 256, 0,
                          stream>>>(static_cast<T*>(p.dbias), ws.dbias_acc, ws.dbias_elems);
@@ -730,8 +794,10 @@ bool sm80_bwd_supported(const BwdParams& p) {
   // The tiles must fit the device's shared memory: float32 at d > 64 needs sm_90's 227 KiB, 16-bit
   // at d > 64 145 KiB (A100 / H100 / H200, not the 99 KiB of sm_86 / sm_89 cards: SIMT there).
   const bool wide = p.d > 64 || p.d_v > 64;
-  const int64_t smem = f32 ? (wide ? BwdTraits<float, 128>::kSmemBytes : BwdTraits<float, 64>::kSmemBytes)
-                           : (wide ? BwdTraits<__half, 128>::kSmemBytes : BwdTraits<__half, 64>::kSmemBytes);
+  const int64_t smem = f32    ? (wide ? BwdTraits<float, 128>::kSmemBytes : BwdTraits<float, 64>::kSmemBytes)
+                       : wide ? BwdTraits<__half, 128>::kSmemBytes
+                              : std::max(BwdTraits<__half, 64>::kSmemBytes,
+                                         BwdTraits<__half, 64, kPlainKeyTiles<__half, 64>>::kSmemBytes);
   if (smem > 48 * 1024 && smem > max_smem_per_block()) return false;
   const int64_t strides[] = {p.q_sb, p.q_sh, p.q_sn, p.k_sb, p.k_sh, p.k_sn, p.v_sb, p.v_sh, p.v_sn,
                              p.do_sb, p.do_sh, p.do_sn};
