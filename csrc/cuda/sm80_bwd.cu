@@ -37,28 +37,39 @@ constexpr bool kDirectDbias = true;
 // fragment read from shared memory feeds both m-tiles, and a block covers 128 keys (half the dQ
 // atomics and Q / dO loads per key), with 32-query tiles so that S^T, dP^T (32 + 32 registers) fit
 // beside dK, dV (128). The general kernels (bias, mask, dropout) keep 1.
-template <typename T, int kD_, int kMT_ = 1>
+// kSplit (the 16-bit plain kernel at d = 128, where 32 keys of dK, dV do not fit a warp): warp w
+// takes keys 32 (w % 4) .. + 31 and, for S^T / dP^T, queries 32 (w / 4) .. + 31 of the tile, for
+// dK / dV columns 64 (w / 4) .. + 63; P^T and dS^T go through shared memory between the two (as
+// FlashAttention-2 does), so every fragment read from shared memory feeds two m-tiles or n-tiles.
+template <typename T, int kD_, int kMT_ = 1, bool kSplit_ = false>
 struct BwdTraits {
   static constexpr int kD = kD_;
   static constexpr int kMT = kMT_;
+  static constexpr bool kSplit = kSplit_;
   static_assert(kMT == 1 || (kMT == 2 && sizeof(T) == 2 && kD == 64), "two key m-tiles per warp: 16-bit, d = 64");
-  // Warps x 16 kMT keys per block. d = 128: 8 warps, so every Q / dO tile read from shared memory
-  // and every dQ atomic covers 128 keys (half the atomics of 64-key blocks); 2-3% faster than 4
-  // warps on an H200. d = 64: 4 warps (two blocks per SM), 4-8% faster than 8 (NOTES.md, run 4).
+  static_assert(!kSplit || (kMT == 1 && sizeof(T) == 2 && kD == 128), "the split layout: 16-bit, d = 128");
+  // Warps x 16 kMT keys per block (kSplit: 4 x 32). d = 128: 8 warps, so every Q / dO tile read
+  // from shared memory and every dQ atomic covers 128 keys (half the atomics of 64-key blocks);
+  // 2-3% faster than 4 warps on an H200. d = 64: 4 warps (two blocks per SM), 4-8% faster than 8
+  // (NOTES.md, run 4).
   static constexpr int kWarps = kD <= 64 ? 4 : 8;
   static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kWarpKeys = 16 * kMT;
-  static constexpr int kBlockN = kWarpKeys * kWarps;  // keys per block
+  static constexpr int kWarpKeys = kSplit ? 32 : 16 * kMT;  // keys of a warp's dK / dV
+  static constexpr int kKeyGroups = kSplit ? 4 : kWarps;     // warp w's keys: group w % kKeyGroups
+  static constexpr int kBlockN = kWarpKeys * kKeyGroups;     // keys per block
   // Queries per inner tile. float32: 32, so that the [16 keys, kBlockM] S^T and dP^T tiles and the
   // split (hi, lo) fragments fit the registers next to dK, dV; kMT = 2: 32 likewise.
   static constexpr int kBlockM = sizeof(T) == 2 ? 64 / kMT : 32;
   // dS^T's row length in elements: at least 128 bytes (the swizzle's 8 chunks; kMT = 2 leaves the
   // second half of each row unused).
   static constexpr int kDsCols = kBlockM * static_cast<int>(sizeof(T)) >= 128 ? kBlockM : 128 / static_cast<int>(sizeof(T));
-  // dQ = dS K of a query tile: warp w takes m-tile w % kQMT and column group w / kQMT of kD.
+  // dQ = dS K of a query tile: warp w takes kDqMT m-tiles from kDqMT (w % kQG) and column group
+  // w / kQG of kD (kSplit: 32 x 32 per warp, 4 ldmatrix per 8 mma instead of 5).
   static constexpr int kQMT = kBlockM / 16;
-  static constexpr int kColGroups = kWarps / kQMT;
-  static_assert(kWarps % kQMT == 0 && kQMT <= 4, "dQ split: query m-tiles x column groups");
+  static constexpr int kDqMT = kSplit ? 2 : 1;
+  static constexpr int kQG = kQMT / kDqMT;
+  static constexpr int kColGroups = kWarps / kQG;
+  static_assert(kWarps % kQG == 0 && kQMT <= 4, "dQ split: query m-tiles x column groups");
   static_assert((kD / 16) % kColGroups == 0, "column groups of whole 16-column pairs");
   struct Smem {
     T k[kBlockN * kD];            // [kBlockN, kD] swizzled
@@ -66,6 +77,7 @@ struct BwdTraits {
     T q[2][kBlockM * kD];         // [stage][kBlockM, kD] swizzled
     T dout[2][kBlockM * kD];      // [stage][kBlockM, kD] swizzled
     T ds[kBlockN * kDsCols];      // dS^T [kBlockN, kBlockM] in rows of kDsCols, swizzled
+    T pt[kSplit ? kBlockN * kDsCols : 8];  // kSplit: P^T (dropout-free), as dS^T
     float lse2[2][kBlockM];       // [stage][kBlockM] lse * log2(e); +inf past n_q
     float dsum[2][kBlockM];       // [stage][kBlockM] D
   };
@@ -162,12 +174,15 @@ StagedPlan staged_plan(const BwdParams& p) {
 template <typename T, typename Tr, bool kGeneral, bool kStaged, bool kKeyMask = false>
 __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams p, BwdWorkspace ws) {
   constexpr int kD = Tr::kD, kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kThreads = Tr::kThreads;
-  constexpr int kMT = Tr::kMT, kWarpKeys = Tr::kWarpKeys, kDsCols = Tr::kDsCols;
+  constexpr int kWarpKeys = Tr::kWarpKeys, kDsCols = Tr::kDsCols, kDqMT = Tr::kDqMT;
+  constexpr int kKT = kWarpKeys / 16;  // key m-tiles of a warp
+  constexpr bool kSplit = Tr::kSplit;
   // The bias / mask / dropout / dbias code below reads m-tile 0 only.
-  static_assert(kMT == 1 || !kGeneral, "the general kernels take one key m-tile per warp");
-  constexpr int kNS = kBlockM / 8;  // n-tiles of an m-tile's [16 keys, kBlockM queries] tile
-  constexpr int kNO = kD / 8;       // n-tiles of a warp's [16, kD] dK / dV tile
-  constexpr int kNQ = kNO / Tr::kColGroups;  // n-tiles of a warp's [16 queries, kD / groups] dQ tile
+  static_assert(kKT == 1 || !kGeneral, "the general kernels take one key m-tile per warp");
+  static_assert(!kSplit || (!kGeneral && !kKeyMask), "the split layout is for the plain kernel");
+  constexpr int kNS = (kSplit ? kBlockM / 2 : kBlockM) / 8;  // n-tiles of an m-tile's S^T (queries)
+  constexpr int kNO = (kSplit ? kD / 2 : kD) / 8;            // n-tiles of an m-tile's dK / dV (columns)
+  constexpr int kNQ = kD / 8 / Tr::kColGroups;  // n-tiles of a warp's [16 queries, kD / groups] dQ m-tiles
   extern __shared__ __align__(128) unsigned char smem_raw[];
   auto& sm = *reinterpret_cast<typename Tr::Smem*>(smem_raw);
 
@@ -269,16 +284,19 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
 
   Dropout drop;
   drop.init(p);
-  float dk[kMT][kNO][4], dvacc[kMT][kNO][4];  // m-tile mt: this warp's keys 16 mt .. 16 mt + 15, [16, kD]
+  float dk[kKT][kNO][4], dvacc[kKT][kNO][4];  // m-tile mt: this warp's keys 16 mt .. 16 mt + 15, [16, kD]
   auto zero_dkdv = [&] {
 #pragma unroll
-    for (int mt = 0; mt < kMT; ++mt) {
+    for (int mt = 0; mt < kKT; ++mt) {
       zero_acc(dk[mt]);
       zero_acc(dvacc[mt]);
     }
   };
   zero_dkdv();
-  const int64_t key0 = j0 + kWarpKeys * warp;  // first key of this warp
+  const int key_grp = warp % Tr::kKeyGroups;
+  const int64_t key0 = j0 + kWarpKeys * key_grp;  // first key of this warp
+  // kSplit: the warp's first query of S^T / dP^T and first column of dK / dV.
+  const int q_off = kSplit ? 32 * (warp / Tr::kKeyGroups) : 0, col_off = kSplit ? 64 * (warp / Tr::kKeyGroups) : 0;
   // dK = scale * dS^T Q and dV (rows key0 + 16 mt + lane / 4 (+ 8)) written from the accumulators. float32
   // also writes them every kFlushK queries (sm80_tile.cuh) and zeroes the accumulators: the first
   // time stored, later added by red.add, as is the last part; no other thread writes these rows.
@@ -286,7 +304,7 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
   auto write_dkdv = [&] {
     const float scale = static_cast<float>(p.scale);
 #pragma unroll
-    for (int hm = 0; hm < 2 * kMT; ++hm) {
+    for (int hm = 0; hm < 2 * kKT; ++hm) {
       const int mt = hm / 2, h = hm % 2;
       const int64_t j = key0 + 16 * mt + frag_row(lane, 2 * h);
       if (j >= p.n_k) continue;
@@ -303,7 +321,7 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
       };
 #pragma unroll
       for (int nt = 0; nt < kNO; ++nt) {
-        const int c = frag_col(lane, nt, 0);
+        const int c = col_off + frag_col(lane, nt, 0);
         if (c < d) put(dkg + c, dk[mt][nt][2 * h] * scale, dk[mt][nt][2 * h + 1] * scale);
         if (c < dv) put(dvg + c, dvacc[mt][nt][2 * h], dvacc[mt][nt][2 * h + 1]);
       }
@@ -311,10 +329,10 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
   };
   constexpr int kDc = kCols16<T, kD>;  // the tiles' width for the ldmatrix address patterns
   constexpr bool kF32 = sizeof(T) == 4;
-  const auto k_addr = ldsm_a_addr<kDc>(sm.k + kWarpKeys * warp * kD);   // K as A of S^T = K Q^T
-  const auto v_addr = ldsm_a_addr<kDc>(sm.v + kWarpKeys * warp * kD);   // V as A of dP^T = V dO^T
-  // dQ phase: this warp's query m-tile and column group (columns from dq_col0).
-  const int dq_mt = warp % Tr::kQMT, dq_col0 = (warp / Tr::kQMT) * (kD / Tr::kColGroups);
+  const auto k_addr = ldsm_a_addr<kDc>(sm.k + kWarpKeys * key_grp * kD);   // K as A of S^T = K Q^T
+  const auto v_addr = ldsm_a_addr<kDc>(sm.v + kWarpKeys * key_grp * kD);   // V as A of dP^T = V dO^T
+  // dQ phase: this warp's query m-tiles dq_mt .. dq_mt + kDqMT - 1 and column group (columns from dq_col0).
+  const int dq_mt = kDqMT * (warp % Tr::kQG), dq_col0 = (warp / Tr::kQG) * (kD / Tr::kColGroups);
   const auto kt_addr = [&] {  // K as B of dQ = dS K
     if constexpr (kF32) return TransB<T, kD>(sm.k, dq_col0);
     else return TransB<T, kD>(sm.k).shifted(dq_col0 / 16);
@@ -323,8 +341,13 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
   // (float: its columns 16 dq_mt + 8 h + lane / 4, read in acc_to_frag's key order).
   static_assert(kBlockM / 16 <= 4, "dS^T rows hold at most 4 chunk pairs: c / 4 == 0");
   const auto ds_addr = ldsm_a_trans_addr<kCols16<T, kDsCols>>(sm.ds);
-  const uint32_t ds_base = dq_mt == 0 ? ds_addr.base[0] : dq_mt == 1 ? ds_addr.base[1]
-                           : dq_mt == 2 ? ds_addr.base[2] : ds_addr.base[3];
+  auto ds_pick = [&](int c) {
+    return c == 0 ? ds_addr.base[0] : c == 1 ? ds_addr.base[1] : c == 2 ? ds_addr.base[2] : ds_addr.base[3];
+  };
+  uint32_t ds_bases[kDqMT];
+#pragma unroll
+  for (int m = 0; m < kDqMT; ++m) ds_bases[m] = ds_pick(dq_mt + m);
+  const uint32_t ds_base = ds_bases[0];
   static_assert(sizeof(T) == 2 || kDsCols == kBlockM, "float32: dS^T rows of kBlockM");
   const PermRows32<kBlockM, 2> ds_f32(reinterpret_cast<const float*>(sm.ds), 16 * dq_mt);
 
@@ -344,13 +367,13 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
 
   // kKeyMask: the score limit of the thread's key rows key0 + 16 mt + lane / 4 (+ 8) under the
   // current head's mask, +inf (visible) or -inf: min(s, limit) also hides a NaN score of a masked key.
-  float row_lim[kMT][2] = {};
+  float row_lim[kKT][2] = {};
   bool keys_live = true;  // some key of the warp is visible (kKeyMask)
   auto load_key_mask = [&](int64_t hi) {
     const uint8_t* mk = p.mask + bi * p.mask_s.b + hi * p.mask_s.h;
     uint32_t any = 0;
 #pragma unroll
-    for (int hm = 0; hm < 2 * kMT; ++hm) {
+    for (int hm = 0; hm < 2 * kKT; ++hm) {
       const int64_t j = key0 + lane / 4 + 8 * hm;
       const uint32_t m = j < p.n_k ? mk[j * p.mask_s.k] : 0u;
       any |= m;
@@ -402,44 +425,44 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
     }
 
     // S^T = K Q^T and dP^T = V dO^T: [16 keys, kBlockM queries] per m-tile
-    float s[kMT][kNS][4], dp[kMT][kNS][4];
+    float s[kKT][kNS][4], dp[kKT][kNS][4];
 #pragma unroll
-    for (int mt = 0; mt < kMT; ++mt) {
+    for (int mt = 0; mt < kKT; ++mt) {
       zero_acc(s[mt]);
       zero_acc(dp[mt]);
     }
     if (live) {
-      const auto q_addr = ldsm_b_addr<kDc>(sm.q[st]);        // Q as B of S^T = K Q^T
-      const auto do_addr = ldsm_b_addr<kDc>(sm.dout[st]);    // dO as B of dP^T = V dO^T
+      const auto q_addr = ldsm_b_addr<kDc>(sm.q[st] + q_off * kD);        // Q as B of S^T = K Q^T
+      const auto do_addr = ldsm_b_addr<kDc>(sm.dout[st] + q_off * kD);    // dO as B of dP^T = V dO^T
       const TransB<T, kD> qt_addr(sm.q[st]);                 // Q as B of dK += dS^T Q
       const TransB<T, kD> dot_addr(sm.dout[st]);             // dO as B of dV += P^T dO
 #pragma unroll
       for (int kk = 0; kk < kD / kMmaK<T>; ++kk) {
         {  // no d guard: padded columns are zeros, and a branch would split the unrolled loop
-          Frag<T> a[kMT];
+          Frag<T> a[kKT];
 #pragma unroll
-          for (int mt = 0; mt < kMT; ++mt) ldsm_frag(a[mt], k_addr(mt, kk));
+          for (int mt = 0; mt < kKT; ++mt) ldsm_frag(a[mt], k_addr(mt, kk));
 #pragma unroll
           for (int np = 0; np < kNS / 2; ++np) {
             Frag<T> b;
             ldsm_frag(b, q_addr(np, kk));
 #pragma unroll
-            for (int mt = 0; mt < kMT; ++mt) {
+            for (int mt = 0; mt < kKT; ++mt) {
               mma_frag(s[mt][2 * np], a[mt], b, 0);
               mma_frag(s[mt][2 * np + 1], a[mt], b, 1);
             }
           }
         }
         {
-          Frag<T> a[kMT];
+          Frag<T> a[kKT];
 #pragma unroll
-          for (int mt = 0; mt < kMT; ++mt) ldsm_frag(a[mt], v_addr(mt, kk));
+          for (int mt = 0; mt < kKT; ++mt) ldsm_frag(a[mt], v_addr(mt, kk));
 #pragma unroll
           for (int np = 0; np < kNS / 2; ++np) {
             Frag<T> b;
             ldsm_frag(b, do_addr(np, kk));
 #pragma unroll
-            for (int mt = 0; mt < kMT; ++mt) {
+            for (int mt = 0; mt < kKT; ++mt) {
               mma_frag(dp[mt][2 * np], a[mt], b, 0);
               mma_frag(dp[mt][2 * np + 1], a[mt], b, 1);
             }
@@ -450,8 +473,8 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
       const ScoreCtx ctx(p, bi, hi);
       const bool diagonal = causal && key0 + kWarpKeys - 1 > i0 + shift;
       const bool check = kCheck && (diagonal || key0 + kWarpKeys > p.n_k || i0 + kBlockM > p.n_q);
-      const int key_limit = clamp_int(p.n_k - key0), q_limit = clamp_int(p.n_q - i0);
-      const int diag = causal ? clamp_int(i0 + shift - key0) : (1 << 30);
+      const int key_limit = clamp_int(p.n_k - key0), q_limit = clamp_int(p.n_q - i0 - q_off);
+      const int diag = causal ? clamp_int(i0 + q_off + shift - key0) : (1 << 30);
       if constexpr (kStaged) {
         // 16-bit: one ldmatrix per pair of n-tiles, issued where the epilogue reaches it (the
         // mma and ldmatrix asm keep their order), so 4 registers of bias are live at a time.
@@ -490,7 +513,7 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
         score_tile_log2<T, kNS, true>(ctx, s[0], key0, i0, diagonal);
       } else {  // raw scores: the scale is applied in P's exponent below
 #pragma unroll
-        for (int mt = 0; mt < kMT; ++mt) {
+        for (int mt = 0; mt < kKT; ++mt) {
           scale_mask_tile<kNS, true, false>(s[mt], ctx.scale_log2, check, key_limit - 16 * mt, q_limit,
                                             diag - 16 * mt);
           if constexpr (kKeyMask) {
@@ -514,13 +537,13 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
         }
       }
 #pragma unroll
-      for (int mt = 0; mt < kMT; ++mt)
+      for (int mt = 0; mt < kKT; ++mt)
 #pragma unroll
         for (int nt = 0; nt < kNS; ++nt) {
           const uint32_t keep = (keep_all >> (4 * nt)) & 0xFu;
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            const int q = frag_col(lane, nt, e);
+            const int q = q_off + frag_col(lane, nt, e);
             // -inf or lse = +inf -> 0. The plain kernels fold the scale in (scale > 0, see launch).
             const float P = kGeneral ? ex2_approx(s[mt][nt][e] - sm.lse2[st][q])
                                      : ex2_approx(fmaf(s[mt][nt][e], ctx.scale_log2, -sm.lse2[st][q]));
@@ -529,12 +552,12 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
             s[mt][nt][e] = P * z;
           }
         }
-      // dV += (P^T Z) dO ;  dK += dS^T Q   (k = queries)
+      // dV += (P^T Z) dO ;  dK += dS^T Q   (k = queries); kSplit: after the barrier below.
 #pragma unroll
-      for (int kk = 0; kk < kBlockM / kMmaK<T>; ++kk) {
-        Frag<T> a_p[kMT], a_ds[kMT];
+      for (int kk = 0; kk < (kSplit ? 0 : kBlockM / kMmaK<T>); ++kk) {
+        Frag<T> a_p[kKT], a_ds[kKT];
 #pragma unroll
-        for (int mt = 0; mt < kMT; ++mt) {
+        for (int mt = 0; mt < kKT; ++mt) {
           acc_to_frag(a_p[mt], s[mt], kk);
           acc_to_frag(a_ds[mt], dp[mt], kk);
         }
@@ -544,7 +567,7 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
           {
             dot_addr.load(b, kk, np);
 #pragma unroll
-            for (int mt = 0; mt < kMT; ++mt) {
+            for (int mt = 0; mt < kKT; ++mt) {
               mma_frag(dvacc[mt][2 * np], a_p[mt], b, 0);
               mma_frag(dvacc[mt][2 * np + 1], a_p[mt], b, 1);
             }
@@ -552,7 +575,7 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
           {
             qt_addr.load(b, kk, np);
 #pragma unroll
-            for (int mt = 0; mt < kMT; ++mt) {
+            for (int mt = 0; mt < kKT; ++mt) {
               mma_frag(dk[mt][2 * np], a_ds[mt], b, 0);
               mma_frag(dk[mt][2 * np + 1], a_ds[mt], b, 1);
             }
@@ -600,13 +623,15 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
     // dS^T -> shared memory (rounded to T, as the dK product used it)
     constexpr int kChunk = 16 / sizeof(T);
 #pragma unroll
-    for (int mt = 0; mt < kMT; ++mt)
+    for (int mt = 0; mt < kKT; ++mt)
 #pragma unroll
       for (int nt = 0; nt < kNS; ++nt) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const int r = kWarpKeys * warp + 16 * mt + frag_row(lane, 2 * h), c = frag_col(lane, nt, 0);
-          store2(sm.ds + swz<kDsCols, kChunk>(r, c / kChunk) + c % kChunk, dp[mt][nt][2 * h], dp[mt][nt][2 * h + 1]);
+          const int r = kWarpKeys * key_grp + 16 * mt + frag_row(lane, 2 * h), c = q_off + frag_col(lane, nt, 0);
+          const int e = swz<kDsCols, kChunk>(r, c / kChunk) + c % kChunk;
+          store2(sm.ds + e, dp[mt][nt][2 * h], dp[mt][nt][2 * h + 1]);
+          if constexpr (kSplit) store2(sm.pt + e, s[mt][nt][2 * h], s[mt][nt][2 * h + 1]);
         }
       }
     // Every warp's dS^T is in place and every read of the staged tiles done: the next iteration's
@@ -623,6 +648,40 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
     } else {
       __syncthreads();
     }
+    // kSplit: dV += P^T dO, dK += dS^T Q over the tile's queries, for the warp's keys and columns
+    // col_off .. + 63: P^T and dS^T as A operands from shared memory.
+    if constexpr (kSplit) {
+      constexpr int kDs16 = kCols16<T, kDsCols>;
+      const auto pt_addr = ldsm_a_addr<kDs16>(sm.pt + kWarpKeys * key_grp * kDsCols);
+      const auto dst_addr = ldsm_a_addr<kDs16>(sm.ds + kWarpKeys * key_grp * kDsCols);
+      const auto dot_addr = TransB<T, kD>(sm.dout[st]).shifted(col_off / 16);  // dO as B of dV
+      const auto qt_addr = TransB<T, kD>(sm.q[st]).shifted(col_off / 16);      // Q as B of dK
+#pragma unroll
+      for (int kk = 0; kk < kBlockM / kMmaK<T>; ++kk) {
+        Frag<T> a_p[kKT], a_ds[kKT];
+#pragma unroll
+        for (int mt = 0; mt < kKT; ++mt) {
+          ldsm_frag(a_p[mt], pt_addr(mt, kk));
+          ldsm_frag(a_ds[mt], dst_addr(mt, kk));
+        }
+#pragma unroll
+        for (int np = 0; np < kNO / 2; ++np) {
+          Frag<T> b;
+          dot_addr.load(b, kk, np);
+#pragma unroll
+          for (int mt = 0; mt < kKT; ++mt) {
+            mma_frag(dvacc[mt][2 * np], a_p[mt], b, 0);
+            mma_frag(dvacc[mt][2 * np + 1], a_p[mt], b, 1);
+          }
+          qt_addr.load(b, kk, np);
+#pragma unroll
+          for (int mt = 0; mt < kKT; ++mt) {
+            mma_frag(dk[mt][2 * np], a_ds[mt], b, 0);
+            mma_frag(dk[mt][2 * np + 1], a_ds[mt], b, 1);
+          }
+        }
+      }
+    }
     // dQ[queries 16 dq_mt .., column group] += dS K, added to the float workspace.
     if (block_live) {
       // frag_dbias: dS of this warp's dQ rows (queries i0 + 16 dq_mt + lane / 4, + 8) read as the dQ
@@ -635,7 +694,7 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
           const int rows_left = clamp_int(p.n_q - i0 - dq_row), keys_left = cols - 2 * (lane % 4);
           T* const dbias_row = static_cast<T*>(p.dbias) + bi * p.dbias_s.b + hi * p.dbias_s.h +
                                (i0 + dq_row) * p.dbias_s.q + j0 + 2 * (lane % 4);
-          for (int kk = warp / Tr::kQMT; kk < kBlockN / 16; kk += Tr::kColGroups) {
+          for (int kk = warp / Tr::kQG; kk < kBlockN / 16; kk += Tr::kColGroups) {
             uint32_t r[4];  // r[2 x + h]: row g + 8 h, keys 16 kk + 8 x + 2 (lane % 4), + 1
             ldmatrix_x4_trans(r, ds_base + kk * 16 * kDsCols * 2);
 #pragma unroll
@@ -657,38 +716,42 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
           }
         }
       }
-      float dq[kNQ][4];
-      zero_acc(dq);
+      float dq[kDqMT][kNQ][4];
+#pragma unroll
+      for (int m = 0; m < kDqMT; ++m) zero_acc(dq[m]);
 #pragma unroll
       for (int kk = 0; kk < kBlockN / kMmaK<T>; ++kk) {
-        Frag<T> a;
+        Frag<T> a[kDqMT];
         if constexpr (kF32) {  // a0..a3: rows g, g + 8 of the m-tile, reduction index t, t + 4
 #pragma unroll
           for (int x = 0; x < 2; ++x)
 #pragma unroll
-            for (int h = 0; h < 2; ++h) a.set(2 * x + h, ld_shared_b32(ds_f32(kk, h, x)));
+            for (int h = 0; h < 2; ++h) a[0].set(2 * x + h, ld_shared_b32(ds_f32(kk, h, x)));
         } else {
-          ldmatrix_x4_trans(a.r, ds_base + kk * 16 * kDsCols * 2);
+#pragma unroll
+          for (int m = 0; m < kDqMT; ++m) ldmatrix_x4_trans(a[m].r, ds_bases[m] + kk * 16 * kDsCols * 2);
         }
 #pragma unroll
         for (int np = 0; np < kNQ / 2; ++np) {
-          {
-            Frag<T> b;
-            kt_addr.load(b, kk, np);
-            mma_frag(dq[2 * np], a, b, 0);
-            mma_frag(dq[2 * np + 1], a, b, 1);
+          Frag<T> b;
+          kt_addr.load(b, kk, np);
+#pragma unroll
+          for (int m = 0; m < kDqMT; ++m) {
+            mma_frag(dq[m][2 * np], a[m], b, 0);
+            mma_frag(dq[m][2 * np + 1], a[m], b, 1);
           }
         }
       }
       // Unscaled: the conversion to dQ multiplies by the scale.
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int64_t i = i0 + 16 * dq_mt + frag_row(lane, 2 * h);
+      for (int hm = 0; hm < 2 * kDqMT; ++hm) {
+        const int m = hm / 2, h = hm % 2;
+        const int64_t i = i0 + 16 * (dq_mt + m) + frag_row(lane, 2 * h);
         float* dst = ws.dq_acc + (bh * p.n_q + i) * p.d + dq_col0;
 #pragma unroll
         for (int nt = 0; nt < kNQ; ++nt) {
           const int c = frag_col(lane, nt, 0);  // column dq_col0 + c; c even, d % 8 == 0
-          red_add_v2_f32_if(i < p.n_q && dq_col0 + c < d, dst + c, dq[nt][2 * h], dq[nt][2 * h + 1]);
+          red_add_v2_f32_if(i < p.n_q && dq_col0 + c < d, dst + c, dq[m][nt][2 * h], dq[m][nt][2 * h + 1]);
         }
       }
     }
@@ -721,6 +784,10 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
 template <typename T, int kD>
 constexpr int kPlainKeyTiles = sizeof(T) == 2 && kD == 64 ? 2 : 1;
 constexpr bool kKeyMaskTiles2 = false;
+// The split layout (BwdTraits::kSplit) for the 16-bit plain kernel at d = 128.
+constexpr bool kSplitPlain128 = true;
+template <typename T, int kD>
+constexpr bool kPlainSplit = kSplitPlain128 && sizeof(T) == 2 && kD == 128;
 
 template <typename T, int kD>
 void launch(const BwdParams& p, void* workspace, cudaStream_t stream) {
@@ -755,7 +822,7 @@ void launch(const BwdParams& p, void* workspace, cudaStream_t stream) {
     else
       run(sm80_bwd_kernel<T, Tr, true, false>, Tr(), Tr::kSmemBytes);
   } else {
-    using Tr = BwdTraits<T, kD, kPlainKeyTiles<T, kD>>;
+    using Tr = BwdTraits<T, kD, kPlainKeyTiles<T, kD>, kPlainSplit<T, kD>>;
     using TrMask = BwdTraits<T, kD, kKeyMaskTiles2 ? kPlainKeyTiles<T, kD> : 1>;
     if (key_mask)
       run(sm80_bwd_kernel<T, TrMask, false, false, true>, TrMask(), TrMask::kSmemBytes);
@@ -795,7 +862,8 @@ bool sm80_bwd_supported(const BwdParams& p) {
   // at d > 64 145 KiB (A100 / H100 / H200, not the 99 KiB of sm_86 / sm_89 cards: SIMT there).
   const bool wide = p.d > 64 || p.d_v > 64;
   const int64_t smem = f32    ? (wide ? BwdTraits<float, 128>::kSmemBytes : BwdTraits<float, 64>::kSmemBytes)
-                       : wide ? BwdTraits<__half, 128>::kSmemBytes
+                       : wide ? std::max(BwdTraits<__half, 128>::kSmemBytes,
+                                         BwdTraits<__half, 128, 1, kPlainSplit<__half, 128>>::kSmemBytes)
                               : std::max(BwdTraits<__half, 64>::kSmemBytes,
                                          BwdTraits<__half, 64, kPlainKeyTiles<__half, 64>>::kSmemBytes);
   if (smem > 48 * 1024 && smem > max_smem_per_block()) return false;
