@@ -134,6 +134,18 @@ __device__ __forceinline__ void red_add_v2_f32_if(bool pred, float* p, float a, 
 #endif
 }
 
+// red.add.v4.f32 of v at p (16-byte aligned) iff pred, without a branch.
+__device__ __forceinline__ void red_add_v4_f32_if(bool pred, float* p, float4 v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("{\n .reg .pred q;\n setp.ne.b32 q, %5, 0;\n @q red.add.global.v4.f32 [%0], {%1, %2, %3, %4};\n}\n" ::"l"(p),
+               "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w), "r"(static_cast<int>(pred))
+               : "memory");
+#else
+  red_add_v2_f32_if(pred, p, v.x, v.y);
+  red_add_v2_f32_if(pred, p + 2, v.z, v.w);
+#endif
+}
+
 // 16-bit load from a shared-memory address (zero-extended).
 __device__ __forceinline__ uint32_t ld_shared_u16(uint32_t addr) {
   uint16_t v;
