@@ -5,14 +5,16 @@
 // 2. One block of 8 warps (4 for d = 64) per (batch, kv head, 16 keys per warp); warp w owns keys
 //    16w .. 16w+15 and keeps their dK, dV in registers while it walks the query heads of the GQA
 //    group and their 64-query tiles (float32: 32; Q, dO, lse, D double buffered through shared memory with
-//    cp.async). Per tile, in the transposed (key-row) layout:
+//    cp.async). The 16-bit plain kernels differ (BwdTraits): at d = 64 a warp owns 32 keys over
+//    32-query tiles (kMT), at d = 128 the warps split S^T / dP^T and dK / dV differently and pass
+//    P^T, dS^T through shared memory (kSplit). Per tile, in the transposed (key-row) layout:
 //      S^T = K Q^T,  P^T = exp2(S^T log2e - lse log2e),  dP^T = V dO^T,
 //      dS^T = P^T o (dP^T Z - D),  dV += (P^T o Z) dO,  dK += dS^T Q,
 //    then dS^T goes through shared memory and dQ += dS K (warps split into the tile's query
-//    m-tiles x column groups) is added to a float32 workspace with atomics (so this path is not
-//    deterministic; deterministic mode uses the SIMT path).
+//    m-tiles x column groups) is added to a float32 workspace with atomics (DqTiles; so this path
+//    is not deterministic; deterministic mode uses the SIMT path).
 //    dbias is written by the one thread that owns each element (no broadcast across blocks).
-// 3. dQ (and dbias) converted from float to the input dtype.
+// 3. dQ (times the scale) and dbias converted from float to the input dtype.
 // Head dims (multiples of 8) are padded with zeros up to kD in {64, 128}.
 #include "kernels.h"
 #include "sm80_tile.cuh"
