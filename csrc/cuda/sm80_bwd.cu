@@ -109,11 +109,8 @@ struct BwdTraits {
 struct DqTiles {
   int64_t m_tiles, n_tiles;
   __host__ __device__ explicit DqTiles(const BwdParams& p) : m_tiles((p.n_q + 15) / 16), n_tiles(p.d / 8) {}
+  // Tile (bh, m-tile mt, n-tile nt) starts at float ((bh m_tiles + mt) n_tiles + nt) 128.
   __host__ __device__ int64_t floats(int64_t bh_count) const { return bh_count * m_tiles * n_tiles * 128; }
-  // The first float of tile (bh, m-tile mt, n-tile nt).
-  __host__ __device__ int64_t tile(int64_t bh, int64_t mt, int64_t nt) const {
-    return ((bh * m_tiles + mt) * n_tiles + nt) * 128;
-  }
 };
 
 struct BwdWorkspace {
@@ -418,6 +415,27 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
     keys_live = __any_sync(0xffffffffu, any != 0);
   };
 
+  // dV += P^T dO and dK += dS^T Q for reduction step kk (16 queries; float32: 8): A operands a_p,
+  // a_ds per key m-tile, dO / Q as B (dot, qt) over the warp's dK / dV columns.
+  auto dkdv_step = [&](const Frag<T> (&a_p)[kKT], const Frag<T> (&a_ds)[kKT], const TransB<T, kD>& dot,
+                       const TransB<T, kD>& qt, int kk) {
+#pragma unroll
+    for (int np = 0; np < kNO / 2; ++np) {
+      Frag<T> b;
+      dot.load(b, kk, np);
+#pragma unroll
+      for (int mt = 0; mt < kKT; ++mt) {
+        mma_frag(dvacc[mt][2 * np], a_p[mt], b, 0);
+        mma_frag(dvacc[mt][2 * np + 1], a_p[mt], b, 1);
+      }
+      qt.load(b, kk, np);
+#pragma unroll
+      for (int mt = 0; mt < kKT; ++mt) {
+        mma_frag(dk[mt][2 * np], a_ds[mt], b, 0);
+        mma_frag(dk[mt][2 * np + 1], a_ds[mt], b, 1);
+      }
+    }
+  };
   const bool causal = p.causal != Causal::kNone;
   // Iteration n's head kvh * group + g_n and query tile first_qt + qt_n, carried (no division).
   int64_t g_n = 0, qt_n = 0;
@@ -597,26 +615,7 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
           acc_to_frag(a_p[mt], s[mt], kk);
           acc_to_frag(a_ds[mt], dp[mt], kk);
         }
-#pragma unroll
-        for (int np = 0; np < kNO / 2; ++np) {
-          Frag<T> b;
-          {
-            dot_addr.load(b, kk, np);
-#pragma unroll
-            for (int mt = 0; mt < kKT; ++mt) {
-              mma_frag(dvacc[mt][2 * np], a_p[mt], b, 0);
-              mma_frag(dvacc[mt][2 * np + 1], a_p[mt], b, 1);
-            }
-          }
-          {
-            qt_addr.load(b, kk, np);
-#pragma unroll
-            for (int mt = 0; mt < kKT; ++mt) {
-              mma_frag(dk[mt][2 * np], a_ds[mt], b, 0);
-              mma_frag(dk[mt][2 * np + 1], a_ds[mt], b, 1);
-            }
-          }
-        }
+        dkdv_step(a_p, a_ds, dot_addr, qt_addr, kk);
       }
       // dbias from the S^T layout (unless frag_dbias): stored once in the input dtype (kDirectDbias),
       // a plain add where each element belongs to this thread alone, else float atomics.
@@ -701,22 +700,7 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
             ldsm_frag(a_p[mt], pt_addr(mt, kk));
             ldsm_frag(a_ds[mt], dst_addr(mt, kk));
           }
-#pragma unroll
-          for (int np = 0; np < kNO / 2; ++np) {
-            Frag<T> b;
-            dot_addr.load(b, kk, np);
-#pragma unroll
-            for (int mt = 0; mt < kKT; ++mt) {
-              mma_frag(dvacc[mt][2 * np], a_p[mt], b, 0);
-              mma_frag(dvacc[mt][2 * np + 1], a_p[mt], b, 1);
-            }
-            qt_addr.load(b, kk, np);
-#pragma unroll
-            for (int mt = 0; mt < kKT; ++mt) {
-              mma_frag(dk[mt][2 * np], a_ds[mt], b, 0);
-              mma_frag(dk[mt][2 * np + 1], a_ds[mt], b, 1);
-            }
-          }
+          dkdv_step(a_p, a_ds, dot_addr, qt_addr, kk);
         }
       }
     }
