@@ -114,7 +114,7 @@ struct DqTiles {
 };
 
 struct BwdWorkspace {
-  float* dq_acc;     // DqTiles layout
+  float* dq_acc;     // DqTiles layout (the split kernels: row-major [b h, n_q, d])
   float* dsum;       // [b, h, n_q]  D = rowsum(dO * O)
   float* dbias_acc;  // dbias's shape, or nullptr
   bool dbias_shared;  // dbias_shared(p): add with atomics
@@ -918,7 +918,8 @@ bool sm80_bwd_supported(const BwdParams& p) {
   if (p.deterministic) return false;
   if (p.d % 8 || p.d_v % 8 || p.d > 128 || p.d_v > 128) return false;
   // The tiles must fit the device's shared memory: float32 at d > 64 needs sm_90's 227 KiB, 16-bit
-  // at d > 64 145 KiB (A100 / H100 / H200, not the 99 KiB of sm_86 / sm_89 cards: SIMT there).
+  // at d > 64 145 KiB, the split kernel 161 KiB (A100: 163 KiB; H100 / H200; not the 99 KiB of
+  // sm_86 / sm_89 cards: SIMT there).
   const bool wide = p.d > 64 || p.d_v > 64;
   const int64_t smem = f32    ? (wide ? BwdTraits<float, 128>::kSmemBytes : BwdTraits<float, 64>::kSmemBytes)
                        : wide ? std::max(BwdTraits<__half, 128>::kSmemBytes,
