@@ -423,17 +423,9 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
     for (int np = 0; np < kNO / 2; ++np) {
       Frag<T> b;
       dot.load(b, kk, np);
-#pragma unroll
-      for (int mt = 0; mt < kKT; ++mt) {
-        mma_frag(dvacc[mt][2 * np], a_p[mt], b, 0);
-        mma_frag(dvacc[mt][2 * np + 1], a_p[mt], b, 1);
-      }
+      mma_tiles(dvacc, a_p, b, np);
       qt.load(b, kk, np);
-#pragma unroll
-      for (int mt = 0; mt < kKT; ++mt) {
-        mma_frag(dk[mt][2 * np], a_ds[mt], b, 0);
-        mma_frag(dk[mt][2 * np + 1], a_ds[mt], b, 1);
-      }
+      mma_tiles(dk, a_ds, b, np);
     }
   };
   const bool causal = p.causal != Causal::kNone;
@@ -501,11 +493,7 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
         for (int np = 0; np < kNS / 2; ++np) {
           Frag<T> b;
           ldsm_frag(b, b_addr(np, kk));
-#pragma unroll
-          for (int mt = 0; mt < kKT; ++mt) {
-            mma_frag(acc[mt][2 * np], a[mt], b, 0);
-            mma_frag(acc[mt][2 * np + 1], a[mt], b, 1);
-          }
+          mma_tiles(acc, a, b, np);
         }
       };
 #pragma unroll
@@ -747,11 +735,7 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
         for (int np = 0; np < kNQ / 2; ++np) {
           Frag<T> b;
           kt_addr.load(b, kk, np);
-#pragma unroll
-          for (int m = 0; m < kDqMT; ++m) {
-            mma_frag(dq[m][2 * np], a[m], b, 0);
-            mma_frag(dq[m][2 * np + 1], a[m], b, 1);
-          }
+          mma_tiles(dq, a, b, np);
         }
       }
       // Unscaled (the conversion multiplies by the scale).

@@ -296,11 +296,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(
           for (int np = 0; np < kNS / 2; ++np) {
             Frag<T> b;
             ldsm_frag(b, k_addr(np, kk));
-#pragma unroll
-            for (int mt = 0; mt < kMT; ++mt) {
-              mma_frag(s[mt][2 * np], a[mt], b, 0);
-              mma_frag(s[mt][2 * np + 1], a[mt], b, 1);
-            }
+            mma_tiles(s, a, b, np);
           }
         }
       }
@@ -361,11 +357,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(
           if (!Tr::kGuardDims || 16 * np < dv) {
             Frag<T> b;
             v_addr.load(b, kk, np);
-#pragma unroll
-            for (int mt = 0; mt < kMT; ++mt) {
-              mma_frag(o[mt][2 * np], a[mt], b, 0);
-              mma_frag(o[mt][2 * np + 1], a[mt], b, 1);
-            }
+            mma_tiles(o, a, b, np);
           }
         }
       }

@@ -226,6 +226,17 @@ __device__ __forceinline__ void mma_frag(float (&d)[4], const Frag<T>& a, const 
   }
 }
 
+// acc[m][2 np + half] += a[m] b (n-tile half of b) for every m-tile m: one B fragment (two
+// n-tiles) read from shared memory feeds all of a thread's m-tiles.
+template <typename T, int kM, int kN>
+__device__ __forceinline__ void mma_tiles(float (&acc)[kM][kN][4], const Frag<T> (&a)[kM], const Frag<T>& b, int np) {
+#pragma unroll
+  for (int m = 0; m < kM; ++m) {
+    mma_frag(acc[m][2 * np], a[m], b, 0);
+    mma_frag(acc[m][2 * np + 1], a[m], b, 1);
+  }
+}
+
 // The tensor cores round their float sums toward zero, so an accumulator that takes a long
 // reduction by mma alone drifts toward zero by about half an ulp per instruction: dK over 4,000
 // queries came out 3e-5 off (H200), against float32's 1e-5 target. The float kernels therefore
