@@ -113,8 +113,23 @@ struct DqTiles {
   __host__ __device__ int64_t floats(int64_t bh_count) const { return bh_count * m_tiles * n_tiles * 128; }
 };
 
+// The split kernels' float32 dQ accumulator: rows [b h][n_q rounded up to kRowPad][d rounded up to
+// kColPad], each 16-column group permuted so that the four columns a lane holds of an n-tile pair
+// (2 t, 2 t + 1 of both: columns 2 t, 2 t + 1, 8 + 2 t, 9 + 2 t of the group, t = lane % 4) lie at
+// 4 t .. 4 t + 3. A lane adds them with one red.v4, no shuffles, and no row or column test: the
+// rows past n_q of the last query tile and the columns past d of a warp's group exist and add
+// zeros (P = 0 there; K's padding columns are 0). dq_rows16_to_dtype_kernel unpermutes.
+struct DqRows16 {
+  static constexpr int kRowPad = 64;  // a multiple of the split kernel's query tile
+  static constexpr int kColPad = 32;  // of its warps' column groups: one test per warp (dq_col0 < d)
+  int64_t rows, ld;
+  __host__ __device__ explicit DqRows16(const BwdParams& p)
+      : rows((p.n_q + kRowPad - 1) / kRowPad * kRowPad), ld((p.d + kColPad - 1) / kColPad * kColPad) {}
+  __host__ __device__ int64_t floats(int64_t bh_count) const { return bh_count * rows * ld; }
+};
+
 struct BwdWorkspace {
-  float* dq_acc;     // DqTiles layout (the split kernels: row-major [b h, n_q, d])
+  float* dq_acc;     // DqTiles layout (the split kernels: DqRows16)
   float* dsum;       // [b, h, n_q]  D = rowsum(dO * O)
   float* dbias_acc;  // dbias's shape, or nullptr
   bool dbias_shared;  // dbias_shared(p): add with atomics
@@ -125,7 +140,8 @@ struct BwdWorkspace {
   BwdWorkspace(const BwdParams& p, void* base) {
     dbias_direct = kDirectDbias && dbias_once(p);
     dbias_elems = dbias_direct ? 0 : cuda::dbias_elems(p);
-    const int64_t dq_bytes = align_up(DqTiles(p).floats(p.b * p.h) * 4, 256);  // >= [b h, n_q, d]
+    const int64_t dq_bytes =
+        align_up(std::max(DqTiles(p).floats(p.b * p.h), DqRows16(p).floats(p.b * p.h)) * 4, 256);
     const int64_t d_bytes = align_up(p.b * p.h * p.n_q * 4, 256);
     char* c = static_cast<char*>(base);
     dq_acc = reinterpret_cast<float*>(c);
@@ -151,6 +167,24 @@ __global__ void dq_to_dtype_kernel(T* dq, const float* acc, DqTiles tiles, int64
     T* row = dq + (bh * n_q + i) * d + c;
     if (i < n_q) store2(row, v.x * scale, v.y * scale);
     if (i + 8 < n_q) store2(row + 8 * d, v.z * scale, v.w * scale);
+  }
+}
+
+// dQ = scale * the DqRows16 accumulator, in T ([b, h, n_q, d] contiguous): thread x takes float4
+// x, columns 16 g + 2 t, + 1 and 16 g + 8 + 2 t, + 1 of its row (g, t: the float4's group and lane).
+template <typename T>
+__global__ void dq_rows16_to_dtype_kernel(T* dq, const float* acc, DqRows16 lay, int64_t n_q, int64_t d, int64_t n,
+                                          float scale) {
+  const int64_t per_row = lay.ld / 4;
+  for (int64_t x = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; x < n;
+       x += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t q4 = x % per_row, r = x / per_row, i = r % lay.rows, bh = r / lay.rows;
+    if (i >= n_q) continue;
+    const float4 v = reinterpret_cast<const float4*>(acc)[x];
+    const int64_t c = 16 * (q4 / 4) + 2 * (q4 % 4);
+    T* row = dq + (bh * n_q + i) * d + c;
+    if (c < d) store2(row, v.x * scale, v.y * scale);
+    if (c + 8 < d) store2(row + 8, v.z * scale, v.w * scale);
   }
 }
 
@@ -740,27 +774,20 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
       }
       // Unscaled (the conversion multiplies by the scale).
       if constexpr (kSplit) {
-        // Row-major [b h, n_q, d] (with DqTiles this kernel spilled lse / D across the iteration
-        // and lost 4-9% at 4k-16k, H200): lanes 2 u and 2 u + 1 swap pairs so that each holds 4
-        // adjacent columns of one n-tile of the pair (2 j, 2 j + 1), even lanes 2 j, odd 2 j + 1,
-        // one red.v4 each instead of two red.v2 (5-6% faster, H200).
-        const bool odd = lane & 1;
+        // DqRows16: lane t's columns of n-tiles 2 j, 2 j + 1 are one float4 (with DqTiles this
+        // kernel spilled lse / D across the iteration and lost 4-9% at 4k-16k, H200).
+        const DqRows16 lay(p);
+        static_assert(DqRows16::kRowPad % kBlockM == 0 && DqRows16::kColPad % (kD / Tr::kColGroups) == 0,
+                      "whole query tiles and column groups in the padded rows");
 #pragma unroll
         for (int hm = 0; hm < 2 * kDqMT; ++hm) {
           const int m = hm / 2, h = hm % 2;
           const int64_t i = i0 + 16 * (dq_mt + m) + frag_row(lane, 2 * h);
-          float* dst = ws.dq_acc + (bh * p.n_q + i) * p.d + dq_col0;
+          float* dst = ws.dq_acc + (bh * lay.rows + i) * lay.ld + dq_col0 + 4 * (lane % 4);
 #pragma unroll
-          for (int j = 0; j < kNQ / 2; ++j) {
-            const float a0 = dq[m][2 * j][2 * h], a1 = dq[m][2 * j][2 * h + 1];
-            const float b0 = dq[m][2 * j + 1][2 * h], b1 = dq[m][2 * j + 1][2 * h + 1];
-            const float y0 = __shfl_xor_sync(0xffffffffu, odd ? a0 : b0, 1);
-            const float y1 = __shfl_xor_sync(0xffffffffu, odd ? a1 : b1, 1);
-            // column 16 j + 8 odd + 4 (t / 2), t = lane % 4: a multiple of 4, below d when its first is
-            const int c = 16 * j + 8 * odd + 4 * ((lane % 4) / 2);
-            const float4 v = odd ? make_float4(y0, y1, b0, b1) : make_float4(a0, a1, y0, y1);
-            red_add_v4_f32_if(i < p.n_q && dq_col0 + c < d, dst + c, v);
-          }
+          for (int j = 0; j < kNQ / 2; ++j)
+            red_add_v4_f32_if(dq_col0 < d, dst + 16 * j, make_float4(dq[m][2 * j][2 * h], dq[m][2 * j][2 * h + 1],
+                                                                   dq[m][2 * j + 1][2 * h], dq[m][2 * j + 1][2 * h + 1]));
         }
       } else {
         // The DqTiles layout: one red.v4 of a warp's accumulator tile covers 512 contiguous bytes.
@@ -828,7 +855,7 @@ void launch(const BwdParams& p, void* workspace, cudaStream_t stream) {
   const bool key_mask =
       scale_ok && p.mask && !p.bias && !p.dbias && p.dropout_p == 0.0 && (p.mask_s.q == 0 || p.n_q == 1);
   const bool general = !key_mask && (p.bias || p.mask || p.dropout_p > 0.0 || p.dbias || !scale_ok);
-  // The split kernel's dQ accumulator is row-major, the others' DqTiles (see there).
+  // The split kernel's dQ accumulator is DqRows16, the others' DqTiles (see there).
   const bool split = !general && kPlainSplit<T, kD>;
   auto run = [&](auto kernel, auto traits, int64_t smem) {
     using Tk = decltype(traits);
@@ -856,10 +883,11 @@ void launch(const BwdParams& p, void* workspace, cudaStream_t stream) {
   const DqTiles dqt(p);
   const float scale = static_cast<float>(p.scale);
   if (split) {
-    const int64_t n_dq = p.b * p.h * p.n_q * p.d;
+    const DqRows16 lay(p);
+    const int64_t n_dq = lay.floats(p.b * p.h) / 4;  // one float4 a thread
     if (n_dq > 0)
-      to_dtype_kernel<T><<<static_cast<unsigned>(std::min<int64_t>(ceil_div(n_dq, 256), 65536)), 256, 0, stream>>>(
-          static_cast<T*>(p.dq), ws.dq_acc, n_dq, scale);
+      dq_rows16_to_dtype_kernel<T><<<static_cast<unsigned>(std::min<int64_t>(ceil_div(n_dq, 256), 65536)), 256, 0,
+                                     stream>>>(static_cast<T*>(p.dq), ws.dq_acc, lay, p.n_q, p.d, n_dq, scale);
   } else {
     const int64_t n_dq = dqt.floats(p.b * p.h) / 4;  // one float4 a thread
     if (n_dq > 0)

@@ -19,9 +19,9 @@ namespace {
 template <typename T, int kD_, bool kWide_ = false>
 struct FwdTraits {
   static constexpr int kD = kD_;
-  // kWide: the plain kernels' wider key tile at d = 128 (16-bit only; see kBlockN).
+  // kWide: the plain kernels' wider key tile (16-bit only; see kBlockN).
   static constexpr bool kWide = kWide_;
-  static_assert(!kWide || (sizeof(T) == 2 && kD == 128), "the wide key tile is for 16-bit d = 128");
+  static_assert(!kWide || (sizeof(T) == 2 && kD <= 128), "the wide key tile is for 16-bit d = 64, 128");
   static constexpr int kWarps = 4;
   static constexpr int kThreads = 32 * kWarps;
   // m16 row tiles per warp: two tiles share every K and V fragment read from shared memory (half
@@ -35,8 +35,10 @@ struct FwdTraits {
   // the loader's registers freed (TileStream) they spill 52 bytes (4 loads / stores in the key
   // loop; 100 bytes with kKeyMask), and paying the per-tile costs (softmax reductions, barriers,
   // loads) per 64 keys took the forward from 0.81-0.83x to 0.90-0.95x SDPA FLASH (H200, bf16,
-  // 1k-16k, before the key loop was split; NOTES.md).
-  static constexpr int kBlockN = kD <= 64 || kWide ? 64 : 32;
+  // 1k-16k, before the key loop was split; NOTES.md). At d = 64 the plain kernel's wide tile is 128
+  // keys (100 bytes of spill: 4 local loads and 4 stores per tile in the key loop; per-tile costs
+  // per 128 keys as FA2 has them): forward 0.96-1.02x -> 0.99-1.09x SDPA FLASH (H200, bf16, 1k-16k).
+  static constexpr int kBlockN = kD <= 64 ? (kWide ? 128 : 64) : kWide ? 64 : 32;
   // Blocks per SM the register allocation must allow (1: up to 255 registers per thread).
   static constexpr int kMinBlocks = 1;
   // Skip the mma steps of all-zero padding columns (d, d_v < kD). A runtime branch splits the
@@ -414,13 +416,21 @@ void launch(const FwdParams& p, cudaStream_t stream) {
   const bool scale_ok = scale_foldable(p.scale);
   const bool key_mask = scale_ok && key_mask_ok(p, Tr::kBlockN);
   const bool general = !key_mask && (p.bias || p.mask || p.dropout_p > 0.0 || !scale_ok);
-  if constexpr (sizeof(T) == 2 && kD == 128) {
-    // The wide key tile where two blocks (and the 1 KiB each reserves) fit an SM: H100 / H200, not
-    // A100 (164 KiB) or sm_86 / sm_89 (100 KiB), where it would halve the warps per SM.
+  if constexpr (sizeof(T) == 2 && kD <= 128) {
+    // The wide key tile where two blocks (and the 1 KiB each reserves) fit an SM: H100 / H200, A100
+    // (164 KiB) at d = 64 only, not sm_86 / sm_89 (100 KiB), where it would halve the warps per SM.
+    // With a key mask at d = 128 only (at d = 64 that kernel spills 380 bytes).
     using Wide = FwdTraits<T, kD, true>;
-    if (!general && 2 * (Wide::kKeyMaskSmem + 1024) <= max_smem_per_sm()) {
-      const auto kernel = key_mask ? sm80_fwd_kernel<T, Wide, false, false, true> : sm80_fwd_kernel<T, Wide, false, false>;
-      const int64_t smem = key_mask ? Wide::kKeyMaskSmem : Wide::smem_bytes(false);
+    constexpr bool kWideKeyMask = kD == 128;
+    if (!general && (kWideKeyMask || !key_mask) && 2 * (Wide::kKeyMaskSmem + 1024) <= max_smem_per_sm()) {
+      auto kernel = sm80_fwd_kernel<T, Wide, false, false>;
+      int64_t smem = Wide::smem_bytes(false);
+      if constexpr (kWideKeyMask) {
+        if (key_mask) {
+          kernel = sm80_fwd_kernel<T, Wide, false, false, true>;
+          smem = Wide::kKeyMaskSmem;
+        }
+      }
       allow_smem(kernel, smem);
       kernel<<<static_cast<unsigned>(blocks), Wide::kThreads, smem, stream>>>(p);
       return;
