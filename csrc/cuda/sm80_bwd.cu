@@ -613,7 +613,7 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
             // -inf or lse = +inf -> 0. The plain kernels fold the scale in (scale > 0, see launch).
             const float P = kGeneral ? ex2_approx(s[mt][nt][e] - sm.lse2[st][q])
                                      : ex2_approx(fmaf(s[mt][nt][e], ctx.scale_log2, -sm.lse2[st][q]));
-            const float z = (keep >> e) & 1 ? drop.keep_scale : 0.f;
+            const float z = !kGeneral ? 1.f : (keep >> e) & 1 ? drop.keep_scale : 0.f;  // plain: no dropout
             dp[mt][nt][e] = P * (dp[mt][nt][e] * z - sm.dsum[st][q]);
             s[mt][nt][e] = P * z;
           }
