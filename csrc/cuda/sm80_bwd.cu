@@ -116,9 +116,10 @@ struct DqTiles {
 // The split kernels' float32 dQ accumulator: rows [b h][n_q rounded up to kRowPad][d rounded up to
 // kColPad], each 16-column group permuted so that the four columns a lane holds of an n-tile pair
 // (2 t, 2 t + 1 of both: columns 2 t, 2 t + 1, 8 + 2 t, 9 + 2 t of the group, t = lane % 4) lie at
-// 4 t .. 4 t + 3. A lane adds them with one red.v4, no shuffles, and no row or column test: the
-// rows past n_q of the last query tile and the columns past d of a warp's group exist and add
-// zeros (P = 0 there; K's padding columns are 0). dq_rows16_to_dtype_kernel unpermutes.
+// 4 t .. 4 t + 3. A lane adds them with one red.v4, no shuffles, no row test and one column test
+// per warp (dq_col0 < d): the rows past n_q of the last query tile and the columns past d inside a
+// warp's 32 exist and add zeros (P = 0 there; K's padding columns are 0). dq_rows16_to_dtype_kernel
+// unpermutes.
 struct DqRows16 {
   static constexpr int kRowPad = 64;  // a multiple of the split kernel's query tile
   static constexpr int kColPad = 32;  // of its warps' column groups: one test per warp (dq_col0 < d)
