@@ -517,24 +517,10 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
       const auto do_addr = ldsm_b_addr<kDc>(sm.dout[st] + q_off * kD);    // dO as B of dP^T = V dO^T
       const TransB<T, kD> qt_addr(sm.q[st]);                 // Q as B of dK += dS^T Q
       const TransB<T, kD> dot_addr(sm.dout[st]);             // dO as B of dV += P^T dO
-      // acc[mt] += A (key rows 16 mt ..) B^T for reduction step kk (no d guard: padded columns are
-      // zeros, and a branch would split the unrolled loop).
-      auto key_rows_step = [&](float (&acc)[kKT][kNS][4], const SwzAddr<kDc>& a_addr, const SwzAddr<kDc>& b_addr,
-                               int kk) {
-        Frag<T> a[kKT];
-#pragma unroll
-        for (int mt = 0; mt < kKT; ++mt) ldsm_frag(a[mt], a_addr(mt, kk));
-#pragma unroll
-        for (int np = 0; np < kNS / 2; ++np) {
-          Frag<T> b;
-          ldsm_frag(b, b_addr(np, kk));
-          mma_tiles(acc, a, b, np);
-        }
-      };
 #pragma unroll
       for (int kk = 0; kk < kD / kMmaK<T>; ++kk) {
-        key_rows_step(s, k_addr, q_addr, kk);
-        key_rows_step(dp, v_addr, do_addr, kk);
+        mma_step<T>(s, k_addr, q_addr, kk);
+        mma_step<T>(dp, v_addr, do_addr, kk);
       }
 
       const ScoreCtx ctx(p, bi, hi);

@@ -290,17 +290,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(
       for (int mt = 0; mt < kMT; ++mt) zero_acc(s[mt]);
 #pragma unroll
       for (int kk = 0; kk < kD / kMmaK<T>; ++kk) {
-        if (!Tr::kGuardDims || kMmaK<T> * kk < d) {
-          Frag<T> a[kMT];
-#pragma unroll
-          for (int mt = 0; mt < kMT; ++mt) ldsm_frag(a[mt], q_addr(mt, kk));
-#pragma unroll
-          for (int np = 0; np < kNS / 2; ++np) {
-            Frag<T> b;
-            ldsm_frag(b, k_addr(np, kk));
-            mma_tiles(s, a, b, np);
-          }
-        }
+        if (!Tr::kGuardDims || kMmaK<T> * kk < d) mma_step<T>(s, q_addr, k_addr, kk);
       }
 
       const int64_t j0 = static_cast<int64_t>(t) * kBlockN;

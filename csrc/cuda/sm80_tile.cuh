@@ -237,6 +237,23 @@ __device__ __forceinline__ void mma_tiles(float (&acc)[kM][kN][4], const Frag<T>
   }
 }
 
+// acc[m] += A B^T over reduction step kk, both operands by ldmatrix from swizzled row-major tiles:
+// A's m-tiles at a_addr(m, kk), B's n-tile pairs at b_addr(np, kk) (S = Q K^T in the forward,
+// S^T = K Q^T and dP^T = V dO^T in the backward). No head-dim guard: padded columns are zeros.
+template <typename T, int kM, int kN, int kCols>
+__device__ __forceinline__ void mma_step(float (&acc)[kM][kN][4], const SwzAddr<kCols>& a_addr,
+                                         const SwzAddr<kCols>& b_addr, int kk) {
+  Frag<T> a[kM];
+#pragma unroll
+  for (int m = 0; m < kM; ++m) ldsm_frag(a[m], a_addr(m, kk));
+#pragma unroll
+  for (int np = 0; np < kN / 2; ++np) {
+    Frag<T> b;
+    ldsm_frag(b, b_addr(np, kk));
+    mma_tiles(acc, a, b, np);
+  }
+}
+
 // The tensor cores round their float sums toward zero, so an accumulator that takes a long
 // reduction by mma alone drifts toward zero by about half an ulp per instruction: dK over 4,000
 // queries came out 3e-5 off (H200), against float32's 1e-5 target. The float kernels therefore
