@@ -151,6 +151,59 @@ def test_float32_wide_head_dim_stays_on_simt():
     assert "sm80_bwd_kernel" not in kernels and "simt_dkdv_kernel" in kernels
 
 
+# The sm80 kernels' native head dims (16-bit): (d, d_v) -> the columns (kDn) the plain forward and
+# backward kernels must run over (None: that pass is not on sm80: the SIMT backward above 128).
+NATIVE_DIMS = {
+    "d32": (32, 32, 32, 32),
+    "d24_dv32": (24, 32, 32, 32),
+    "d96": (96, 96, 96, 96),
+    "d72_dv88": (72, 88, 96, 96),
+    "d40_dv96": (40, 96, 96, 96),
+    "d160": (160, 160, 160, None),
+    "d192_dv176": (192, 176, 192, None),
+    "d136": (136, 136, 160, None),
+}
+
+
+def _native_cols(names, traits):
+    """The last template argument (kDn) of every `traits<...>` in the kernel names."""
+    import re
+    return {int(m) for n in names for m in re.findall(traits + r"<[^<>]*, (\d+)>", n)}
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("dims", list(NATIVE_DIMS))
+@pytest.mark.parametrize("causal", [None, "bottom_right"])
+@pytest.mark.parametrize("key_padding", [False, True])
+def test_sm80_native_head_dims(dtype, dims, causal, key_padding):
+    """Head dims between the tile widths (32, 96, 160, 192 and the multiples of 8 below them) run on
+    the sm80 plain / key-mask kernels with that many columns, not padded to 64 / 128 / 256, forward and
+    backward (GQA, lengths off the tiles, d != d_v), against the reference."""
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("tensor-core path needs sm_80+")
+    d, dv, fwd_cols, bwd_cols = NATIVE_DIMS[dims]
+    b, h, h_kv, n_q, n_k = 2, 4, 2, 333, 304  # n_k % 16 == 0: the key-mask kernels take the padding
+    q = randn(b, h, n_q, d, dtype=dtype, device="cuda", requires_grad=True)
+    k = randn(b, h_kv, n_k, d, dtype=dtype, device="cuda", requires_grad=True)
+    v = randn(b, h_kv, n_k, dv, dtype=dtype, device="cuda", requires_grad=True)
+    mask = None
+    if key_padding:
+        mask = (torch.arange(n_k, device="cuda") < torch.tensor([200, 304], device="cuda")[:, None]).view(b, 1, 1, n_k)
+    with flash_mha.force_kernel("sm80"), torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        res = run_both(q, k, v, mask=mask, causal=causal)
+        torch.cuda.synchronize()
+    check_both(res, dtype)
+    names = [e.name for e in prof.events()]
+    assert _native_cols([n for n in names if "sm80_fwd_kernel" in n], "FwdTraits") == {fwd_cols}, names
+    bwd = [n for n in names if "sm80_bwd_kernel" in n]
+    if bwd_cols is None:
+        assert not bwd and any("simt_dkdv_kernel" in n for n in names)
+    else:
+        assert _native_cols(bwd, "BwdTraits") == {bwd_cols}, bwd
+
+
 def test_force_kernel_rejects_unknown_path():
     with pytest.raises(ValueError, match="kernel path"):
         with flash_mha.force_kernel("sm70"):

@@ -15,7 +15,8 @@
 //    is not deterministic; deterministic mode uses the SIMT path).
 //    dbias is written by the one thread that owns each element (no broadcast across blocks).
 // 3. dQ (times the scale) and dbias converted from float to the input dtype.
-// Head dims (multiples of 8) are padded with zeros up to kD in {64, 128}.
+// Head dims (multiples of 8) are padded with zeros up to a native width kDn in {32, 64, 96, 128}
+// (plain and key-mask kernels, 16-bit) or the tile width kD in {64, 128}.
 #include "kernels.h"
 #include "sm80_tile.cuh"
 #include "softmax.cuh"
@@ -43,9 +44,15 @@ constexpr bool kDirectDbias = true;
 // takes keys 32 (w % 4) .. + 31 and, for S^T / dP^T, queries 32 (w / 4) .. + 31 of the tile, for
 // dK / dV columns 64 (w / 4) .. + 63; P^T and dS^T go through shared memory between the two (as
 // FlashAttention-2 does), so every fragment read from shared memory feeds two m-tiles or n-tiles.
-template <typename T, int kD_, int kMT_ = 1, bool kSplit_ = false>
+// kD: the shared tiles' width (64, 128); kDn: the columns the S^T / dP^T reductions and dK / dV run
+// over (a native head dim: 32 in tiles of 64, 96 in tiles of 128), kDq those of dQ = dS K: kDn
+// where the column groups split it into 16-column pairs (d = 32), else kD (d = 96 in the split
+// layout: four groups of 24 columns would not; K's padding columns are zeros).
+template <typename T, int kD_, int kMT_ = 1, bool kSplit_ = false, int kDn_ = kD_>
 struct BwdTraits {
   static constexpr int kD = kD_;
+  static constexpr int kDn = kDn_;
+  static_assert(kDn % 16 == 0 && kDn <= kD && (!kSplit_ || kDn % 32 == 0), "kDn: 16-column pairs (split: 32)");
   static constexpr int kMT = kMT_;
   static constexpr bool kSplit = kSplit_;
   static_assert(kMT == 1 || (kMT == 2 && sizeof(T) == 2 && kD == 64), "two key m-tiles per warp: 16-bit, d = 64");
@@ -68,11 +75,13 @@ struct BwdTraits {
   // dQ = dS K of a query tile: warp w takes kDqMT m-tiles from kDqMT (w % kQG) and column group
   // w / kQG of kD (kSplit: 32 x 32 per warp, 4 ldmatrix per 8 mma instead of 5).
   static constexpr int kQMT = kBlockM / 16;
-  static constexpr int kDqMT = kSplit ? 2 : 1;
+  // (kSplit at kDn = 96: one m-tile x 48 columns, so that dQ runs over 96 columns, not 128.)
+  static constexpr int kDqMT = kSplit && (kDn / 16) % 4 == 0 ? 2 : 1;
   static constexpr int kQG = kQMT / kDqMT;
   static constexpr int kColGroups = kWarps / kQG;
   static_assert(kWarps % kQG == 0 && kQMT <= 4, "dQ split: query m-tiles x column groups");
   static_assert((kD / 16) % kColGroups == 0, "column groups of whole 16-column pairs");
+  static constexpr int kDq = (kDn / 16) % kColGroups == 0 ? kDn : kD;
   struct Smem {
     T k[kBlockN * kD];            // [kBlockN, kD] swizzled
     T v[kBlockN * kD];            // [kBlockN, kD] swizzled
@@ -117,9 +126,10 @@ struct DqTiles {
 // kColPad], each 16-column group permuted so that the four columns a lane holds of an n-tile pair
 // (2 t, 2 t + 1 of both: columns 2 t, 2 t + 1, 8 + 2 t, 9 + 2 t of the group, t = lane % 4) lie at
 // 4 t .. 4 t + 3. A lane adds them with one red.v4, no shuffles, no row test and one column test
-// per warp (dq_col0 < d): the rows past n_q of the last query tile and the columns past d inside a
-// warp's 32 exist and add zeros (P = 0 there; K's padding columns are 0). dq_rows16_to_dtype_kernel
-// unpermutes.
+// per warp (dq_col0 < d) where the warps' column groups are 32 wide (the d = 128 kernels; 48 at
+// kDn = 96: one test per 16 columns): the rows past n_q of the last query tile and the columns past
+// d inside a warp's 32 exist and add zeros (P = 0 there; K's padding columns are 0).
+// dq_rows16_to_dtype_kernel unpermutes.
 struct DqRows16 {
   static constexpr int kRowPad = 64;  // a multiple of the split kernel's query tile
   static constexpr int kColPad = 32;  // of its warps' column groups: one test per warp (dq_col0 < d)
@@ -249,8 +259,9 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
   static_assert(kKT == 1 || !kGeneral, "the general kernels take one key m-tile per warp");
   static_assert(!kSplit || !kGeneral, "the split layout is for the plain kernels");
   constexpr int kNS = (kSplit ? kBlockM / 2 : kBlockM) / 8;  // n-tiles of an m-tile's S^T (queries)
-  constexpr int kNO = (kSplit ? kD / 2 : kD) / 8;            // n-tiles of an m-tile's dK / dV (columns)
-  constexpr int kNQ = kD / 8 / Tr::kColGroups;  // n-tiles of a warp's [16 queries, kD / groups] dQ m-tiles
+  constexpr int kDn = Tr::kDn, kDq = Tr::kDq;
+  constexpr int kNO = (kSplit ? kDn / 2 : kDn) / 8;  // n-tiles of an m-tile's dK / dV (columns)
+  constexpr int kNQ = kDq / 8 / Tr::kColGroups;      // n-tiles of a warp's [16 queries, kDq / groups] dQ m-tiles
   extern __shared__ __align__(128) unsigned char smem_raw[];
   auto& sm = *reinterpret_cast<typename Tr::Smem*>(smem_raw);
 
@@ -352,7 +363,7 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
 
   Dropout drop;
   drop.init(p);
-  float dk[kKT][kNO][4], dvacc[kKT][kNO][4];  // m-tile mt: this warp's keys 16 mt .. 16 mt + 15, [16, kD]
+  float dk[kKT][kNO][4], dvacc[kKT][kNO][4];  // m-tile mt: this warp's keys 16 mt .. 16 mt + 15, [16, kDn]
   auto zero_dkdv = [&] {
 #pragma unroll
     for (int mt = 0; mt < kKT; ++mt) {
@@ -364,7 +375,7 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
   const int key_grp = kSplit ? warp % Tr::kKeyGroups : warp;
   const int64_t key0 = j0 + kWarpKeys * key_grp;  // first key of this warp
   // kSplit: the warp's first query of S^T / dP^T and first column of dK / dV.
-  const int q_off = kSplit ? 32 * (warp / Tr::kKeyGroups) : 0, col_off = kSplit ? 64 * (warp / Tr::kKeyGroups) : 0;
+  const int q_off = kSplit ? 32 * (warp / Tr::kKeyGroups) : 0, col_off = kSplit ? kDn / 2 * (warp / Tr::kKeyGroups) : 0;
   // dK = scale * dS^T Q and dV (rows key0 + 16 mt + lane / 4 (+ 8)) written from the accumulators. float32
   // also writes them every kFlushK queries (sm80_tile.cuh) and zeroes the accumulators: the first
   // time stored, later added by red.add, as is the last part; no other thread writes these rows.
@@ -400,7 +411,7 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
   const auto k_addr = ldsm_a_addr<kDc>(sm.k + kWarpKeys * key_grp * kD);   // K as A of S^T = K Q^T
   const auto v_addr = ldsm_a_addr<kDc>(sm.v + kWarpKeys * key_grp * kD);   // V as A of dP^T = V dO^T
   // dQ phase: this warp's query m-tiles dq_mt .. dq_mt + kDqMT - 1 and column group (columns from dq_col0).
-  const int dq_mt = kDqMT * (warp % Tr::kQG), dq_col0 = (warp / Tr::kQG) * (kD / Tr::kColGroups);
+  const int dq_mt = kDqMT * (warp % Tr::kQG), dq_col0 = (warp / Tr::kQG) * (kDq / Tr::kColGroups);
   const auto kt_addr = [&] {  // K as B of dQ = dS K
     if constexpr (kF32) return TransB<T, kD>(sm.k, dq_col0);
     else return TransB<T, kD>(sm.k).shifted(dq_col0 / 16);
@@ -518,7 +529,7 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
       const TransB<T, kD> qt_addr(sm.q[st]);                 // Q as B of dK += dS^T Q
       const TransB<T, kD> dot_addr(sm.dout[st]);             // dO as B of dV += P^T dO
 #pragma unroll
-      for (int kk = 0; kk < kD / kMmaK<T>; ++kk) {
+      for (int kk = 0; kk < kDn / kMmaK<T>; ++kk) {
         mma_step<T>(s, k_addr, q_addr, kk);
         mma_step<T>(dp, v_addr, do_addr, kk);
       }
@@ -683,7 +694,7 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
       __syncthreads();
     }
     // kSplit: dV += P^T dO, dK += dS^T Q over the tile's queries, for the warp's keys and columns
-    // col_off .. + 63: P^T and dS^T as A operands from shared memory.
+    // col_off .. + kDn / 2 - 1: P^T and dS^T as A operands from shared memory.
     if constexpr (kSplit) {
       if (live) {  // (a warp's two halves see the same keys: the same `live`)
         constexpr int kDs16 = kCols16<T, kDsCols>;
@@ -764,7 +775,9 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
         // DqRows16: lane t's columns of n-tiles 2 j, 2 j + 1 are one float4 (with DqTiles this
         // kernel spilled lse / D across the iteration and lost 4-9% at 4k-16k, H200).
         const DqRows16 lay(p);
-        static_assert(DqRows16::kRowPad % kBlockM == 0 && DqRows16::kColPad % (kD / Tr::kColGroups) == 0,
+        constexpr int kGroupCols = kDq / Tr::kColGroups;
+        constexpr bool kWarpTest = DqRows16::kColPad % kGroupCols == 0;  // else one test per 16 columns
+        static_assert(DqRows16::kRowPad % kBlockM == 0 && (kWarpTest || kGroupCols % 16 == 0),
                       "whole query tiles and column groups in the padded rows");
 #pragma unroll
         for (int hm = 0; hm < 2 * kDqMT; ++hm) {
@@ -773,8 +786,9 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
           float* dst = ws.dq_acc + (bh * lay.rows + i) * lay.ld + dq_col0 + 4 * (lane % 4);
 #pragma unroll
           for (int j = 0; j < kNQ / 2; ++j)
-            red_add_v4_f32_if(dq_col0 < d, dst + 16 * j, make_float4(dq[m][2 * j][2 * h], dq[m][2 * j][2 * h + 1],
-                                                                   dq[m][2 * j + 1][2 * h], dq[m][2 * j + 1][2 * h + 1]));
+            red_add_v4_f32_if((kWarpTest ? dq_col0 : dq_col0 + 16 * j) < d, dst + 16 * j,
+                              make_float4(dq[m][2 * j][2 * h], dq[m][2 * j][2 * h + 1], dq[m][2 * j + 1][2 * h],
+                                          dq[m][2 * j + 1][2 * h + 1]));
         }
       } else {
         // The DqTiles layout: one red.v4 of a warp's accumulator tile covers 512 contiguous bytes.
@@ -825,7 +839,9 @@ constexpr bool kSplitPlain128 = true;
 template <typename T, int kD>
 constexpr bool kPlainSplit = kSplitPlain128 && sizeof(T) == 2 && kD == 128;
 
-template <typename T, int kD>
+// kDn < kD (native head dims 32, 96): the plain and key-mask kernels run over kDn columns; the
+// general kernel pads to kD.
+template <typename T, int kD, int kDn = kD>
 void launch(const BwdParams& p, void* workspace, cudaStream_t stream) {
   BwdWorkspace ws(p, workspace);
   const int64_t rows = p.b * p.h * p.n_q;
@@ -860,8 +876,8 @@ void launch(const BwdParams& p, void* workspace, cudaStream_t stream) {
     else
       run(sm80_bwd_kernel<T, Tr, true, false>, Tr(), Tr::kSmemBytes);
   } else {
-    using Tr = BwdTraits<T, kD, kPlainKeyTiles<T, kD>, kPlainSplit<T, kD>>;
-    using TrMask = BwdTraits<T, kD, kKeyMaskTiles2 ? kPlainKeyTiles<T, kD> : 1, kPlainSplit<T, kD>>;
+    using Tr = BwdTraits<T, kD, kPlainKeyTiles<T, kD>, kPlainSplit<T, kD>, kDn>;
+    using TrMask = BwdTraits<T, kD, kKeyMaskTiles2 ? kPlainKeyTiles<T, kD> : 1, kPlainSplit<T, kD>, kDn>;
     if (key_mask)
       run(sm80_bwd_kernel<T, TrMask, false, false, true>, TrMask(), TrMask::kSmemBytes);
     else
@@ -889,8 +905,15 @@ void launch(const BwdParams& p, void* workspace, cudaStream_t stream) {
 template <typename T>
 void dispatch_dim(const BwdParams& p, void* workspace, cudaStream_t stream) {
   const int64_t dim = p.d > p.d_v ? p.d : p.d_v;
-  if (dim <= 64) return launch<T, 64>(p, workspace, stream);
-  return launch<T, 128>(p, workspace, stream);
+  if constexpr (sizeof(T) == 2) {  // native head dims (16-bit)
+    if (dim <= 32) return launch<T, 64, 32>(p, workspace, stream);
+    if (dim <= 64) return launch<T, 64>(p, workspace, stream);
+    if (dim <= 96) return launch<T, 128, 96>(p, workspace, stream);
+    return launch<T, 128>(p, workspace, stream);
+  } else {
+    if (dim <= 64) return launch<T, 64>(p, workspace, stream);
+    return launch<T, 128>(p, workspace, stream);
+  }
 }
 
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }

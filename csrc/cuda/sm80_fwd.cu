@@ -7,8 +7,9 @@
 // is in flight while tile t is used. Per tile: S = Q K^T (ldmatrix + mma), the score epilogue and
 // online softmax in the log2 domain, dropout on the probabilities, then O += P V with P taken
 // straight from the S accumulators. Causal tiles past the diagonal are never loaded.
-// Head dims (d and d_v, multiples of 8) are padded with zeros up to kD in {64, 128, 256} (float32:
-// 64, 128).
+// Head dims (d and d_v, multiples of 8) are padded with zeros up to a native width kDn in {32, 64,
+// 96, 128, 160, 192, 256} (plain and key-mask kernels, 16-bit) or the tile width kD in {64, 128, 256}
+// (the general kernel; float32: 64, 128).
 #include "kernels.h"
 #include "sm80_tile.cuh"
 #include "softmax.cuh"
@@ -16,9 +17,14 @@
 namespace flash_mha::cuda {
 namespace {
 
-template <typename T, int kD_, bool kWide_ = false>
+template <typename T, int kD_, bool kWide_ = false, int kDn_ = kD_>
 struct FwdTraits {
+  // kD: the shared tiles' width (64, 128, 256: the swizzle takes rows of 8 16-byte chunks and more);
+  // kDn: the columns the mma loops run over (a native head dim, kDn <= kD, a multiple of 16). Columns
+  // [kDn, kD) of the tiles are never read: d = 96 computes 96 columns in tiles 128 wide.
   static constexpr int kD = kD_;
+  static constexpr int kDn = kDn_;
+  static_assert(kDn % 16 == 0 && kDn <= kD, "kDn: a multiple of 16, at most kD");
   // kWide: the plain kernels' wider key tile (16-bit only; see kBlockN).
   static constexpr bool kWide = kWide_;
   static_assert(!kWide || (sizeof(T) == 2 && kD <= 128), "the wide key tile is for 16-bit d = 64, 128");
@@ -122,8 +128,8 @@ template <typename T, typename Tr, bool kGeneral, bool kStaged, bool kKeyMask = 
 __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(const FwdParams p) {
   constexpr int kD = Tr::kD, kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kThreads = Tr::kThreads;
   constexpr int kMT = Tr::kMT;
-  constexpr int kNS = kBlockN / 8;  // score n-tiles per m-tile
-  constexpr int kNO = kD / 8;       // output n-tiles per m-tile
+  constexpr int kNS = kBlockN / 8;    // score n-tiles per m-tile
+  constexpr int kNO = Tr::kDn / 8;    // output n-tiles per m-tile
   extern __shared__ __align__(128) unsigned char smem_raw[];
   auto& sm = *reinterpret_cast<typename Tr::Smem*>(smem_raw);
 
@@ -190,7 +196,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(
   // general kernel) and keep a row's maximum until it grows by kRescaleMargin; the general kernel
   // scales in its epilogue.
   SplitSoftmax softmax[kMT];
-  float o[kMT][kNO][4];  // [16 rows, kD] per m-tile of this warp
+  float o[kMT][kNO][4];  // [16 rows, kDn] per m-tile of this warp
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt) {
     softmax[mt].init();
@@ -289,7 +295,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt) zero_acc(s[mt]);
 #pragma unroll
-      for (int kk = 0; kk < kD / kMmaK<T>; ++kk) {
+      for (int kk = 0; kk < Tr::kDn / kMmaK<T>; ++kk) {
         if (!Tr::kGuardDims || kMmaK<T> * kk < d) mma_step<T>(s, q_addr, k_addr, kk);
       }
 
@@ -397,9 +403,12 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(
   }
 }
 
-template <typename T, int kD>
+// kDn < kD (a native head dim: 32, 96, 160, 192) runs the plain and key-mask kernels over kDn
+// columns; the general kernel (bias, mask, dropout) pads to kD, one instantiation per tile width.
+template <typename T, int kD, int kDn = kD>
 void launch(const FwdParams& p, cudaStream_t stream) {
   using Tr = FwdTraits<T, kD>;
+  using Tn = FwdTraits<T, kD, false, kDn>;
   const int64_t blocks = p.b * p.h * ceil_div(p.n_q, Tr::kBlockM);
   if (blocks == 0) return;
   // The plain kernels take the row maximum of the raw scores (SplitSoftmax).
@@ -410,7 +419,7 @@ void launch(const FwdParams& p, cudaStream_t stream) {
     // The wide key tile where two blocks (and the 1 KiB each reserves) fit an SM: H100 / H200, A100
     // (164 KiB) at d = 64 only, not sm_86 / sm_89 (100 KiB), where it would halve the warps per SM.
     // With a key mask at d = 128 only (at d = 64 that kernel spills 380 bytes).
-    using Wide = FwdTraits<T, kD, true>;
+    using Wide = FwdTraits<T, kD, true, kDn>;
     constexpr bool kWideKeyMask = kD == 128;
     if (!general && (kWideKeyMask || !key_mask) && 2 * (Wide::kKeyMaskSmem + 1024) <= max_smem_per_sm()) {
       auto kernel = sm80_fwd_kernel<T, Wide, false, false>;
@@ -428,13 +437,13 @@ void launch(const FwdParams& p, cudaStream_t stream) {
   }
   const bool staged = general && scores_stageable<T, Tr>(p);
   int64_t smem = Tr::smem_bytes(staged);
-  auto kernel = general ? sm80_fwd_kernel<T, Tr, true, false> : sm80_fwd_kernel<T, Tr, false, false>;
+  auto kernel = general ? sm80_fwd_kernel<T, Tr, true, false> : sm80_fwd_kernel<T, Tn, false, false>;
   if constexpr (Tr::kStage) {
     if (staged) kernel = sm80_fwd_kernel<T, Tr, true, true>;
   }
   if (key_mask) {
-    kernel = sm80_fwd_kernel<T, Tr, false, false, true>;
-    smem = Tr::kKeyMaskSmem;
+    kernel = sm80_fwd_kernel<T, Tn, false, false, true>;
+    smem = Tn::kKeyMaskSmem;
   }
   allow_smem(kernel, smem);
   kernel<<<static_cast<unsigned>(blocks), Tr::kThreads, smem, stream>>>(p);
@@ -443,9 +452,18 @@ void launch(const FwdParams& p, cudaStream_t stream) {
 template <typename T>
 void dispatch_dim(const FwdParams& p, cudaStream_t stream) {
   const int64_t dim = p.d > p.d_v ? p.d : p.d_v;
-  if (dim <= 64) return launch<T, 64>(p, stream);
-  if (dim <= 128) return launch<T, 128>(p, stream);
-  if constexpr (sizeof(T) == 2) launch<T, 256>(p, stream);
+  if constexpr (sizeof(T) == 2) {  // native head dims (16-bit): the mma loops cover kDn columns
+    if (dim <= 32) return launch<T, 64, 32>(p, stream);
+    if (dim <= 64) return launch<T, 64>(p, stream);
+    if (dim <= 96) return launch<T, 128, 96>(p, stream);
+    if (dim <= 128) return launch<T, 128>(p, stream);
+    if (dim <= 160) return launch<T, 256, 160>(p, stream);
+    if (dim <= 192) return launch<T, 256, 192>(p, stream);
+    return launch<T, 256>(p, stream);
+  } else {
+    if (dim <= 64) return launch<T, 64>(p, stream);
+    return launch<T, 128>(p, stream);
+  }
 }
 
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
