@@ -97,6 +97,12 @@ def main():
         (torch.bfloat16, 2, 2, 2, 130, 256, 128, 128, "bottom_right", (2, 2, 130, 256), (2, 2, 130, 256), 0.0,
          False, "sm80"),
         (torch.float16, 2, 4, 2, 200, 320, 64, 64, None, (1, 4, 200, 320), (2, 1, 1, 320), 0.1, False, "sm80"),
+        # sm80 native head dims: 32 and 96 (d != d_v), the split backward over 192 and 256 columns
+        # (d 160 -> 192; GQA, odd lengths, causal; a key mask alone).
+        (torch.bfloat16, 2, 4, 2, 77, 131, 24, 32, "bottom_right", None, None, 0.0, False, "sm80"),
+        (torch.float16, 2, 2, 1, 130, 200, 72, 96, "top_left", None, None, 0.0, False, "sm80"),
+        (torch.bfloat16, 2, 4, 2, 100, 135, 160, 160, "bottom_right", None, None, 0.0, False, "sm80"),
+        (torch.float16, 2, 2, 1, 70, 208, 256, 256, None, None, (2, 1, 1, 208), 0.0, False, "sm80"),
     ]
     results = []
     for c in cases:

@@ -103,6 +103,15 @@ def test_default_forward_configs_d128(dtype, config, layout):
         assert fwd and all(traits in name for name in fwd), fwd
 
 
+def _smem_optin():
+    """Shared memory a block may opt in to on device 0."""
+    props = torch.cuda.get_device_properties(0)
+    smem = getattr(props, "shared_memory_per_block_optin", None)
+    if smem is None:  # a torch without the field: sm_90 / sm_100 parts have 227 KiB
+        smem = 232_448 if props.major in (9, 10) else 0
+    return smem
+
+
 # The float32 backward at d > 64 needs 213,504 bytes of shared memory per block (sm_90); devices
 # with less run it on the SIMT kernels (sm80_bwd_supported).
 F32_WIDE_BWD_SMEM = 213_504
@@ -117,11 +126,7 @@ def test_float32_runs_on_tensor_cores(d, causal):
     padded to 64 / 128 included."""
     if torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("tensor-core path needs sm_80+")
-    props = torch.cuda.get_device_properties(0)
-    smem = getattr(props, "shared_memory_per_block_optin", None)
-    if smem is None:  # a torch without the field: sm_90 / sm_100 parts have 227 KiB
-        smem = 232_448 if props.major in (9, 10) else 0
-    tc_bwd = d <= 64 or smem >= F32_WIDE_BWD_SMEM
+    tc_bwd = d <= 64 or _smem_optin() >= F32_WIDE_BWD_SMEM
     b, h, h_kv, n_q, n_k = 2, 4, 2, 300, 283
     q = randn(b, h, n_q, d, dtype=torch.float32, device="cuda", requires_grad=True)
     k = randn(b, h_kv, n_k, d, dtype=torch.float32, device="cuda", requires_grad=True)
@@ -151,17 +156,19 @@ def test_float32_wide_head_dim_stays_on_simt():
     assert "sm80_bwd_kernel" not in kernels and "simt_dkdv_kernel" in kernels
 
 
-# The sm80 kernels' native head dims (16-bit): (d, d_v) -> the columns (kDn) the plain forward and
-# backward kernels must run over (None: that pass is not on sm80: the SIMT backward above 128).
+# The sm80 kernels' native head dims (16-bit): (d, d_v) -> the columns (kDn) the plain / key-mask
+# forward and backward kernels must run over.
 NATIVE_DIMS = {
     "d32": (32, 32, 32, 32),
     "d24_dv32": (24, 32, 32, 32),
     "d96": (96, 96, 96, 96),
     "d72_dv88": (72, 88, 96, 96),
     "d40_dv96": (40, 96, 96, 96),
-    "d160": (160, 160, 160, None),
-    "d192_dv176": (192, 176, 192, None),
-    "d136": (136, 136, 160, None),
+    "d160": (160, 160, 160, 192),
+    "d192_dv176": (192, 176, 192, 192),
+    "d136": (136, 136, 160, 192),
+    "d256": (256, 256, 256, 256),
+    "d200_dv256": (200, 256, 256, 256),
 }
 
 
@@ -179,7 +186,8 @@ def _native_cols(names, traits):
 def test_sm80_native_head_dims(dtype, dims, causal, key_padding):
     """Head dims between the tile widths (32, 96, 160, 192 and the multiples of 8 below them) run on
     the sm80 plain / key-mask kernels with that many columns, not padded to 64 / 128 / 256, forward and
-    backward (GQA, lengths off the tiles, d != d_v), against the reference."""
+    backward (the backward over 128 on the split kernels, with 192 or 256 columns) (GQA, lengths off
+    the tiles, d != d_v), against the reference."""
     if torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("tensor-core path needs sm_80+")
     d, dv, fwd_cols, bwd_cols = NATIVE_DIMS[dims]
@@ -198,10 +206,51 @@ def test_sm80_native_head_dims(dtype, dims, causal, key_padding):
     names = [e.name for e in prof.events()]
     assert _native_cols([n for n in names if "sm80_fwd_kernel" in n], "FwdTraits") == {fwd_cols}, names
     bwd = [n for n in names if "sm80_bwd_kernel" in n]
-    if bwd_cols is None:
+    if max(d, dv) > 128 and _smem_optin() < 214_016:  # the d > 128 backward needs 209 KiB (H100 / H200)
         assert not bwd and any("simt_dkdv_kernel" in n for n in names)
     else:
         assert _native_cols(bwd, "BwdTraits") == {bwd_cols}, bwd
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("case", ["bias", "dropout", "query_mask", "scale0"])
+def test_head_dims_over_128_general_backward_on_simt(dtype, case):
+    """Above head dim 128 the sm80 backward takes only the plain and key-mask calls; with a bias, its
+    gradient, dropout, a mask that varies along the queries or a scale it cannot fold, the forced sm80
+    path falls back to the SIMT backward and still matches the reference."""
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("tensor-core path needs sm_80+")
+    b, h, n_q, n_k, d = 1, 2, 100, 90, 160
+    q, k, v = (randn(b, h, n, d, dtype=dtype, device="cuda", requires_grad=True) for n in (n_q, n_k, n_k))
+    kw = {}
+    if case == "bias":
+        kw["bias"] = randn(1, h, n_q, n_k, dtype=dtype, device="cuda", requires_grad=True)
+    elif case == "query_mask":
+        kw["mask"] = torch.rand(b, 1, n_q, n_k, device="cuda") > 0.3
+        kw["mask"][..., :1] = True
+    elif case == "scale0":
+        kw["scale"] = 0.0
+    with flash_mha.force_kernel("sm80"), torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        if case == "dropout":  # the reference replays the forward's mask from its rng_state
+            out, _, rng = flash_mha.attention_fwd(q, k, v, None, None, None, None, 0.15)
+            dout = torch.randn_like(out)
+            grads = torch.autograd.grad(out, (q, k, v), dout)
+        else:
+            res = run_both(q, k, v, **kw)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events()]
+    assert not any("sm80_bwd_kernel" in n for n in names) and any("simt_dkdv_kernel" in n for n in names)
+    if case == "dropout":
+        q64, k64, v64 = (as_double_leaf(t) for t in (q, k, v))
+        ref = reference.attention(q64, k64, v64, dropout_p=0.15, rng_state=rng)
+        assert_close(out, ref, TOL[dtype])
+        ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
+        for name, g, rg in zip(("dq", "dk", "dv"), grads, ref_grads):
+            assert_close(g, rg, GRAD_TOL[dtype], name, GRAD_FLOOR)
+    else:
+        check_both(res, dtype)
 
 
 def test_force_kernel_rejects_unknown_path():

@@ -15,8 +15,9 @@
 //    is not deterministic; deterministic mode uses the SIMT path).
 //    dbias is written by the one thread that owns each element (no broadcast across blocks).
 // 3. dQ (times the scale) and dbias converted from float to the input dtype.
-// Head dims (multiples of 8) are padded with zeros up to a native width kDn in {32, 64, 96, 128}
-// (plain and key-mask kernels, 16-bit) or the tile width kD in {64, 128}.
+// Head dims (multiples of 8) are padded with zeros up to a native width kDn in {32, 64, 96, 128,
+// 192, 256} (plain and key-mask kernels, 16-bit) or the tile width kD in {64, 128} (the general
+// kernel, which takes d <= 128 only).
 #include "kernels.h"
 #include "sm80_tile.cuh"
 #include "softmax.cuh"
@@ -40,14 +41,15 @@ constexpr bool kDirectDbias = true;
 // fragment read from shared memory feeds both m-tiles, and a block covers 128 keys (half the dQ
 // atomics and Q / dO loads per key), with 32-query tiles so that S^T, dP^T (32 + 32 registers) fit
 // beside dK, dV (128). The general kernels (bias, mask, dropout) keep 1.
-// kSplit (the 16-bit plain kernel at d = 128, where 32 keys of dK, dV do not fit a warp): warp w
-// takes keys 32 (w % 4) .. + 31 and, for S^T / dP^T, queries 32 (w / 4) .. + 31 of the tile, for
-// dK / dV columns 64 (w / 4) .. + 63; P^T and dS^T go through shared memory between the two (as
+// kSplit (the 16-bit plain kernels at d >= 96, where 32 keys of dK, dV do not fit a warp): warp w
+// takes keys 32 (w % kKeyGroups) .. + 31 and slice w / kKeyGroups of kSlices: for S^T / dP^T that
+// slice of the tile's queries, for dK / dV that slice of the kDn columns (d <= 128: 4 key groups x 2
+// slices, 32 queries and kDn / 2 columns; d > 128: 2 x 4, 16 queries and kDn / 4 columns, so that
+// dK, dV stay at 128 registers); P^T and dS^T go through shared memory between the two (as
 // FlashAttention-2 does), so every fragment read from shared memory feeds two m-tiles or n-tiles.
-// kD: the shared tiles' width (64, 128); kDn: the columns the S^T / dP^T reductions and dK / dV run
-// over (a native head dim: 32 in tiles of 64, 96 in tiles of 128), kDq those of dQ = dS K: kDn
-// where the column groups split it into 16-column pairs (d = 32), else kD (d = 96 in the split
-// layout: four groups of 24 columns would not; K's padding columns are zeros).
+// kD: the shared tiles' width (64, 128, 256); kDn: the columns the S^T / dP^T reductions and dK / dV
+// run over (a native head dim: 32 in tiles of 64, 96 in tiles of 128, 192 in tiles of 256), kDq
+// those of dQ = dS K: kDn where the column groups split it into 16-column pairs, else kD.
 template <typename T, int kD_, int kMT_ = 1, bool kSplit_ = false, int kDn_ = kD_>
 struct BwdTraits {
   static constexpr int kD = kD_;
@@ -56,7 +58,8 @@ struct BwdTraits {
   static constexpr int kMT = kMT_;
   static constexpr bool kSplit = kSplit_;
   static_assert(kMT == 1 || (kMT == 2 && sizeof(T) == 2 && kD == 64), "two key m-tiles per warp: 16-bit, d = 64");
-  static_assert(!kSplit || (kMT == 1 && sizeof(T) == 2 && kD == 128), "the split layout: 16-bit, d = 128");
+  static_assert(!kSplit || (kMT == 1 && sizeof(T) == 2 && kD >= 128), "the split layout: 16-bit, d >= 96");
+  static_assert(kSplit || kD <= 128, "d > 128: the split layout only (dK, dV of 16 keys would not fit)");
   // Warps x 16 kMT keys per block (kSplit: 4 x 32). d = 128: 8 warps, so every Q / dO tile read
   // from shared memory and every dQ atomic covers 128 keys (half the atomics of 64-key blocks);
   // 2-3% faster than 4 warps on an H200. d = 64: 4 warps (two blocks per SM), 4-8% faster than 8
@@ -64,8 +67,9 @@ struct BwdTraits {
   static constexpr int kWarps = kD <= 64 ? 4 : 8;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kWarpKeys = kSplit ? 32 : 16 * kMT;  // keys of a warp's dK / dV
-  static constexpr int kKeyGroups = kSplit ? 4 : kWarps;     // warp w's keys: group w % kKeyGroups
-  static constexpr int kBlockN = kWarpKeys * kKeyGroups;     // keys per block
+  static constexpr int kKeyGroups = kSplit ? (kD > 128 ? 2 : 4) : kWarps;  // warp w's keys: group w % kKeyGroups
+  static constexpr int kSlices = kWarps / kKeyGroups;  // kSplit: query / column slices (slice w / kKeyGroups)
+  static constexpr int kBlockN = kWarpKeys * kKeyGroups;  // keys per block
   // Queries per inner tile. float32: 32, so that the [16 keys, kBlockM] S^T and dP^T tiles and the
   // split (hi, lo) fragments fit the registers next to dK, dV; kMT = 2: 32 likewise.
   static constexpr int kBlockM = sizeof(T) == 2 ? 64 / kMT : 32;
@@ -103,8 +107,8 @@ struct BwdTraits {
   static constexpr int64_t kBiasBytes = (int64_t{kBlockM} * kBiasLd * sizeof(T) + 127) / 128 * 128;
   static constexpr int64_t kMaskBytes = int64_t{kBlockM} * kMaskLd;
   // float32 at d = 128: 209 KiB (sm_90); devices with less take the SIMT backward.
-  static_assert(kSmemBytes <= (sizeof(T) == 2 ? 163 : 227) * 1024,
-                "backward tile exceeds sm_80's 163 KiB (float32: sm_90's 227 KiB) of shared memory per block");
+  static_assert(kSmemBytes <= (sizeof(T) == 2 && kD <= 128 ? 163 : 227) * 1024,
+                "backward tile exceeds sm_80's 163 KiB (float32, d > 128: sm_90's 227 KiB) of shared memory per block");
   static_assert(sizeof(T) == 2 || (kD / kColGroups) % 32 == 0,
                 "float32: dQ column groups start at multiples of 32 columns (PermRows32)");
 };
@@ -258,9 +262,11 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
   // The bias / mask / dropout / dbias code below reads m-tile 0 only.
   static_assert(kKT == 1 || !kGeneral, "the general kernels take one key m-tile per warp");
   static_assert(!kSplit || !kGeneral, "the split layout is for the plain kernels");
-  constexpr int kNS = (kSplit ? kBlockM / 2 : kBlockM) / 8;  // n-tiles of an m-tile's S^T (queries)
+  constexpr int kSlices = Tr::kSlices;
+  constexpr int kNS = (kSplit ? kBlockM / kSlices : kBlockM) / 8;  // n-tiles of an m-tile's S^T (queries)
   constexpr int kDn = Tr::kDn, kDq = Tr::kDq;
-  constexpr int kNO = (kSplit ? kDn / 2 : kDn) / 8;  // n-tiles of an m-tile's dK / dV (columns)
+  constexpr int kNO = (kSplit ? kDn / kSlices : kDn) / 8;  // n-tiles of an m-tile's dK / dV (columns)
+  static_assert(kNS % 2 == 0 && kNO % 2 == 0, "n-tile pairs");
   constexpr int kNQ = kDq / 8 / Tr::kColGroups;      // n-tiles of a warp's [16 queries, kDq / groups] dQ m-tiles
   extern __shared__ __align__(128) unsigned char smem_raw[];
   auto& sm = *reinterpret_cast<typename Tr::Smem*>(smem_raw);
@@ -375,7 +381,8 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
   const int key_grp = kSplit ? warp % Tr::kKeyGroups : warp;
   const int64_t key0 = j0 + kWarpKeys * key_grp;  // first key of this warp
   // kSplit: the warp's first query of S^T / dP^T and first column of dK / dV.
-  const int q_off = kSplit ? 32 * (warp / Tr::kKeyGroups) : 0, col_off = kSplit ? kDn / 2 * (warp / Tr::kKeyGroups) : 0;
+  const int slice = warp / Tr::kKeyGroups;
+  const int q_off = kSplit ? kBlockM / kSlices * slice : 0, col_off = kSplit ? kDn / kSlices * slice : 0;
   // dK = scale * dS^T Q and dV (rows key0 + 16 mt + lane / 4 (+ 8)) written from the accumulators. float32
   // also writes them every kFlushK queries (sm80_tile.cuh) and zeroes the accumulators: the first
   // time stored, later added by red.add, as is the last part; no other thread writes these rows.
@@ -694,7 +701,7 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
       __syncthreads();
     }
     // kSplit: dV += P^T dO, dK += dS^T Q over the tile's queries, for the warp's keys and columns
-    // col_off .. + kDn / 2 - 1: P^T and dS^T as A operands from shared memory.
+    // col_off .. + kDn / kSlices - 1: P^T and dS^T as A operands from shared memory.
     if constexpr (kSplit) {
       if (live) {  // (a warp's two halves see the same keys: the same `live`)
         constexpr int kDs16 = kCols16<T, kDsCols>;
@@ -834,10 +841,24 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
 template <typename T, int kD>
 constexpr int kPlainKeyTiles = sizeof(T) == 2 && kD == 64 ? 2 : 1;
 constexpr bool kKeyMaskTiles2 = false;
-// The split layout (BwdTraits::kSplit) for the 16-bit plain kernel at d = 128.
+// The split layout (BwdTraits::kSplit) for the 16-bit plain kernels at d = 128 (at d > 128 it is the
+// only one).
 constexpr bool kSplitPlain128 = true;
 template <typename T, int kD>
-constexpr bool kPlainSplit = kSplitPlain128 && sizeof(T) == 2 && kD == 128;
+constexpr bool kPlainSplit = sizeof(T) == 2 && (kD > 128 || (kSplitPlain128 && kD == 128));
+
+// Which kernel a call takes: the plain one (raw scores, the scale folded into P's exponent:
+// scale_foldable, since a masked score's -inf times the scale must stay -inf), the plain one with
+// kKeyMask (a key mask alone: key padding), or the general one (bias, dbias, any other mask,
+// dropout, other scales).
+struct BwdKind {
+  bool key_mask, general;
+  explicit BwdKind(const BwdParams& p) {
+    const bool scale_ok = scale_foldable(p.scale);
+    key_mask = scale_ok && p.mask && !p.bias && !p.dbias && p.dropout_p == 0.0 && (p.mask_s.q == 0 || p.n_q == 1);
+    general = !key_mask && (p.bias || p.mask || p.dropout_p > 0.0 || p.dbias || !scale_ok);
+  }
+};
 
 // kDn < kD (native head dims 32, 96): the plain and key-mask kernels run over kDn columns; the
 // general kernel pads to kD.
@@ -851,13 +872,8 @@ void launch(const BwdParams& p, void* workspace, cudaStream_t stream) {
   // dbias is the contiguous [b, h, n_q, n_k] tensor ops.cpp allocates (no broadcast dims).
   if (kDirectDbias && ws.dbias_direct && (p.causal != Causal::kNone || p.mask))
     cudaMemsetAsync(p.dbias, 0, static_cast<size_t>(p.b * p.h * p.n_q * p.n_k) * sizeof(T), stream);
-  // A key mask alone (key padding): the plain kernel with kKeyMask.
-  // The plain kernels fold the scale into P's exponent (scale_foldable: a masked score's -inf
-  // times the scale must stay -inf); other scales take the general kernel.
-  const bool scale_ok = scale_foldable(p.scale);
-  const bool key_mask =
-      scale_ok && p.mask && !p.bias && !p.dbias && p.dropout_p == 0.0 && (p.mask_s.q == 0 || p.n_q == 1);
-  const bool general = !key_mask && (p.bias || p.mask || p.dropout_p > 0.0 || p.dbias || !scale_ok);
+  const BwdKind kind(p);
+  const bool key_mask = kind.key_mask, general = kind.general;
   // The split kernel's dQ accumulator is DqRows16, the others' DqTiles (see there).
   const bool split = !general && kPlainSplit<T, kD>;
   auto run = [&](auto kernel, auto traits, int64_t smem) {
@@ -868,13 +884,15 @@ void launch(const BwdParams& p, void* workspace, cudaStream_t stream) {
     kernel<<<static_cast<unsigned>(blocks), Tk::kThreads, smem, stream>>>(p, ws);
   };
   if (general) {
-    using Tr = BwdTraits<T, kD>;
-    const StagedPlan plan = staged_plan<T, Tr>(p);
-    ws.score_stages = plan.stages;
-    if (plan.stages)
-      run(sm80_bwd_kernel<T, Tr, true, true>, Tr(), plan.bytes);
-    else
-      run(sm80_bwd_kernel<T, Tr, true, false>, Tr(), Tr::kSmemBytes);
+    if constexpr (kD <= 128) {  // d > 128: sm80_bwd_supported sends these to SIMT
+      using Tr = BwdTraits<T, kD>;
+      const StagedPlan plan = staged_plan<T, Tr>(p);
+      ws.score_stages = plan.stages;
+      if (plan.stages)
+        run(sm80_bwd_kernel<T, Tr, true, true>, Tr(), plan.bytes);
+      else
+        run(sm80_bwd_kernel<T, Tr, true, false>, Tr(), Tr::kSmemBytes);
+    }
   } else {
     using Tr = BwdTraits<T, kD, kPlainKeyTiles<T, kD>, kPlainSplit<T, kD>, kDn>;
     using TrMask = BwdTraits<T, kD, kKeyMaskTiles2 ? kPlainKeyTiles<T, kD> : 1, kPlainSplit<T, kD>, kDn>;
@@ -909,7 +927,9 @@ void dispatch_dim(const BwdParams& p, void* workspace, cudaStream_t stream) {
     if (dim <= 32) return launch<T, 64, 32>(p, workspace, stream);
     if (dim <= 64) return launch<T, 64>(p, workspace, stream);
     if (dim <= 96) return launch<T, 128, 96>(p, workspace, stream);
-    return launch<T, 128>(p, workspace, stream);
+    if (dim <= 128) return launch<T, 128>(p, workspace, stream);
+    if (dim <= 192) return launch<T, 256, 192>(p, workspace, stream);
+    return launch<T, 256>(p, workspace, stream);
   } else {
     if (dim <= 64) return launch<T, 64>(p, workspace, stream);
     return launch<T, 128>(p, workspace, stream);
@@ -920,20 +940,24 @@ bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15)
 
 }  // namespace
 
-// Head dims up to 128 (the dK/dV accumulators of d = 256 do not fit a warp's registers), 16-byte
-// aligned rows, atomics allowed (not deterministic mode), and, unless kAtomicSharedDbias, a dbias
-// (if any) whose elements each come from one thread: no broadcast over batch, query or key, nor
-// over heads unless there is one kv head.
+// Head dims up to 128 (16-bit: 256 for the plain and key-mask kernels, i.e. no bias, dbias,
+// dropout or other mask above 128), 16-byte aligned rows, atomics allowed (not deterministic mode),
+// and, unless kAtomicSharedDbias, a dbias (if any) whose elements each come from one thread: no
+// broadcast over batch, query or key, nor over heads unless there is one kv head.
 bool sm80_bwd_supported(const BwdParams& p) {
   const bool f32 = p.dtype == Dtype::kFloat32;
   if (p.dtype != Dtype::kFloat16 && p.dtype != Dtype::kBFloat16 && !f32) return false;
   if (p.deterministic) return false;
-  if (p.d % 8 || p.d_v % 8 || p.d > 128 || p.d_v > 128) return false;
+  const int64_t max_d = f32 ? 128 : 256;
+  if (p.d % 8 || p.d_v % 8 || p.d > max_d || p.d_v > max_d) return false;
+  const bool big = p.d > 128 || p.d_v > 128;
+  if (big && BwdKind(p).general) return false;
   // The tiles must fit the device's shared memory: float32 at d > 64 needs sm_90's 227 KiB, 16-bit
   // at d > 64 145 KiB, the split kernel 161 KiB (A100: 163 KiB; H100 / H200; not the 99 KiB of
-  // sm_86 / sm_89 cards: SIMT there).
+  // sm_86 / sm_89 cards: SIMT there), at d > 128 209 KiB (H100 / H200 only).
   const bool wide = p.d > 64 || p.d_v > 64;
-  const int64_t smem = f32    ? (wide ? BwdTraits<float, 128>::kSmemBytes : BwdTraits<float, 64>::kSmemBytes)
+  const int64_t smem = big    ? BwdTraits<__half, 256, 1, true>::kSmemBytes
+                       : f32  ? (wide ? BwdTraits<float, 128>::kSmemBytes : BwdTraits<float, 64>::kSmemBytes)
                        : wide ? std::max(BwdTraits<__half, 128>::kSmemBytes,
                                          BwdTraits<__half, 128, 1, kPlainSplit<__half, 128>>::kSmemBytes)
                               : std::max(BwdTraits<__half, 64>::kSmemBytes,
