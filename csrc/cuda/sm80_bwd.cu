@@ -6,8 +6,9 @@
 //    16w .. 16w+15 and keeps their dK, dV in registers while it walks the query heads of the GQA
 //    group and their 64-query tiles (float32: 32; Q, dO, lse, D double buffered through shared memory with
 //    cp.async). The 16-bit plain kernels differ (BwdTraits): at d = 64 a warp owns 32 keys over
-//    32-query tiles (kMT), at d = 128 the warps split S^T / dP^T and dK / dV differently and pass
-//    P^T, dS^T through shared memory (kSplit). Per tile, in the transposed (key-row) layout:
+//    32-query tiles (kMT), at d >= 96 (the only layout above 128) the warps split S^T / dP^T and
+//    dK / dV differently and pass P^T, dS^T through shared memory (kSplit). Per tile, in the
+//    transposed (key-row) layout:
 //      S^T = K Q^T,  P^T = exp2(S^T log2e - lse log2e),  dP^T = V dO^T,
 //      dS^T = P^T o (dP^T Z - D),  dV += (P^T o Z) dO,  dK += dS^T Q,
 //    then dS^T goes through shared memory and dQ += dS K (warps split into the tile's query
