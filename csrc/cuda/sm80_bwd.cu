@@ -861,8 +861,8 @@ struct BwdKind {
   }
 };
 
-// kDn < kD (native head dims 32, 96): the plain and key-mask kernels run over kDn columns; the
-// general kernel pads to kD.
+// kDn < kD (native head dims 32, 96, 192): the plain and key-mask kernels run over kDn columns; the
+// general kernel pads to kD (d <= 128 only).
 template <typename T, int kD, int kDn = kD>
 void launch(const BwdParams& p, void* workspace, cudaStream_t stream) {
   BwdWorkspace ws(p, workspace);
