@@ -173,9 +173,11 @@ NATIVE_DIMS = {
 
 
 def _native_cols(names, traits):
-    """The last template argument (kDn) of every `traits<...>` in the kernel names."""
+    """kDn of every `traits<...>` in the kernel names: FwdTraits<T, kD, wide, kDn>, BwdTraits<T, kD,
+    key m-tiles, split, kDn, stages>."""
     import re
-    return {int(m) for n in names for m in re.findall(traits + r"<[^<>]*, (\d+)>", n)}
+    at = {"FwdTraits": 3, "BwdTraits": 4}[traits]
+    return {int(m.split(", ")[at]) for n in names for m in re.findall(traits + r"<([^<>]*)>", n)}
 
 
 @needs_cuda
@@ -210,6 +212,56 @@ def test_sm80_native_head_dims(dtype, dims, causal, key_padding):
         assert not bwd and any("simt_dkdv_kernel" in n for n in names)
     else:
         assert _native_cols(bwd, "BwdTraits") == {bwd_cols}, bwd
+
+
+# An A100's shared memory a block may opt in to (163 KiB).
+A100_SMEM = 166_912
+_A100_SCRIPT = """
+import re, sys
+import torch
+import flash_mha
+sys.path.insert(0, {tests!r})
+from conftest import check_both, randn, run_both
+
+torch.manual_seed(0)
+names = []
+for dtype in (torch.float16, torch.bfloat16):
+    for d, dv, causal, pad in [(256, 256, None, False), (160, 160, "bottom_right", False),
+                               (200, 256, "top_left", True), (128, 128, None, True), (96, 96, "bottom_right", False)]:
+        q = randn(2, 4, 333, d, dtype=dtype, device="cuda", requires_grad=True)
+        k = randn(2, 2, 304, d, dtype=dtype, device="cuda", requires_grad=True)
+        v = randn(2, 2, 304, dv, dtype=dtype, device="cuda", requires_grad=True)
+        mask = None
+        if pad:
+            mask = (torch.arange(304, device="cuda") < torch.tensor([200, 304], device="cuda")[:, None]).view(2, 1, 1, 304)
+        with flash_mha.force_kernel("sm80"), torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            res = run_both(q, k, v, mask=mask, causal=causal)
+            torch.cuda.synchronize()
+        check_both(res, dtype)
+        names += [e.name for e in prof.events() if "sm80_" in e.name]
+stages = [int(m) for n in names for m in re.findall(r"BwdTraits<[^<>]*, 256, 1, true, \\d+, (\\d)>", n)]
+assert stages and set(stages) == {{1}}, names
+assert not any(re.search(r"FwdTraits<[^<>]*, 128, true", n) for n in names), names
+print("ok", len(names))
+"""
+
+
+@needs_cuda
+def test_sm80_tiles_chosen_for_an_a100():
+    """With FLASH_MHA_SMEM_LIMIT at an A100's 163 KiB (a fresh process: the limit is read once) the
+    sm80 kernels take the tiles they take on an A100: the backward above head dim 128 with one Q / dO
+    stage (145 KiB instead of 209), the d = 128 forward without its 64-key tiles; native and padded
+    head dims, causal, a key mask, GQA, against the reference."""
+    if torch.cuda.get_device_capability() < (8, 0) or _smem_optin() < A100_SMEM:
+        pytest.skip("needs an sm_80+ card with at least an A100's shared memory")
+    import subprocess
+    import sys
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, FLASH_MHA_SMEM_LIMIT=str(A100_SMEM))
+    r = subprocess.run([sys.executable, "-c", _A100_SCRIPT.format(tests=tests)], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.startswith("ok"), (r.stdout + r.stderr)[-3000:]
 
 
 @needs_cuda

@@ -2,7 +2,9 @@
 #pragma once
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 
 #include "../flash_mha.h"
 
@@ -63,8 +65,25 @@ inline int64_t device_attribute(cudaDeviceAttr attr) {
   return value;
 }
 
+// FLASH_MHA_SMEM_LIMIT=<bytes> (tests): the kernels pick their tiles as on a card whose blocks may opt
+// in to at most that much shared memory and whose SMs have 1 KiB more (166912: an A100), so that the
+// choices made for smaller cards run on an H100 too. Read once per process.
+inline int64_t smem_limit() {
+  static const int64_t limit = [] {
+    const char* e = std::getenv("FLASH_MHA_SMEM_LIMIT");
+    return e != nullptr ? std::max<int64_t>(std::atoll(e), 0) : int64_t{0};
+  }();
+  return limit;
+}
+
 // Shared memory per block with opt-in, and per SM, of the current device (0 when unknown).
-inline int64_t max_smem_per_block() { return device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin); }
-inline int64_t max_smem_per_sm() { return device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor); }
+inline int64_t max_smem_per_block() {
+  const int64_t v = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
+  return smem_limit() > 0 ? std::min(v, smem_limit()) : v;
+}
+inline int64_t max_smem_per_sm() {
+  const int64_t v = device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor);
+  return smem_limit() > 0 ? std::min(v, smem_limit() + 1024) : v;
+}
 
 }  // namespace flash_mha::cuda

@@ -51,8 +51,12 @@ constexpr bool kDirectDbias = true;
 // kD: the shared tiles' width (64, 128, 256); kDn: the columns the S^T / dP^T reductions and dK / dV
 // run over (a native head dim: 32 in tiles of 64, 96 in tiles of 128, 192 in tiles of 256), kDq
 // those of dQ = dS K: kDn where the column groups split it into 16-column pairs, else kD.
-template <typename T, int kD_, int kMT_ = 1, bool kSplit_ = false, int kDn_ = kD_>
+// kStages: Q / dO buffers. 2: the next iteration's tiles load during this one; 1 (the split kernels
+// above 128 where 209 KiB are not there, A100: 145 KiB): they load during its dQ step.
+template <typename T, int kD_, int kMT_ = 1, bool kSplit_ = false, int kDn_ = kD_, int kStages_ = 2>
 struct BwdTraits {
+  static constexpr int kStages = kStages_;
+  static_assert(kStages == 2 || (kStages == 1 && kSplit_), "one Q / dO stage: the split kernels");
   static constexpr int kD = kD_;
   static constexpr int kDn = kDn_;
   static_assert(kDn % 16 == 0 && kDn <= kD && (!kSplit_ || kDn % 32 == 0), "kDn: 16-column pairs (split: 32)");
@@ -90,8 +94,8 @@ struct BwdTraits {
   struct Smem {
     T k[kBlockN * kD];            // [kBlockN, kD] swizzled
     T v[kBlockN * kD];            // [kBlockN, kD] swizzled
-    T q[2][kBlockM * kD];         // [stage][kBlockM, kD] swizzled
-    T dout[2][kBlockM * kD];      // [stage][kBlockM, kD] swizzled
+    T q[kStages][kBlockM * kD];     // [stage][kBlockM, kD] swizzled
+    T dout[kStages][kBlockM * kD];  // [stage][kBlockM, kD] swizzled
     T ds[kBlockN * kDsCols];      // dS^T [kBlockN, kBlockM] in rows of kDsCols, swizzled
     T pt[kSplit ? kBlockN * kDsCols : 8];  // kSplit: P^T (dropout-free), as dS^T
     float lse2[2][kBlockM];       // [stage][kBlockM] lse * log2(e); +inf past n_q
@@ -321,7 +325,7 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
   static_assert(kBlockM <= kThreads, "one lse / D row per thread");
   float lse_next = 0.f, dsum_next = 0.f;
   auto prefetch = [&](int64_t n, int64_t hi, int64_t i0) {
-    const int st = static_cast<int>(n & 1);
+    const int st = Tr::kStages == 2 ? static_cast<int>(n & 1) : 0;
     const int rows = static_cast<int>(imin(kBlockM, p.n_q - i0));
     q_stream.load_rows(sm.q[st], static_cast<const T*>(p.q) + bi * p.q_sb + hi * p.q_sh + i0 * p.q_sn, rows);
     do_stream.load_rows(sm.dout[st], static_cast<const T*>(p.dout) + bi * p.do_sb + hi * p.do_sh + i0 * p.do_sn, rows);
@@ -488,11 +492,12 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
   // One iteration; kCheck (the type of check_type) compiles the bounds / diagonal test in.
   auto step = [&](const int64_t n, auto check_type) {
     constexpr bool kCheck = decltype(check_type)::value;
-    const int st = static_cast<int>(n & 1);
+    const int st = static_cast<int>(n & 1);      // lse / D stage
+    const int qst = Tr::kStages == 2 ? st : 0;  // Q / dO stage
     const int64_t hi = kvh * group + g_n, i0 = (first_qt + qt_n) * kBlockM;
     const bool next_head = qt_n + 1 == n_qt;
     const int64_t hi_next = next_head ? hi + 1 : hi, i0_next = next_head ? first_qt * kBlockM : i0 + kBlockM;
-    if (n + 1 < n_iters) {
+    if (Tr::kStages == 2 && n + 1 < n_iters) {
       prefetch(n + 1, hi_next, i0_next);
       if (stages == 2) load_scores(n + 1, hi_next, i0_next);
       cp_async_commit_group();
@@ -532,10 +537,10 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
       zero_acc(dp[mt]);
     }
     if (live) {
-      const auto q_addr = ldsm_b_addr<kDc>(sm.q[st] + q_off * kD);        // Q as B of S^T = K Q^T
-      const auto do_addr = ldsm_b_addr<kDc>(sm.dout[st] + q_off * kD);    // dO as B of dP^T = V dO^T
-      const TransB<T, kD> qt_addr(sm.q[st]);                 // Q as B of dK += dS^T Q
-      const TransB<T, kD> dot_addr(sm.dout[st]);             // dO as B of dV += P^T dO
+      const auto q_addr = ldsm_b_addr<kDc>(sm.q[qst] + q_off * kD);        // Q as B of S^T = K Q^T
+      const auto do_addr = ldsm_b_addr<kDc>(sm.dout[qst] + q_off * kD);    // dO as B of dP^T = V dO^T
+      const TransB<T, kD> qt_addr(sm.q[qst]);                 // Q as B of dK += dS^T Q
+      const TransB<T, kD> dot_addr(sm.dout[qst]);             // dO as B of dV += P^T dO
 #pragma unroll
       for (int kk = 0; kk < kDn / kMmaK<T>; ++kk) {
         mma_step<T>(s, k_addr, q_addr, kk);
@@ -708,8 +713,8 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
         constexpr int kDs16 = kCols16<T, kDsCols>;
         const auto pt_addr = ldsm_a_addr<kDs16>(sm.pt + kWarpKeys * key_grp * kDsCols);
         const auto dst_addr = ldsm_a_addr<kDs16>(sm.ds + kWarpKeys * key_grp * kDsCols);
-        const auto dot_addr = TransB<T, kD>(sm.dout[st]).shifted(col_off / 16);  // dO as B of dV
-        const auto qt_addr = TransB<T, kD>(sm.q[st]).shifted(col_off / 16);      // Q as B of dK
+        const auto dot_addr = TransB<T, kD>(sm.dout[qst]).shifted(col_off / 16);  // dO as B of dV
+        const auto qt_addr = TransB<T, kD>(sm.q[qst]).shifted(col_off / 16);      // Q as B of dK
 #pragma unroll
         for (int kk = 0; kk < kBlockM / kMmaK<T>; ++kk) {
           Frag<T> a_p[kKT], a_ds[kKT];
@@ -720,6 +725,14 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
           }
           dkdv_step(a_p, a_ds, dot_addr, qt_addr, kk);
         }
+      }
+    }
+    // One Q / dO stage: the next iteration's tiles load during the dQ step, once no warp reads these.
+    if constexpr (Tr::kStages == 1) {
+      if (n + 1 < n_iters) {
+        __syncthreads();
+        prefetch(n + 1, hi_next, i0_next);
+        cp_async_commit_group();
       }
     }
     // dQ[queries 16 dq_mt .., column group] += dS K, added to the float workspace.
@@ -897,10 +910,23 @@ void launch(const BwdParams& p, void* workspace, cudaStream_t stream) {
   } else {
     using Tr = BwdTraits<T, kD, kPlainKeyTiles<T, kD>, kPlainSplit<T, kD>, kDn>;
     using TrMask = BwdTraits<T, kD, kKeyMaskTiles2 ? kPlainKeyTiles<T, kD> : 1, kPlainSplit<T, kD>, kDn>;
-    if (key_mask)
-      run(sm80_bwd_kernel<T, TrMask, false, false, true>, TrMask(), TrMask::kSmemBytes);
-    else
-      run(sm80_bwd_kernel<T, Tr, false, false>, Tr(), Tr::kSmemBytes);
+    auto plain = [&](auto traits, auto mask_traits) {
+      using Tk = decltype(traits);
+      using Tm = decltype(mask_traits);
+      if (key_mask)
+        run(sm80_bwd_kernel<T, Tm, false, false, true>, Tm(), Tm::kSmemBytes);
+      else
+        run(sm80_bwd_kernel<T, Tk, false, false>, Tk(), Tk::kSmemBytes);
+    };
+    if constexpr (kD > 128) {  // one Q / dO stage where two do not fit (A100)
+      using Tr1 = BwdTraits<T, kD, 1, true, kDn, 1>;
+      if (Tr::kSmemBytes > max_smem_per_block())
+        plain(Tr1(), Tr1());
+      else
+        plain(Tr(), TrMask());
+    } else {
+      plain(Tr(), TrMask());
+    }
   }
   const DqTiles dqt(p);
   const float scale = static_cast<float>(p.scale);
@@ -955,9 +981,10 @@ bool sm80_bwd_supported(const BwdParams& p) {
   if (big && BwdKind(p).general) return false;
   // The tiles must fit the device's shared memory: float32 at d > 64 needs sm_90's 227 KiB, 16-bit
   // at d > 64 145 KiB, the split kernel 161 KiB (A100: 163 KiB; H100 / H200; not the 99 KiB of
-  // sm_86 / sm_89 cards: SIMT there), at d > 128 209 KiB (H100 / H200 only).
+  // sm_86 / sm_89 cards: SIMT there), at d > 128 209 KiB (H100 / H200) or, with one Q / dO stage,
+  // 145 KiB (A100).
   const bool wide = p.d > 64 || p.d_v > 64;
-  const int64_t smem = big    ? BwdTraits<__half, 256, 1, true>::kSmemBytes
+  const int64_t smem = big    ? BwdTraits<__half, 256, 1, true, 256, 1>::kSmemBytes
                        : f32  ? (wide ? BwdTraits<float, 128>::kSmemBytes : BwdTraits<float, 64>::kSmemBytes)
                        : wide ? std::max(BwdTraits<__half, 128>::kSmemBytes,
                                          BwdTraits<__half, 128, 1, kPlainSplit<__half, 128>>::kSmemBytes)
