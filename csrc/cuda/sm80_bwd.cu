@@ -82,9 +82,9 @@ struct BwdTraits {
   // second half of each row unused).
   static constexpr int kDsCols = kBlockM * static_cast<int>(sizeof(T)) >= 128 ? kBlockM : 128 / static_cast<int>(sizeof(T));
   // dQ = dS K of a query tile: warp w takes kDqMT m-tiles from kDqMT (w % kQG) and column group
-  // w / kQG of kD (kSplit: 32 x 32 per warp, 4 ldmatrix per 8 mma instead of 5).
+  // w / kQG of kDq (kSplit: 32 x 32 per warp at d = 128, 4 ldmatrix per 8 mma instead of 5; at
+  // kDn = 96 one m-tile x 48 columns, so that dQ runs over 96 columns, not 128).
   static constexpr int kQMT = kBlockM / 16;
-  // (kSplit at kDn = 96: one m-tile x 48 columns, so that dQ runs over 96 columns, not 128.)
   static constexpr int kDqMT = kSplit && (kDn / 16) % 4 == 0 ? 2 : 1;
   static constexpr int kQG = kQMT / kDqMT;
   static constexpr int kColGroups = kWarps / kQG;
