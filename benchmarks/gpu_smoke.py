@@ -103,6 +103,11 @@ def main():
         (torch.float16, 2, 2, 1, 130, 200, 72, 96, "top_left", None, None, 0.0, False, "sm80"),
         (torch.bfloat16, 2, 4, 2, 100, 135, 160, 160, "bottom_right", None, None, 0.0, False, "sm80"),
         (torch.float16, 2, 2, 1, 70, 208, 256, 256, None, None, (2, 1, 1, 208), 0.0, False, "sm80"),
+        # The general backward over 128 (split kernel, 256 columns, one Q / dO stage): bias and mask
+        # staged (n_k % 16 == 0) with dropout; a broadcast bias read per element (odd n_k).
+        (torch.bfloat16, 2, 4, 2, 100, 208, 256, 256, "bottom_right", (2, 4, 100, 208), (2, 1, 1, 208), 0.1, False,
+         "sm80"),
+        (torch.float16, 1, 2, 1, 90, 135, 160, 160, None, (1, 2, 1, 135), (1, 1, 90, 135), 0.0, False, "sm80"),
     ]
     results = []
     for c in cases:

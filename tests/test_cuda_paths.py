@@ -227,21 +227,25 @@ torch.manual_seed(0)
 names = []
 for dtype in (torch.float16, torch.bfloat16):
     for d, dv, causal, pad in [(256, 256, None, False), (160, 160, "bottom_right", False),
-                               (200, 256, "top_left", True), (128, 128, None, True), (96, 96, "bottom_right", False)]:
+                               (200, 256, "top_left", True), (128, 128, None, True), (96, 96, "bottom_right", False),
+                               (256, 256, "bottom_right", "bias")]:
         q = randn(2, 4, 333, d, dtype=dtype, device="cuda", requires_grad=True)
         k = randn(2, 2, 304, d, dtype=dtype, device="cuda", requires_grad=True)
         v = randn(2, 2, 304, dv, dtype=dtype, device="cuda", requires_grad=True)
-        mask = None
+        mask = bias = None
         if pad:
             mask = (torch.arange(304, device="cuda") < torch.tensor([200, 304], device="cuda")[:, None]).view(2, 1, 1, 304)
+        if pad == "bias":  # the general kernel, bias and mask staged beside the one Q / dO stage
+            bias = randn(2, 4, 333, 304, dtype=dtype, device="cuda", requires_grad=True)
         with flash_mha.force_kernel("sm80"), torch.profiler.profile(
                 activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            res = run_both(q, k, v, mask=mask, causal=causal)
+            res = run_both(q, k, v, bias=bias, mask=mask, causal=causal)
             torch.cuda.synchronize()
         check_both(res, dtype)
         names += [e.name for e in prof.events() if "sm80_" in e.name]
 stages = [int(m) for n in names for m in re.findall(r"BwdTraits<[^<>]*, 256, 1, true, \\d+, (\\d)>", n)]
 assert stages and set(stages) == {{1}}, names
+assert any(re.search(r"BwdTraits<[^<>]*, 256, 1, true, 256, 1>, true, true, false>", n) for n in names), names
 assert not any(re.search(r"FwdTraits<[^<>]*, 128, true", n) for n in names), names
 print("ok", len(names))
 """
@@ -251,8 +255,9 @@ print("ok", len(names))
 def test_sm80_tiles_chosen_for_an_a100():
     """With FLASH_MHA_SMEM_LIMIT at an A100's 163 KiB (a fresh process: the limit is read once) the
     sm80 kernels take the tiles they take on an A100: the backward above head dim 128 with one Q / dO
-    stage (145 KiB instead of 209), the d = 128 forward without its 64-key tiles; native and padded
-    head dims, causal, a key mask, GQA, against the reference."""
+    stage (145 KiB instead of 209; the general one with its bias / mask tiles beside it), the d = 128
+    forward without its 64-key tiles; native and padded head dims, causal, a key mask, a bias with its
+    gradient, GQA, against the reference."""
     if torch.cuda.get_device_capability() < (8, 0) or _smem_optin() < A100_SMEM:
         pytest.skip("needs an sm_80+ card with at least an A100's shared memory")
     import subprocess
@@ -264,42 +269,70 @@ def test_sm80_tiles_chosen_for_an_a100():
     assert r.returncode == 0 and r.stdout.startswith("ok"), (r.stdout + r.stderr)[-3000:]
 
 
+# Above head dim 128 the sm80 general backward (bias, its gradient, dropout, any mask, a scale it cannot
+# fold) runs on the split kernel with 256 columns and one Q / dO stage, the bias / mask staged in shared
+# memory where their rows allow it. name: (n_k, bias dims, mask dims, dropout_p, scale, staged)
+GENERAL_OVER_128 = {
+    "full-bias": (256, "bhqk", None, 0.0, None, True),
+    "head-bias+keypad": (256, "1hqk", "b11k", 0.0, None, True),
+    "row-bias+full-mask": (256, "b11k", "bhqk", 0.0, None, True),
+    "query-mask": (256, None, "b1qk", 0.0, None, True),
+    "bias+mask per element (nk 250)": (250, "1hqk", "b1qk", 0.0, None, False),
+    "bias bh1k (atomic dbias)": (250, "bh1k", None, 0.0, None, False),
+    "dropout": (333, None, None, 0.15, None, False),
+    "dropout+keypad+full-bias": (256, "bhqk", "b11k", 0.15, None, True),
+    "scale 0": (250, None, None, 0.0, 0.0, False),
+}
+
+
 @needs_cuda
 @pytest.mark.parametrize("dtype", HALF, ids=str)
-@pytest.mark.parametrize("case", ["bias", "dropout", "query_mask", "scale0"])
-def test_head_dims_over_128_general_backward_on_simt(dtype, case):
-    """Above head dim 128 the sm80 backward takes only the plain and key-mask calls; with a bias, its
-    gradient, dropout, a mask that varies along the queries or a scale it cannot fold, the forced sm80
-    path falls back to the SIMT backward and still matches the reference."""
-    if torch.cuda.get_device_capability() < (8, 0):
-        pytest.skip("tensor-core path needs sm_80+")
-    b, h, n_q, n_k, d = 1, 2, 100, 90, 160
-    q, k, v = (randn(b, h, n, d, dtype=dtype, device="cuda", requires_grad=True) for n in (n_q, n_k, n_k))
-    kw = {}
-    if case == "bias":
-        kw["bias"] = randn(1, h, n_q, n_k, dtype=dtype, device="cuda", requires_grad=True)
-    elif case == "query_mask":
-        kw["mask"] = torch.rand(b, 1, n_q, n_k, device="cuda") > 0.3
-        kw["mask"][..., :1] = True
-    elif case == "scale0":
-        kw["scale"] = 0.0
+@pytest.mark.parametrize("d", [160, 256])
+@pytest.mark.parametrize("causal", [None, "bottom_right"])
+@pytest.mark.parametrize("case", list(GENERAL_OVER_128))
+def test_sm80_general_backward_over_128(dtype, d, causal, case):
+    """The bias / mask / dropout backward above head dim 128 runs on the sm80 tensor-core kernel (split
+    layout, two key m-tiles per warp, a query slice each), staged or per element as the layout allows,
+    never on SIMT; out and every gradient (dbias: written once, or added with atomics where broadcast)
+    against the reference, the dropout mask replayed from the forward's rng_state."""
+    if torch.cuda.get_device_capability() < (8, 0) or _smem_optin() < 148_480:
+        pytest.skip("the d > 128 tensor-core backward needs sm_80+ and 145 KiB of shared memory")
+    import re
+    n_k, bias_dims, mask_dims, p_drop, scale, staged = GENERAL_OVER_128[case]
+    b, h, h_kv, n_q = 2, 4, 2, 200
+    full = {"b": b, "h": h, "q": n_q, "k": n_k}
+    shape = lambda dims: tuple(full[c] if c in "bhqk" else 1 for c in dims)  # noqa: E731
+    q = randn(b, h, n_q, d, dtype=dtype, device="cuda", requires_grad=True)
+    k = randn(b, h_kv, n_k, d, dtype=dtype, device="cuda", requires_grad=True)
+    v = randn(b, h_kv, n_k, d, dtype=dtype, device="cuda", requires_grad=True)
+    bias = randn(*shape(bias_dims), dtype=dtype, device="cuda", requires_grad=True) if bias_dims else None
+    mask = None
+    if mask_dims:
+        mask = torch.rand(shape(mask_dims), device="cuda") > 0.3
+        mask[..., :1] = True  # no row without a visible key under bottom-right causal
     with flash_mha.force_kernel("sm80"), torch.profiler.profile(
             activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        if case == "dropout":  # the reference replays the forward's mask from its rng_state
-            out, _, rng = flash_mha.attention_fwd(q, k, v, None, None, None, None, 0.15)
+        if p_drop:
+            out, _, rng = flash_mha.attention_fwd(q, k, v, bias, mask, scale, causal, p_drop)
             dout = torch.randn_like(out)
-            grads = torch.autograd.grad(out, (q, k, v), dout)
+            inputs = [t for t in (q, k, v, bias) if t is not None]
+            grads = torch.autograd.grad(out, inputs, dout)
         else:
-            res = run_both(q, k, v, **kw)
+            res = run_both(q, k, v, bias=bias, mask=mask, scale=scale, causal=causal)
         torch.cuda.synchronize()
     names = [e.name for e in prof.events()]
-    assert not any("sm80_bwd_kernel" in n for n in names) and any("simt_dkdv_kernel" in n for n in names)
-    if case == "dropout":
-        q64, k64, v64 = (as_double_leaf(t) for t in (q, k, v))
-        ref = reference.attention(q64, k64, v64, dropout_p=0.15, rng_state=rng)
+    flags = [m for n in names for m in re.findall(r"sm80_bwd_kernel<.*BwdTraits<[^<>]*>, (\w+), (\w+), \w+>", n)]
+    assert flags and set(flags) == {("true", "true" if staged else "false")}, names
+    assert not any("simt_dkdv_kernel" in n for n in names), names
+    if p_drop:
+        leaves = [as_double_leaf(t) for t in inputs]
+        q64, k64, v64 = leaves[:3]
+        bias64 = leaves[3] if bias is not None else None
+        ref = reference.attention(q64, k64, v64, bias=bias64, mask=mask, scale=scale, causal=causal,
+                                  dropout_p=p_drop, rng_state=rng)
         assert_close(out, ref, TOL[dtype])
-        ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
-        for name, g, rg in zip(("dq", "dk", "dv"), grads, ref_grads):
+        ref_grads = torch.autograd.grad(ref, leaves, dout.double())
+        for name, g, rg in zip(("dq", "dk", "dv", "dbias"), grads, ref_grads):
             assert_close(g, rg, GRAD_TOL[dtype], name, GRAD_FLOOR)
     else:
         check_both(res, dtype)

@@ -19,6 +19,8 @@
 // Head dims (multiples of 8) are padded with zeros up to a native width kDn in {32, 64, 96, 128,
 // 192, 256} (plain and key-mask kernels, 16-bit) or the tile width kD in {64, 128} (the general
 // kernel, which takes d <= 128 only).
+#include <type_traits>
+
 #include "kernels.h"
 #include "sm80_tile.cuh"
 #include "softmax.cuh"
@@ -264,9 +266,8 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
   constexpr int kWarpKeys = Tr::kWarpKeys, kDsCols = Tr::kDsCols, kDqMT = Tr::kDqMT;
   constexpr int kKT = kWarpKeys / 16;  // key m-tiles of a warp
   constexpr bool kSplit = Tr::kSplit;
-  // The bias / mask / dropout / dbias code below reads m-tile 0 only.
-  static_assert(kKT == 1 || !kGeneral, "the general kernels take one key m-tile per warp");
-  static_assert(!kSplit || !kGeneral, "the split layout is for the plain kernels");
+  // The general kernels: one key m-tile per warp, or the split layout's two (d > 128).
+  static_assert(kKT == 1 || kSplit || !kGeneral, "the general kernels: kMT = 1");
   constexpr int kSlices = Tr::kSlices;
   constexpr int kNS = (kSplit ? kBlockM / kSlices : kBlockM) / 8;  // n-tiles of an m-tile's S^T (queries)
   constexpr int kDn = Tr::kDn, kDq = Tr::kDq;
@@ -438,7 +439,6 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
   uint32_t ds_bases[kDqMT];
 #pragma unroll
   for (int m = 0; m < kDqMT; ++m) ds_bases[m] = ds_pick(dq_mt + m);
-  const uint32_t ds_base = ds_bases[0];
   static_assert(sizeof(T) == 2 || kDsCols == kBlockM, "float32: dS^T rows of kBlockM");
   const PermRows32<kBlockM, 2> ds_f32(reinterpret_cast<const float*>(sm.ds), 16 * dq_mt);
 
@@ -446,10 +446,12 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
   // 8 (l / 16) + l % 8 (+ 16 c for call c) at keys 16 warp + 8 ((l / 8) % 2); call c returns the
   // pairs of n-tile 2 c (rows g, g + 8) and 2 c + 1 (rows g, g + 8). A query-broadcast bias
   // (bias_ld 0) gives every row the same address, which transposes to the same values.
-  const uint32_t bias_frag_addr0 =
-      smem_addr(bias_st(0) + (8 * (lane / 16) + lane % 8) * bias_ld + kWarpKeys * warp + 8 * ((lane / 8) % 2));
-  // This thread's S^T elements in a staged tile: keys 16 warp + lane / 4 (+ 8), queries 2 (lane % 4) (+ 8 nt, + 1).
-  const int key_l = kWarpKeys * warp + lane / 4, q_l = 2 * (lane % 4);
+  // (kSplit: the warp's queries start at q_off, its keys at kWarpKeys key_grp; m-tile mt adds 16 keys.)
+  const uint32_t bias_frag_addr0 = smem_addr(bias_st(0) + (q_off + 8 * (lane / 16) + lane % 8) * bias_ld +
+                                             kWarpKeys * key_grp + 8 * ((lane / 8) % 2));
+  // This thread's S^T elements in a staged tile: keys kWarpKeys key_grp + lane / 4 (+ 8, + 16 mt),
+  // queries q_off + 2 (lane % 4) (+ 8 nt, + 1).
+  const int key_l = kWarpKeys * key_grp + lane / 4, q_l = q_off + 2 * (lane % 4);
   // dbias written from the dQ phase's dS fragments (16-bit, every element produced once, unit key
   // stride): query rows, pairs of adjacent keys, instead of element by element from the S^T layout.
   const bool frag_dbias = kGeneral && sizeof(T) == 2 && kDirectDbias && ws.dbias_direct && p.dbias_s.k == 1;
@@ -521,9 +523,14 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
     if constexpr (kStaged) {
       if (p.mask) {
         uint32_t any = 0;
+        // Every query row of the tile (kSplit: the dK / dV step reads the P^T, dS^T rows of the
+        // warp's keys over all of them, so the warps of a key group must agree).
         for (int r = lane; r < (mask_ld == 0 ? 1 : kBlockM); r += 32) {
-          const uint4 v = *reinterpret_cast<const uint4*>(mask_t + r * mask_ld + kWarpKeys * warp);
-          any |= v.x | v.y | v.z | v.w;
+#pragma unroll
+          for (int mt = 0; mt < kKT; ++mt) {
+            const uint4 v = *reinterpret_cast<const uint4*>(mask_t + r * mask_ld + kWarpKeys * key_grp + 16 * mt);
+            any |= v.x | v.y | v.z | v.w;
+          }
         }
         live = __any_sync(0xffffffffu, any != 0);
       }
@@ -553,41 +560,46 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
       const int key_limit = clamp_int(p.n_k - key0), q_limit = clamp_int(p.n_q - i0 - q_off);
       const int diag = causal ? clamp_int(i0 + q_off + shift - key0) : (1 << 30);
       if constexpr (kStaged) {
-        // 16-bit: one ldmatrix per pair of n-tiles, issued where the epilogue reaches it (the
-        // mma and ldmatrix asm keep their order), so 4 registers of bias are live at a time.
-        uint32_t bias4[4];
-        auto bias = [&](int nt, int h) -> float2 {
-          if constexpr (sizeof(T) == 2) {
-            if (nt % 2 == 0 && h == 0)
-              ldmatrix_x4_trans(bias4, bias_frag_addr0 + buf * Tr::kBiasBytes + (nt / 2) * 16 * bias_ld * 2);
-            return unpack2<T>(bias4[2 * (nt % 2) + h]);
-          } else {
-            const T* b = bias_t + (q_l + 8 * nt) * bias_ld + key_l + 8 * h;
-            return make_float2(b[0], b[bias_ld]);
-          }
-        };
-        // Keep bits of row half h: bit 2 nt + x for query 8 nt + x of the thread's pair. A
-        // query-broadcast mask (mask_ld 0) takes one byte per key.
-        uint32_t keep_bits[2] = {0u, 0u};
-        if (p.mask) {
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const uint8_t* m = mask_t + q_l * mask_ld + key_l + 8 * h;
-            if (mask_ld == 0) {
-              keep_bits[h] = m[0] != 0 ? 0xffffffffu : 0u;
+        for (int mt = 0; mt < kKT; ++mt) {
+          // 16-bit: one ldmatrix per pair of n-tiles, issued where the epilogue reaches it (the
+          // mma and ldmatrix asm keep their order), so 4 registers of bias are live at a time.
+          uint32_t bias4[4];
+          auto bias = [&](int nt, int h) -> float2 {
+            if constexpr (sizeof(T) == 2) {
+              if (nt % 2 == 0 && h == 0)
+                ldmatrix_x4_trans(bias4,
+                                  bias_frag_addr0 + buf * Tr::kBiasBytes + (nt / 2) * 16 * bias_ld * 2 + 32 * mt);
+              return unpack2<T>(bias4[2 * (nt % 2) + h]);
             } else {
+              const T* b = bias_t + (q_l + 8 * nt) * bias_ld + key_l + 16 * mt + 8 * h;
+              return make_float2(b[0], b[bias_ld]);
+            }
+          };
+          // Keep bits of row half h: bit 2 nt + x for query 8 nt + x of the thread's pair. A
+          // query-broadcast mask (mask_ld 0) takes one byte per key.
+          uint32_t keep_bits[2] = {0u, 0u};
+          if (p.mask) {
 #pragma unroll
-              for (int nt = 0; nt < kNS; ++nt)
-                keep_bits[h] |= ((m[8 * nt * mask_ld] != 0 ? 1u : 0u) | (m[(8 * nt + 1) * mask_ld] != 0 ? 2u : 0u))
-                                << (2 * nt);
+            for (int h = 0; h < 2; ++h) {
+              const uint8_t* m = mask_t + q_l * mask_ld + key_l + 16 * mt + 8 * h;
+              if (mask_ld == 0) {
+                keep_bits[h] = m[0] != 0 ? 0xffffffffu : 0u;
+              } else {
+#pragma unroll
+                for (int nt = 0; nt < kNS; ++nt)
+                  keep_bits[h] |= ((m[8 * nt * mask_ld] != 0 ? 1u : 0u) | (m[(8 * nt + 1) * mask_ld] != 0 ? 2u : 0u))
+                                  << (2 * nt);
+              }
             }
           }
+          auto keep = [&](int nt, int h) -> uint32_t { return (keep_bits[h] >> (2 * nt)) & 3u; };
+          biased_tile_rt<kNS, true>(s[mt], ctx.scale_log2, p.bias != nullptr, bias, p.mask != nullptr, keep, check,
+                                    key_limit - 16 * mt, q_limit, diag - 16 * mt);
         }
-        auto keep = [&](int nt, int h) -> uint32_t { return (keep_bits[h] >> (2 * nt)) & 3u; };
-        biased_tile_rt<kNS, true>(s[0], ctx.scale_log2, p.bias != nullptr, bias, p.mask != nullptr, keep, check,
-                                  key_limit, q_limit, diag);
       } else if constexpr (kGeneral) {
-        score_tile_log2<T, kNS, true>(ctx, s[0], key0, i0, diagonal);
+#pragma unroll
+        for (int mt = 0; mt < kKT; ++mt) score_tile_log2<T, kNS, true>(ctx, s[mt], key0 + 16 * mt, i0 + q_off, diagonal);
       } else {  // raw scores: the scale is applied in P's exponent below
 #pragma unroll
         for (int mt = 0; mt < kKT; ++mt) {
@@ -606,18 +618,21 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
       // below has no branch to split it.
       uint32_t keep_all = 0xffffffffu;
       if constexpr (kGeneral) {
-        static_assert(kNS <= 8, "4 keep bits per n-tile in one word");
+        static_assert(kKT * kNS <= 8, "4 keep bits per n-tile in one word");
         if (drop.on) {
           keep_all = 0;
 #pragma unroll
-          for (int nt = 0; nt < kNS; ++nt) keep_all |= dropout_bits_keyrows(drop, bh, key0, i0, nt) << (4 * nt);
+          for (int mt = 0; mt < kKT; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < kNS; ++nt)
+              keep_all |= dropout_bits_keyrows(drop, bh, key0 + 16 * mt, i0 + q_off, nt) << (4 * (kNS * mt + nt));
         }
       }
 #pragma unroll
       for (int mt = 0; mt < kKT; ++mt)
 #pragma unroll
         for (int nt = 0; nt < kNS; ++nt) {
-          const uint32_t keep = (keep_all >> (4 * nt)) & 0xFu;
+          const uint32_t keep = (keep_all >> (4 * (kNS * mt + nt))) & 0xFu;
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int q = q_off + frag_col(lane, nt, e);
@@ -646,17 +661,18 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
         const Strided4& ds_ = p.dbias_s;
         const int64_t tile_off = bi * ds_.b + hi * ds_.h + i0 * ds_.q + key0 * ds_.k;
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int kr = lane / 4 + 8 * h;  // key row within the warp's 16
+        for (int hm = 0; hm < 2 * kKT; ++hm) {
+          const int mt = hm / 2, h = hm % 2;
+          const int kr = 16 * mt + lane / 4 + 8 * h;  // key row within the warp's kWarpKeys
           const int64_t row_off = tile_off + kr * ds_.k;
 #pragma unroll
           for (int nt = 0; nt < kNS; ++nt) {
 #pragma unroll
             for (int x = 0; x < 2; ++x) {
-              const int qc = q_l + 8 * nt + x;  // query column within the tile
-              if (kr < key_limit && qc < q_limit) {
+              const int qc = q_l + 8 * nt + x;  // query column within the tile (q_limit counts from q_off)
+              if (kr < key_limit && qc - q_off < q_limit) {
                 const int64_t off = row_off + qc * ds_.q;
-                const float g = dp[0][nt][2 * h + x];
+                const float g = dp[mt][nt][2 * h + x];
                 if (kDirectDbias && ws.dbias_direct) {
                   static_cast<T*>(p.dbias)[off] = from_acc<T>(g);
                 } else if (kAtomicSharedDbias && ws.dbias_shared) {
@@ -732,24 +748,26 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
       if (n + 1 < n_iters) {
         __syncthreads();
         prefetch(n + 1, hi_next, i0_next);
+        if (stages == 2) load_scores(n + 1, hi_next, i0_next);  // (1 stage: loaded after the dS^T barrier)
         cp_async_commit_group();
       }
     }
     // dQ[queries 16 dq_mt .., column group] += dS K, added to the float workspace.
     if (block_live) {
-      // frag_dbias: dS of this warp's dQ rows (queries i0 + 16 dq_mt + lane / 4, + 8) read as the dQ
+      // frag_dbias: dS of this warp's dQ rows (queries i0 + 16 (dq_mt + m) + lane / 4, + 8) read as the dQ
       // step reads it and stored as dbias rows, pairs of adjacent keys from j0 + 2 (lane % 4); the
       // warps of a query m-tile split the 16-key steps kk. Its own loop: a branch inside the dQ
       // loop would keep the compiler from overlapping that loop's loads and mma.
       if constexpr (kGeneral && sizeof(T) == 2) {
-        if (frag_dbias) {
-          const int dq_row = 16 * dq_mt + lane / 4;
+        // (A lambda per m-tile, not a loop over m: the loop changed the one-m-tile kernels' SASS.)
+        auto dbias_rows = [&](int m) {
+          const int dq_row = 16 * (dq_mt + m) + lane / 4;
           const int rows_left = clamp_int(p.n_q - i0 - dq_row), keys_left = cols - 2 * (lane % 4);
           T* const dbias_row = static_cast<T*>(p.dbias) + bi * p.dbias_s.b + hi * p.dbias_s.h +
                                (i0 + dq_row) * p.dbias_s.q + j0 + 2 * (lane % 4);
           for (int kk = warp / Tr::kQG; kk < kBlockN / 16; kk += Tr::kColGroups) {
             uint32_t r[4];  // r[2 x + h]: row g + 8 h, keys 16 kk + 8 x + 2 (lane % 4), + 1
-            ldmatrix_x4_trans(r, ds_base + kk * 16 * kDsCols * 2);
+            ldmatrix_x4_trans(r, ds_bases[m] + kk * 16 * kDsCols * 2);
 #pragma unroll
             for (int x = 0; x < 2; ++x)
 #pragma unroll
@@ -767,6 +785,10 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
                 }
               }
           }
+        };
+        if (frag_dbias) {
+          dbias_rows(0);
+          if constexpr (kDqMT == 2) dbias_rows(1);
         }
       }
       float dq[kDqMT][kNQ][4];
@@ -875,7 +897,8 @@ struct BwdKind {
 };
 
 // kDn < kD (native head dims 32, 96, 192): the plain and key-mask kernels run over kDn columns; the
-// general kernel pads to kD (d <= 128 only).
+// general kernel pads to kD (above 128: the split layout at 256 with one Q / dO stage, so that the
+// staged bias / mask tiles fit beside it on every card with the split kernel's shared memory).
 template <typename T, int kD, int kDn = kD>
 void launch(const BwdParams& p, void* workspace, cudaStream_t stream) {
   BwdWorkspace ws(p, workspace);
@@ -889,7 +912,7 @@ void launch(const BwdParams& p, void* workspace, cudaStream_t stream) {
   const BwdKind kind(p);
   const bool key_mask = kind.key_mask, general = kind.general;
   // The split kernel's dQ accumulator is DqRows16, the others' DqTiles (see there).
-  const bool split = !general && kPlainSplit<T, kD>;
+  const bool split = kPlainSplit<T, kD> && (!general || kD > 128);
   auto run = [&](auto kernel, auto traits, int64_t smem) {
     using Tk = decltype(traits);
     const int64_t blocks = p.b * p.h_kv * ceil_div(p.n_k, Tk::kBlockN);
@@ -898,15 +921,13 @@ void launch(const BwdParams& p, void* workspace, cudaStream_t stream) {
     kernel<<<static_cast<unsigned>(blocks), Tk::kThreads, smem, stream>>>(p, ws);
   };
   if (general) {
-    if constexpr (kD <= 128) {  // d > 128: sm80_bwd_supported sends these to SIMT
-      using Tr = BwdTraits<T, kD>;
-      const StagedPlan plan = staged_plan<T, Tr>(p);
-      ws.score_stages = plan.stages;
-      if (plan.stages)
-        run(sm80_bwd_kernel<T, Tr, true, true>, Tr(), plan.bytes);
-      else
-        run(sm80_bwd_kernel<T, Tr, true, false>, Tr(), Tr::kSmemBytes);
-    }
+    using Tr = std::conditional_t<(kD > 128), BwdTraits<T, 256, 1, true, 256, 1>, BwdTraits<T, kD>>;
+    const StagedPlan plan = staged_plan<T, Tr>(p);
+    ws.score_stages = plan.stages;
+    if (plan.stages)
+      run(sm80_bwd_kernel<T, Tr, true, true>, Tr(), plan.bytes);
+    else
+      run(sm80_bwd_kernel<T, Tr, true, false>, Tr(), Tr::kSmemBytes);
   } else {
     using Tr = BwdTraits<T, kD, kPlainKeyTiles<T, kD>, kPlainSplit<T, kD>, kDn>;
     using TrMask = BwdTraits<T, kD, kKeyMaskTiles2 ? kPlainKeyTiles<T, kD> : 1, kPlainSplit<T, kD>, kDn>;
@@ -967,8 +988,7 @@ bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15)
 
 }  // namespace
 
-// Head dims up to 128 (16-bit: 256 for the plain and key-mask kernels, i.e. no bias, dbias,
-// dropout or other mask above 128), 16-byte aligned rows, atomics allowed (not deterministic mode),
+// Head dims up to 128 (16-bit: 256), 16-byte aligned rows, atomics allowed (not deterministic mode),
 // and, unless kAtomicSharedDbias, a dbias (if any) whose elements each come from one thread: no
 // broadcast over batch, query or key, nor over heads unless there is one kv head.
 bool sm80_bwd_supported(const BwdParams& p) {
@@ -978,7 +998,6 @@ bool sm80_bwd_supported(const BwdParams& p) {
   const int64_t max_d = f32 ? 128 : 256;
   if (p.d % 8 || p.d_v % 8 || p.d > max_d || p.d_v > max_d) return false;
   const bool big = p.d > 128 || p.d_v > 128;
-  if (big && BwdKind(p).general) return false;
   // The tiles must fit the device's shared memory: float32 at d > 64 needs sm_90's 227 KiB, 16-bit
   // at d > 64 145 KiB, the split kernel 161 KiB (A100: 163 KiB; H100 / H200; not the 99 KiB of
   // sm_86 / sm_89 cards: SIMT there), at d > 128 209 KiB (H100 / H200) or, with one Q / dO stage,
