@@ -17,8 +17,8 @@
 //    dbias is written by the one thread that owns each element (no broadcast across blocks).
 // 3. dQ (times the scale) and dbias converted from float to the input dtype.
 // Head dims (multiples of 8) are padded with zeros up to a native width kDn in {32, 64, 96, 128,
-// 192, 256} (plain and key-mask kernels, 16-bit) or the tile width kD in {64, 128} (the general
-// kernel, which takes d <= 128 only).
+// 192, 256} (plain and key-mask kernels, 16-bit) or the tile width kD in {64, 128, 256} (the general
+// kernel; above 128 it takes the split layout, 16-bit only).
 #include <type_traits>
 
 #include "kernels.h"
@@ -44,7 +44,8 @@ constexpr bool kDirectDbias = true;
 // fragment read from shared memory feeds both m-tiles, and a block covers 128 keys (half the dQ
 // atomics and Q / dO loads per key), with 32-query tiles so that S^T, dP^T (32 + 32 registers) fit
 // beside dK, dV (128). The general kernels (bias, mask, dropout) keep 1.
-// kSplit (the 16-bit plain kernels at d >= 96, where 32 keys of dK, dV do not fit a warp): warp w
+// kSplit (the 16-bit plain kernels at d >= 96 and every 16-bit kernel above 128, where 32 keys of dK,
+// dV do not fit a warp; the general one above 128 pads to 256 and keeps one Q / dO stage): warp w
 // takes keys 32 (w % kKeyGroups) .. + 31 and slice w / kKeyGroups of kSlices: for S^T / dP^T that
 // slice of the tile's queries, for dK / dV that slice of the kDn columns (d <= 128: 4 key groups x 2
 // slices, 32 queries and kDn / 2 columns; d > 128: 2 x 4, 16 queries and kDn / 4 columns, so that
