@@ -643,6 +643,68 @@ def test_dropout_tensor_core_paths(path, dtype, d, causal, key_mask):
         assert_close(g, rg, GRAD_TOL[dtype], name, GRAD_FLOOR)
 
 
+SM80_DETERMINISTIC_CASES = ["causal", "gqa", "key_padding", "dropout+full-bias", "bias_bh1k"]
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", TC_DTYPES, ids=str)
+@pytest.mark.parametrize("d", [64, 96, 128, 256])
+@pytest.mark.parametrize("case", SM80_DETERMINISTIC_CASES)
+def test_deterministic_backward_sm80(dtype, d, case):
+    """torch.use_deterministic_algorithms(True) on the forced sm80 backward: the key blocks add their
+    dQ parts in key-block order (BwdWorkspace::dq_order), so the gradients are bitwise equal over
+    repeated runs, several key blocks per head and query tiles per block (key padding: blocks that
+    see no key still take their turns). A dbias that blocks share (bh1k) would need atomics: SIMT,
+    as float32 above 128 and cards without the shared memory."""
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("tensor-core path needs sm_80+")
+    b, h, n_q, n_k = 2, 4, 300, 600
+    h_kv = 2 if case == "gqa" else h
+    causal = "bottom_right" if case in ("causal", "gqa") else None
+    q = randn(b, h, n_q, d, dtype=dtype, device="cuda", requires_grad=True)
+    k = randn(b, h_kv, n_k, d, dtype=dtype, device="cuda", requires_grad=True)
+    v = randn(b, h_kv, n_k, d, dtype=dtype, device="cuda", requires_grad=True)
+    bias = mask = None
+    if case == "key_padding":  # batch 1 sees 100 keys: its later key blocks see none
+        mask = (torch.arange(n_k, device="cuda") < torch.tensor([600, 100], device="cuda")[:, None]).view(b, 1, 1, n_k)
+    if case == "dropout+full-bias":
+        bias = randn(b, h, n_q, n_k, dtype=dtype, device="cuda", requires_grad=True)
+    if case == "bias_bh1k":
+        bias = randn(b, h, 1, n_k, dtype=dtype, device="cuda", requires_grad=True)
+    dropout_p = 0.15 if "dropout" in case else 0.0
+    inputs = [t for t in (q, k, v, bias) if t is not None]
+    names = ["dq", "dk", "dv", "dbias"][:len(inputs)]
+    dout = randn(b, h, n_q, d, dtype=dtype, device="cuda")
+    runs = []
+    with deterministic_algorithms(), flash_mha.force_kernel("sm80"):
+        for _ in range(3):
+            torch.manual_seed(1)
+            out, _, rng = flash_mha.attention_fwd(q, k, v, bias, mask, None, causal, dropout_p)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                grads = torch.autograd.grad(out, inputs, dout)
+                torch.cuda.synchronize()
+            runs.append(grads)
+    for other in runs[1:]:
+        for name, a, b_ in zip(names, runs[0], other):
+            assert torch.equal(a, b_), f"{name} differs between runs under deterministic algorithms"
+    smem_needed = F32_WIDE_BWD_SMEM if dtype == torch.float32 and d > 64 else 148_480 if d > 128 else 0
+    on_sm80 = case != "bias_bh1k" and not (dtype == torch.float32 and d > 128) and _smem_optin() >= smem_needed
+    kernels = " ".join(e.name for e in prof.events())
+    assert ("sm80_bwd_kernel" in kernels) == on_sm80 and ("simt_dkdv_kernel" in kernels) != on_sm80, kernels
+    q64, k64, v64, bias64 = (as_double_leaf(t) for t in (q, k, v, bias))
+    bias64_full = bias64.expand(b, h, n_q, n_k) if bias is not None else None
+    ref = reference.attention(q64, k64, v64, bias=bias64_full, mask=mask, causal=causal, dropout_p=dropout_p,
+                              rng_state=rng if dropout_p else None)
+    assert_close(out, ref, TOL[dtype])
+    inputs64 = [t for t in (q64, k64, v64, bias64) if t is not None]
+    ref_grads = torch.autograd.grad(ref, inputs64, dout.double(), retain_graph=bias is not None)
+    ds_norm = 0.0
+    if bias is not None:
+        ds_norm = torch.linalg.vector_norm(torch.autograd.grad(ref, bias64_full, dout.double())[0]).item()
+    for name, g, rg in zip(names, runs[0], ref_grads):
+        assert_close(g, rg, GRAD_TOL[dtype], name, GRAD_FLOOR, ds_norm if name == "dbias" else 0.0)
+
+
 DETERMINISTIC_CASES = ["plain", "gqa", "key_mask", "dropout", "bias_bhqk", "bias_1hqk", "bias_bh1k", "bias_11qk",
                        "bias_bhq1"]
 

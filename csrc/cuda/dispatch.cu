@@ -1,6 +1,6 @@
 // The CUDA entry points of flash_mha.h: float16/bfloat16/float32 shapes the tensor-core path
 // supports go there (float32 as 3xTF32); everything else (float64, odd head dims or strides, dbias
-// reductions across blocks, deterministic mode for the backward off Hopper) runs on the SIMT kernels. On Hopper (compute
+// reductions across blocks in deterministic mode) runs on the SIMT kernels. On Hopper (compute
 // capability 9.0) the forward and backward prefer the TMA + wgmma kernels where they apply; set
 // FLASH_MHA_DISABLE_SM90=1 to keep the portable path.
 #include <algorithm>
@@ -59,8 +59,8 @@ void cuda_fwd(const FwdParams& p, void* stream) {
   }
 }
 
-// The backward follows the same chain. sm90_bwd falls back to sm80_bwd (deterministic mode:
-// simt_bwd) by itself when TMA refuses a view, so its workspace is the larger of the two.
+// The backward follows the same chain. sm90_bwd falls back to sm80_bwd (or simt_bwd where sm80 does
+// not take the call) by itself when TMA refuses a view, so its workspace is the larger of the two.
 static bool bwd_uses_sm90(const BwdParams& p) {
   return (p.path == CudaPath::kAuto || p.path == CudaPath::kSm90) && !sm90_disabled() && device_is_sm90() &&
          cuda::sm90_bwd_supported(p);
@@ -70,7 +70,7 @@ static bool bwd_uses_sm80(const BwdParams& p) { return p.path != CudaPath::kSimt
 int64_t cuda_bwd_workspace_bytes(const BwdParams& p) {
   if (bwd_uses_sm90(p)) {  // and room for its own fallback (sm90_bwd_variant)
     const int64_t fallback =
-        p.deterministic ? cuda::simt_bwd_workspace_bytes(p) : cuda::sm80_bwd_workspace_bytes(p);
+        cuda::sm80_bwd_supported(p) ? cuda::sm80_bwd_workspace_bytes(p) : cuda::simt_bwd_workspace_bytes(p);
     return std::max(cuda::sm90_bwd_workspace_bytes(p), fallback);
   }
   return bwd_uses_sm80(p) ? cuda::sm80_bwd_workspace_bytes(p) : cuda::simt_bwd_workspace_bytes(p);

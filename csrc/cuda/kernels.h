@@ -37,7 +37,7 @@ void sm90_fwd(const FwdParams& p, cudaStream_t stream);
 // kernel), deterministic mode (dQ added in key-block order; a shared dbias stored whole and summed),
 // any causal mode, GQA, any n_q / n_k, TMA-describable strides. The workspace
 // (sm90_bwd_workspace_bytes, or the fallback's if larger: sm90_bwd falls back to sm80_bwd, or
-// simt_bwd in deterministic mode, when TMA refuses a view) may hold anything: sm90_bwd zeroes what it needs (its prep kernel the
+// simt_bwd where sm80 does not take the call, when TMA refuses a view) may hold anything: sm90_bwd zeroes what it needs (its prep kernel the
 // float32 dQ accumulator). sm80_bwd and simt_bwd need theirs zeroed.
 bool sm90_bwd_supported(const BwdParams& p);
 int64_t sm90_bwd_workspace_bytes(const BwdParams& p);

@@ -179,4 +179,16 @@ __device__ __forceinline__ uint32_t pack2(float x, float y) {
   }
 }
 
+// Flags between blocks (the deterministic dQ order of sm90_bwd.cu and sm80_bwd.cu). ld.acquire.gpu:
+// later accesses of this thread see what the releasing thread wrote before its release;
+// red.release.gpu.add: the writes before it are visible to whoever acquires the new value.
+__device__ __forceinline__ int ld_acquire_gpu(const int* p) {
+  int v = 0;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void red_release_gpu_add(int* p, int v) {
+  asm volatile("red.release.gpu.global.add.s32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
+}
+
 }  // namespace flash_mha::cuda

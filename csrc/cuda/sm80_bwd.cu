@@ -12,9 +12,11 @@
 //      S^T = K Q^T,  P^T = exp2(S^T log2e - lse log2e),  dP^T = V dO^T,
 //      dS^T = P^T o (dP^T Z - D),  dV += (P^T o Z) dO,  dK += dS^T Q,
 //    then dS^T goes through shared memory and dQ += dS K (warps split into the tile's query
-//    m-tiles x column groups) is added to a float32 workspace with atomics (DqTiles; so this path
-//    is not deterministic; deterministic mode uses the SIMT path).
-//    dbias is written by the one thread that owns each element (no broadcast across blocks).
+//    m-tiles x column groups) is added to a float32 workspace with atomics (DqTiles); in
+//    deterministic mode the key blocks of a query tile take turns, in key-block order
+//    (BwdWorkspace::dq_order), so the sums come out the same every run.
+//    dbias is written by the one thread that owns each element, or added with atomics where
+//    blocks share it (deterministic mode: the SIMT path takes those calls).
 // 3. dQ (times the scale) and dbias converted from float to the input dtype.
 // Head dims (multiples of 8) are padded with zeros up to a native width kDn in {32, 64, 96, 128,
 // 192, 256} (plain and key-mask kernels, 16-bit) or the tile width kD in {64, 128, 256} (the general
@@ -151,10 +153,16 @@ struct DqRows16 {
   __host__ __device__ int64_t floats(int64_t bh_count) const { return bh_count * rows * ld; }
 };
 
+// Deterministic mode: dq_order[bh][query tile] counts the key blocks that have added their part of
+// that dQ tile; key block kb adds after it reads kb (every key block that sees a query tile comes
+// before those that do not: first_row_seeing grows with the key), then counts itself. Rows of
+// ceil(n_q / 16) ints, enough for every kernel's query tile. Zeroed with the workspace.
 struct BwdWorkspace {
   float* dq_acc;     // DqTiles layout (the split kernels: DqRows16)
   float* dsum;       // [b, h, n_q]  D = rowsum(dO * O)
   float* dbias_acc;  // dbias's shape, or nullptr
+  int* dq_order;     // deterministic mode: [b h][order_ld], else nullptr
+  int64_t order_ld;
   bool dbias_shared;  // dbias_shared(p): add with atomics
   bool dbias_direct;  // kDirectDbias and dbias_once(p): store into p.dbias, dbias_acc == nullptr
   int score_stages = 0;  // the general kernel's staged bias / mask tiles (staged_plan)
@@ -172,6 +180,9 @@ struct BwdWorkspace {
     dbias_acc = p.dbias && !dbias_direct ? reinterpret_cast<float*>(c + dq_bytes + d_bytes) : nullptr;
     dbias_shared = flash_mha::cuda::dbias_shared(p);
     bytes = dq_bytes + d_bytes + align_up(dbias_elems * 4, 256);
+    order_ld = (p.n_q + 15) / 16;
+    dq_order = p.deterministic ? reinterpret_cast<int*>(c + bytes) : nullptr;
+    if (p.deterministic) bytes += align_up(p.b * p.h * order_ld * 4, 256);
   }
 };
 
@@ -304,7 +315,8 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
       const uint8_t* mk = p.mask + bi * p.mask_s.b + (kvh * group + g) * p.mask_s.h;
       for (int c = threadIdx.x; c < cols && !any; c += kThreads) any = mk[(j0 + c) * p.mask_s.k] != 0;
     }
-    if (!__syncthreads_or(any)) {
+    // (Deterministic mode: it must still take its turns in the dQ order, so it walks its tiles.)
+    if (!__syncthreads_or(any) && !ws.dq_order) {
       T* const dkg = static_cast<T*>(p.dk) + ((bi * p.h_kv + kvh) * p.n_k + j0) * p.d;
       T* const dvg = static_cast<T*>(p.dv) + ((bi * p.h_kv + kvh) * p.n_k + j0) * p.d_v;
       for (int64_t e = threadIdx.x; e < cols * p.d; e += kThreads) dkg[e] = from_acc<T>(0.f);
@@ -753,6 +765,15 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
         cp_async_commit_group();
       }
     }
+    // Deterministic mode: key blocks 0 .. kb - 1 have added this tile's dQ (BwdWorkspace::dq_order).
+    // (The flag's address is formed in each branch: a pointer kept across the dQ step changed the
+    // register allocation of every kernel.)
+    if (ws.dq_order) {
+      if (threadIdx.x == 0)
+        while (ld_acquire_gpu(ws.dq_order + static_cast<int64_t>(bh) * ws.order_ld + i0 / kBlockM) != kb) {
+        }
+      __syncthreads();
+    }
     // dQ[queries 16 dq_mt .., column group] += dS K, added to the float workspace.
     if (block_live) {
       // frag_dbias: dS of this warp's dQ rows (queries i0 + 16 (dq_mt + m) + lane / 4, + 8) read as the dQ
@@ -848,6 +869,11 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
                               make_float4(dq[m][nt][0], dq[m][nt][1], dq[m][nt][2], dq[m][nt][3]));
         }
       }
+    }
+    if (ws.dq_order) {  // every thread's adds performed (fence), then the next key block's turn
+      __threadfence();
+      __syncthreads();
+      if (threadIdx.x == 0) red_release_gpu_add(ws.dq_order + static_cast<int64_t>(bh) * ws.order_ld + i0 / kBlockM, 1);
     }
     if (n + 1 < n_iters) store_rows(n + 1);  // stage st ^ 1's lse / D rows (its last reader is done)
     __syncthreads();  // stage st and sm.ds are overwritten next
@@ -989,13 +1015,14 @@ bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15)
 
 }  // namespace
 
-// Head dims up to 128 (16-bit: 256), 16-byte aligned rows, atomics allowed (not deterministic mode),
-// and, unless kAtomicSharedDbias, a dbias (if any) whose elements each come from one thread: no
-// broadcast over batch, query or key, nor over heads unless there is one kv head.
+// Head dims up to 128 (16-bit: 256), 16-byte aligned rows, and, unless kAtomicSharedDbias (and in
+// deterministic mode, where dQ is added in key-block order: BwdWorkspace::dq_order), a dbias (if any)
+// whose elements each come from one thread: no broadcast over batch, query or key, nor over heads
+// unless there is one kv head.
 bool sm80_bwd_supported(const BwdParams& p) {
   const bool f32 = p.dtype == Dtype::kFloat32;
   if (p.dtype != Dtype::kFloat16 && p.dtype != Dtype::kBFloat16 && !f32) return false;
-  if (p.deterministic) return false;
+  if (p.deterministic && dbias_shared(p)) return false;  // (added with atomics)
   const int64_t max_d = f32 ? 128 : 256;
   if (p.d % 8 || p.d_v % 8 || p.d > max_d || p.d_v > max_d) return false;
   const bool big = p.d > 128 || p.d_v > 128;

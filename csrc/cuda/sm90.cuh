@@ -171,22 +171,6 @@ __device__ __forceinline__ void fence_proxy_async_global() {
 #endif
 }
 
-// Flags between blocks (sm90_bwd.cu: the deterministic dQ order). ld.acquire.gpu: later accesses
-// of this thread see what the releasing thread wrote before its release; red.release.gpu.add: the
-// writes before it are visible to whoever acquires the new value.
-__device__ __forceinline__ int ld_acquire_gpu(const int* p) {
-  int v = 0;
-#if FLASH_MHA_SM90_ENABLED
-  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
-#endif
-  return v;
-}
-__device__ __forceinline__ void red_release_gpu_add(int* p, int v) {
-#if FLASH_MHA_SM90_ENABLED
-  asm volatile("red.release.gpu.global.add.s32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
-#endif
-}
-
 // ---------------------------------------------------------------------------------------------
 // Named barriers (bar.sync / bar.arrive on ids 1..15; id 0 is __syncthreads). `count` threads
 // (a multiple of 32) complete the barrier; arrive adds this warp's threads without waiting.

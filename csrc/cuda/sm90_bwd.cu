@@ -872,16 +872,17 @@ void sm90_bwd_variant(const BwdParams& p, void* workspace, cudaStream_t stream, 
   const bool launched = p.dtype == Dtype::kFloat16
                             ? dispatch_dim<__half>(p, workspace, stream, persistent_ctas)
                             : dispatch_dim<__nv_bfloat16>(p, workspace, stream, persistent_ctas);
-  // A view TMA cannot describe (e.g. overlapping strides): the sm80 backward (deterministic mode:
-  // the SIMT one), on the same workspace (dispatch.cu sizes it for both), zeroed first as those
-  // need. Nothing was launched yet.
+  // A view TMA cannot describe (e.g. overlapping strides): the sm80 backward (or the SIMT one where
+  // sm80 does not take the call: deterministic mode with a shared dbias), on the same workspace
+  // (dispatch.cu sizes it for both), zeroed first as those need. Nothing was launched yet.
   if (!launched) {
-    const int64_t bytes = p.deterministic ? simt_bwd_workspace_bytes(p) : sm80_bwd_workspace_bytes(p);
+    const bool sm80 = sm80_bwd_supported(p);
+    const int64_t bytes = sm80 ? sm80_bwd_workspace_bytes(p) : simt_bwd_workspace_bytes(p);
     cudaMemsetAsync(workspace, 0, static_cast<size_t>(bytes), stream);
-    if (p.deterministic)
-      simt_bwd(p, workspace, stream);
-    else
+    if (sm80)
       sm80_bwd(p, workspace, stream);
+    else
+      simt_bwd(p, workspace, stream);
   }
 }
 
