@@ -651,11 +651,11 @@ SM80_DETERMINISTIC_CASES = ["causal", "gqa", "key_padding", "dropout+full-bias",
 @pytest.mark.parametrize("d", [64, 96, 128, 256])
 @pytest.mark.parametrize("case", SM80_DETERMINISTIC_CASES)
 def test_deterministic_backward_sm80(dtype, d, case):
-    """torch.use_deterministic_algorithms(True) on the forced sm80 backward: the key blocks add their
-    dQ parts in key-block order (BwdWorkspace::dq_order), so the gradients are bitwise equal over
-    repeated runs, several key blocks per head and query tiles per block (key padding: blocks that
-    see no key still take their turns). A dbias that blocks share (bh1k) would need atomics: SIMT,
-    as float32 above 128 and cards without the shared memory."""
+    """torch.use_deterministic_algorithms(True) on the forced sm80 backward (the general kernel with
+    kOrdered): the key blocks add their dQ parts in key-block order (BwdWorkspace::dq_order), so the
+    gradients are bitwise equal over repeated runs, with several key blocks per head and query tiles
+    per block (key padding: blocks that see no key still take their turns). A dbias that blocks
+    share (bh1k) would need atomics: SIMT, as float32 above 128 and cards without the shared memory."""
     if torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("tensor-core path needs sm_80+")
     b, h, n_q, n_k = 2, 4, 300, 600
@@ -691,6 +691,9 @@ def test_deterministic_backward_sm80(dtype, d, case):
     on_sm80 = case != "bias_bh1k" and not (dtype == torch.float32 and d > 128) and _smem_optin() >= smem_needed
     kernels = " ".join(e.name for e in prof.events())
     assert ("sm80_bwd_kernel" in kernels) == on_sm80 and ("simt_dkdv_kernel" in kernels) != on_sm80, kernels
+    if on_sm80:  # the general kernel with the ordered dQ (kOrdered), unstaged
+        import re
+        assert re.search(r"sm80_bwd_kernel<.*BwdTraits<[^<>]*>, true, false, false, true>", kernels), kernels
     q64, k64, v64, bias64 = (as_double_leaf(t) for t in (q, k, v, bias))
     bias64_full = bias64.expand(b, h, n_q, n_k) if bias is not None else None
     ref = reference.attention(q64, k64, v64, bias=bias64_full, mask=mask, causal=causal, dropout_p=dropout_p,

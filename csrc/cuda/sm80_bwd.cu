@@ -161,13 +161,13 @@ struct BwdWorkspace {
   float* dq_acc;     // DqTiles layout (the split kernels: DqRows16)
   float* dsum;       // [b, h, n_q]  D = rowsum(dO * O)
   float* dbias_acc;  // dbias's shape, or nullptr
-  int* dq_order;     // deterministic mode: [b h][order_ld], else nullptr
-  int64_t order_ld;
   bool dbias_shared;  // dbias_shared(p): add with atomics
   bool dbias_direct;  // kDirectDbias and dbias_once(p): store into p.dbias, dbias_acc == nullptr
   int score_stages = 0;  // the general kernel's staged bias / mask tiles (staged_plan)
   int64_t bytes;
   int64_t dbias_elems;
+  int* dq_order;  // deterministic mode: [b h][order_ld], else nullptr
+  int64_t order_ld;
   BwdWorkspace(const BwdParams& p, void* base) {
     dbias_direct = kDirectDbias && dbias_once(p);
     dbias_elems = dbias_direct ? 0 : cuda::dbias_elems(p);
@@ -272,7 +272,10 @@ StagedPlan staged_plan(const BwdParams& p) {
 // through shared memory (staged_plan), else element by element from global memory.
 // kKeyMask (with !kGeneral): the plain kernel plus a key mask (constant along the queries, no bias,
 // no dropout: key padding), two bytes per thread and head.
-template <typename T, typename Tr, bool kGeneral, bool kStaged, bool kKeyMask = false>
+// kOrdered (deterministic mode; the general kernel, unstaged, takes every call there): key block kb
+// adds its dQ part of a query tile after key blocks 0 .. kb - 1 (BwdWorkspace::dq_order). A template
+// flag: tested at run time in every kernel, it cost the plain backward 3% (H200).
+template <typename T, typename Tr, bool kGeneral, bool kStaged, bool kKeyMask = false, bool kOrdered = false>
 __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams p, BwdWorkspace ws) {
   constexpr int kD = Tr::kD, kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kThreads = Tr::kThreads;
   constexpr int kWarpKeys = Tr::kWarpKeys, kDsCols = Tr::kDsCols, kDqMT = Tr::kDqMT;
@@ -315,8 +318,7 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
       const uint8_t* mk = p.mask + bi * p.mask_s.b + (kvh * group + g) * p.mask_s.h;
       for (int c = threadIdx.x; c < cols && !any; c += kThreads) any = mk[(j0 + c) * p.mask_s.k] != 0;
     }
-    // (Deterministic mode: it must still take its turns in the dQ order, so it walks its tiles.)
-    if (!__syncthreads_or(any) && !ws.dq_order) {
+    if (!__syncthreads_or(any)) {
       T* const dkg = static_cast<T*>(p.dk) + ((bi * p.h_kv + kvh) * p.n_k + j0) * p.d;
       T* const dvg = static_cast<T*>(p.dv) + ((bi * p.h_kv + kvh) * p.n_k + j0) * p.d_v;
       for (int64_t e = threadIdx.x; e < cols * p.d; e += kThreads) dkg[e] = from_acc<T>(0.f);
@@ -766,9 +768,8 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
       }
     }
     // Deterministic mode: key blocks 0 .. kb - 1 have added this tile's dQ (BwdWorkspace::dq_order).
-    // (The flag's address is formed in each branch: a pointer kept across the dQ step changed the
-    // register allocation of every kernel.)
-    if (ws.dq_order) {
+    static_assert(!kOrdered || (kGeneral && !kStaged), "the ordered dQ: the unstaged general kernel");
+    if constexpr (kOrdered) {
       if (threadIdx.x == 0)
         while (ld_acquire_gpu(ws.dq_order + static_cast<int64_t>(bh) * ws.order_ld + i0 / kBlockM) != kb) {
         }
@@ -870,7 +871,7 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
         }
       }
     }
-    if (ws.dq_order) {  // every thread's adds performed (fence), then the next key block's turn
+    if constexpr (kOrdered) {  // every thread's adds performed (fence), then the next key block's turn
       __threadfence();
       __syncthreads();
       if (threadIdx.x == 0) red_release_gpu_add(ws.dq_order + static_cast<int64_t>(bh) * ws.order_ld + i0 / kBlockM, 1);
@@ -937,7 +938,8 @@ void launch(const BwdParams& p, void* workspace, cudaStream_t stream) {
   if (kDirectDbias && ws.dbias_direct && (p.causal != Causal::kNone || p.mask))
     cudaMemsetAsync(p.dbias, 0, static_cast<size_t>(p.b * p.h * p.n_q * p.n_k) * sizeof(T), stream);
   const BwdKind kind(p);
-  const bool key_mask = kind.key_mask, general = kind.general;
+  // Deterministic mode: the general kernel with kOrdered (one instantiation per tile width).
+  const bool key_mask = kind.key_mask && !p.deterministic, general = kind.general || p.deterministic;
   // The split kernel's dQ accumulator is DqRows16, the others' DqTiles (see there).
   const bool split = kPlainSplit<T, kD> && (!general || kD > 128);
   auto run = [&](auto kernel, auto traits, int64_t smem) {
@@ -949,9 +951,11 @@ void launch(const BwdParams& p, void* workspace, cudaStream_t stream) {
   };
   if (general) {
     using Tr = std::conditional_t<(kD > 128), BwdTraits<T, 256, 1, true, 256, 1>, BwdTraits<T, kD>>;
-    const StagedPlan plan = staged_plan<T, Tr>(p);
+    const StagedPlan plan = p.deterministic ? StagedPlan{} : staged_plan<T, Tr>(p);
     ws.score_stages = plan.stages;
-    if (plan.stages)
+    if (p.deterministic)
+      run(sm80_bwd_kernel<T, Tr, true, false, false, true>, Tr(), Tr::kSmemBytes);
+    else if (plan.stages)
       run(sm80_bwd_kernel<T, Tr, true, true>, Tr(), plan.bytes);
     else
       run(sm80_bwd_kernel<T, Tr, true, false>, Tr(), Tr::kSmemBytes);
