@@ -1019,10 +1019,10 @@ bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15)
 
 }  // namespace
 
-// Head dims up to 128 (16-bit: 256), 16-byte aligned rows, and, unless kAtomicSharedDbias (and in
-// deterministic mode, where dQ is added in key-block order: BwdWorkspace::dq_order), a dbias (if any)
-// whose elements each come from one thread: no broadcast over batch, query or key, nor over heads
-// unless there is one kv head.
+// Head dims up to 128 (16-bit: 256), 16-byte aligned rows, and, in deterministic mode (dQ added in
+// key-block order: BwdWorkspace::dq_order) or without kAtomicSharedDbias, a dbias (if any) whose
+// elements each come from one thread: no broadcast over batch, query or key, nor over heads unless
+// there is one kv head.
 bool sm80_bwd_supported(const BwdParams& p) {
   const bool f32 = p.dtype == Dtype::kFloat32;
   if (p.dtype != Dtype::kFloat16 && p.dtype != Dtype::kBFloat16 && !f32) return false;
