@@ -644,6 +644,26 @@ def test_dropout_tensor_core_paths(path, dtype, d, causal, key_mask):
         assert_close(g, rg, GRAD_TOL[dtype], name, GRAD_FLOOR)
 
 
+def _check_grads_against_reference(q, k, v, bias, mask, causal, dropout_p, rng, out, dout, grads):
+    """out and the gradients of (q, k, v[, bias]) against the float64 reference, the dropout mask
+    replayed from rng. The expanded bias is a node of the reference's graph: its gradient (the
+    unreduced dS) scales dbias's error."""
+    dtype = q.dtype
+    q64, k64, v64, bias64 = (as_double_leaf(t) for t in (q, k, v, bias))
+    full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    bias64_full = bias64.expand(full) if bias is not None else None
+    ref = reference.attention(q64, k64, v64, bias=bias64_full, mask=mask, causal=causal, dropout_p=dropout_p,
+                              rng_state=rng if dropout_p else None)
+    assert_close(out, ref, TOL[dtype])
+    inputs64 = [t for t in (q64, k64, v64, bias64) if t is not None]
+    ref_grads = torch.autograd.grad(ref, inputs64, dout.double(), retain_graph=bias is not None)
+    ds_norm = 0.0
+    if bias is not None:
+        ds_norm = torch.linalg.vector_norm(torch.autograd.grad(ref, bias64_full, dout.double())[0]).item()
+    for name, g, rg in zip(("dq", "dk", "dv", "dbias"), grads, ref_grads):
+        assert_close(g, rg, GRAD_TOL[dtype], name, GRAD_FLOOR, ds_norm if name == "dbias" else 0.0)
+
+
 SM80_DETERMINISTIC_CASES = ["causal", "gqa", "key_padding", "dropout+full-bias", "bias_bh1k"]
 
 
@@ -695,18 +715,7 @@ def test_deterministic_backward_sm80(dtype, d, case):
     if on_sm80:  # the general kernel with the ordered dQ (kOrdered), unstaged
         import re
         assert re.search(r"sm80_bwd_kernel<.*BwdTraits<[^<>]*>, true, false, false, true>", kernels), kernels
-    q64, k64, v64, bias64 = (as_double_leaf(t) for t in (q, k, v, bias))
-    bias64_full = bias64.expand(b, h, n_q, n_k) if bias is not None else None
-    ref = reference.attention(q64, k64, v64, bias=bias64_full, mask=mask, causal=causal, dropout_p=dropout_p,
-                              rng_state=rng if dropout_p else None)
-    assert_close(out, ref, TOL[dtype])
-    inputs64 = [t for t in (q64, k64, v64, bias64) if t is not None]
-    ref_grads = torch.autograd.grad(ref, inputs64, dout.double(), retain_graph=bias is not None)
-    ds_norm = 0.0
-    if bias is not None:
-        ds_norm = torch.linalg.vector_norm(torch.autograd.grad(ref, bias64_full, dout.double())[0]).item()
-    for name, g, rg in zip(names, runs[0], ref_grads):
-        assert_close(g, rg, GRAD_TOL[dtype], name, GRAD_FLOOR, ds_norm if name == "dbias" else 0.0)
+    _check_grads_against_reference(q, k, v, bias, mask, causal, dropout_p, rng, out, dout, runs[0])
 
 
 DETERMINISTIC_CASES = ["plain", "gqa", "key_mask", "dropout", "bias_bhqk", "bias_1hqk", "bias_bh1k", "bias_11qk",
@@ -762,16 +771,4 @@ def test_deterministic_backward_default_path(d, causal, case):
             assert "sm90_bwd_kernel" in kernels, "deterministic backward did not run on the Hopper kernels"
         if case in ("bias_1hqk", "bias_bh1k", "bias_11qk"):
             assert "sm90_bwd_dbias_reduce_kernel" in kernels
-    q64, k64, v64, bias64 = (as_double_leaf(t) for t in (q, k, v, bias))
-    # The expanded bias is a node of the graph: its gradient (the unreduced dS) scales dbias's error.
-    bias64_full = bias64.expand(b, h, n_q, n_k) if bias is not None else None
-    ref = reference.attention(q64, k64, v64, bias=bias64_full, mask=mask, causal=causal, dropout_p=dropout_p,
-                              rng_state=rng if dropout_p else None)
-    assert_close(out, ref, TOL[dtype])
-    inputs64 = [t for t in (q64, k64, v64, bias64) if t is not None]
-    ref_grads = torch.autograd.grad(ref, inputs64, dout.double(), retain_graph=bias is not None)
-    ds_norm = 0.0
-    if bias is not None:
-        ds_norm = torch.linalg.vector_norm(torch.autograd.grad(ref, bias64_full, dout.double())[0]).item()
-    for name, g, rg in zip(names, runs[0], ref_grads):
-        assert_close(g, rg, GRAD_TOL[dtype], name, GRAD_FLOOR, ds_norm if name == "dbias" else 0.0)
+    _check_grads_against_reference(q, k, v, bias, mask, causal, dropout_p, rng, out, dout, runs[0])
