@@ -108,6 +108,10 @@ def main():
         (torch.bfloat16, 2, 4, 2, 100, 208, 256, 256, "bottom_right", (2, 4, 100, 208), (2, 1, 1, 208), 0.1, False,
          "sm80"),
         (torch.float16, 1, 2, 1, 90, 135, 160, 160, None, (1, 2, 1, 135), (1, 1, 90, 135), 0.0, False, "sm80"),
+        # The sm80 backward in deterministic mode (the general kernel, dQ in key-block order): several
+        # key blocks per head, causal GQA with a full bias; d 96 (padded to 128) with a key mask.
+        (torch.bfloat16, 2, 4, 2, 150, 300, 128, 128, "bottom_right", (2, 4, 150, 300), None, 0.0, True, "sm80"),
+        (torch.float16, 1, 2, 2, 70, 260, 96, 96, None, None, (1, 1, 1, 260), 0.1, True, "sm80"),
     ]
     results = []
     for c in cases:
