@@ -571,7 +571,7 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
 
       const ScoreCtx ctx(p, bi, hi);
       const bool diagonal = causal && key0 + kWarpKeys - 1 > i0 + shift;
-      const bool check = kCheck && (diagonal || key0 + kWarpKeys > p.n_k || i0 + kBlockM > p.n_q);
+      [[maybe_unused]] const bool check = kCheck && (diagonal || key0 + kWarpKeys > p.n_k || i0 + kBlockM > p.n_q);
       const int key_limit = clamp_int(p.n_k - key0), q_limit = clamp_int(p.n_q - i0 - q_off);
       const int diag = causal ? clamp_int(i0 + q_off + shift - key0) : (1 << 30);
       if constexpr (kStaged) {
@@ -579,7 +579,7 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
         for (int mt = 0; mt < kKT; ++mt) {
           // 16-bit: one ldmatrix per pair of n-tiles, issued where the epilogue reaches it (the
           // mma and ldmatrix asm keep their order), so 4 registers of bias are live at a time.
-          uint32_t bias4[4];
+          [[maybe_unused]] uint32_t bias4[4];  // (16-bit only)
           auto bias = [&](int nt, int h) -> float2 {
             if constexpr (sizeof(T) == 2) {
               if (nt % 2 == 0 && h == 0)
@@ -614,7 +614,8 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
         }
       } else if constexpr (kGeneral) {
 #pragma unroll
-        for (int mt = 0; mt < kKT; ++mt) score_tile_log2<T, kNS, true>(ctx, s[mt], key0 + 16 * mt, i0 + q_off, diagonal);
+        for (int mt = 0; mt < kKT; ++mt)
+          score_tile_log2<T, kNS, true>(ctx, s[mt], key0 + 16 * mt, i0 + q_off, diagonal);
       } else {  // raw scores: the scale is applied in P's exponent below
 #pragma unroll
         for (int mt = 0; mt < kKT; ++mt) {

@@ -275,7 +275,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(
     }
     // kKeyMask: the score limit of the thread's column pair of n-tile nt, +inf (visible) or -inf
     // (masked): min(s, limit) also hides a NaN score of a masked key, as the reference does.
-    float2 key_lim[kKeyMask ? kNS : 1];
+    [[maybe_unused]] float2 key_lim[kKeyMask ? kNS : 1];
     if constexpr (kKeyMask) {
       const float inf = __int_as_float(0x7f800000);
       uint32_t any = 0;
