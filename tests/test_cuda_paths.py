@@ -644,6 +644,27 @@ def test_dropout_tensor_core_paths(path, dtype, d, causal, key_mask):
         assert_close(g, rg, GRAD_TOL[dtype], name, GRAD_FLOOR)
 
 
+def _repeated_deterministic_grads(q, k, v, bias, mask, causal, dropout_p, dout, repeats, path="auto"):
+    """Forward and backward `repeats` times under torch.use_deterministic_algorithms(True) on `path`,
+    the same dropout seed each time; asserts the gradients of (q, k, v[, bias]) are bitwise equal
+    over the runs. Returns the last out, rng_state, the profile of the last backward and the first
+    run's gradients."""
+    inputs = [t for t in (q, k, v, bias) if t is not None]
+    runs = []
+    with deterministic_algorithms(), flash_mha.force_kernel(path):
+        for _ in range(repeats):
+            torch.manual_seed(1)
+            out, _, rng = flash_mha.attention_fwd(q, k, v, bias, mask, None, causal, dropout_p)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                grads = torch.autograd.grad(out, inputs, dout)
+                torch.cuda.synchronize()
+            runs.append(grads)
+    for other in runs[1:]:
+        for name, a, b_ in zip(("dq", "dk", "dv", "dbias"), runs[0], other):
+            assert torch.equal(a, b_), f"{name} differs between runs under deterministic algorithms"
+    return out, rng, prof, runs[0]
+
+
 def _check_grads_against_reference(q, k, v, bias, mask, causal, dropout_p, rng, out, dout, grads):
     """out and the gradients of (q, k, v[, bias]) against the float64 reference, the dropout mask
     replayed from rng. The expanded bias is a node of the reference's graph: its gradient (the
@@ -693,21 +714,8 @@ def test_deterministic_backward_sm80(dtype, d, case):
     if case == "bias_bh1k":
         bias = randn(b, h, 1, n_k, dtype=dtype, device="cuda", requires_grad=True)
     dropout_p = 0.15 if "dropout" in case else 0.0
-    inputs = [t for t in (q, k, v, bias) if t is not None]
-    names = ["dq", "dk", "dv", "dbias"][:len(inputs)]
     dout = randn(b, h, n_q, d, dtype=dtype, device="cuda")
-    runs = []
-    with deterministic_algorithms(), flash_mha.force_kernel("sm80"):
-        for _ in range(3):
-            torch.manual_seed(1)
-            out, _, rng = flash_mha.attention_fwd(q, k, v, bias, mask, None, causal, dropout_p)
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                grads = torch.autograd.grad(out, inputs, dout)
-                torch.cuda.synchronize()
-            runs.append(grads)
-    for other in runs[1:]:
-        for name, a, b_ in zip(names, runs[0], other):
-            assert torch.equal(a, b_), f"{name} differs between runs under deterministic algorithms"
+    out, rng, prof, grads = _repeated_deterministic_grads(q, k, v, bias, mask, causal, dropout_p, dout, 3, "sm80")
     smem_needed = F32_WIDE_BWD_SMEM if dtype == torch.float32 and d > 64 else 148_480 if d > 128 else 0
     on_sm80 = case != "bias_bh1k" and not (dtype == torch.float32 and d > 128) and _smem_optin() >= smem_needed
     kernels = " ".join(e.name for e in prof.events())
@@ -715,7 +723,7 @@ def test_deterministic_backward_sm80(dtype, d, case):
     if on_sm80:  # the general kernel with the ordered dQ (kOrdered), unstaged
         import re
         assert re.search(r"sm80_bwd_kernel<.*BwdTraits<[^<>]*>, true, false, false, true>", kernels), kernels
-    _check_grads_against_reference(q, k, v, bias, mask, causal, dropout_p, rng, out, dout, runs[0])
+    _check_grads_against_reference(q, k, v, bias, mask, causal, dropout_p, rng, out, dout, grads)
 
 
 DETERMINISTIC_CASES = ["plain", "gqa", "key_mask", "dropout", "bias_bhqk", "bias_1hqk", "bias_bh1k", "bias_11qk",
@@ -748,21 +756,8 @@ def test_deterministic_backward_default_path(d, causal, case):
         mask = torch.rand(b, 1, 1, n_k, device="cuda") > 0.3
         mask[..., :1] = True
     dropout_p = 0.15 if case == "dropout" else 0.0
-    inputs = [t for t in (q, k, v, bias) if t is not None]
-    names = ["dq", "dk", "dv", "dbias"][:len(inputs)]
     dout = randn(b, h, n_q, d, dtype=dtype, device="cuda")
-    runs = []
-    with deterministic_algorithms():
-        for _ in range(4):
-            torch.manual_seed(1)
-            out, _, rng = flash_mha.attention_fwd(q, k, v, bias, mask, None, causal, dropout_p)
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                grads = torch.autograd.grad(out, inputs, dout)
-                torch.cuda.synchronize()
-            runs.append(grads)
-    for other in runs[1:]:
-        for name, a, b_ in zip(names, runs[0], other):
-            assert torch.equal(a, b_), f"{name} differs between runs under deterministic algorithms"
+    out, rng, prof, grads = _repeated_deterministic_grads(q, k, v, bias, mask, causal, dropout_p, dout, 4)
     if torch.cuda.get_device_capability() == (9, 0):
         kernels = " ".join(e.name for e in prof.events())
         if case == "bias_bhq1":
@@ -771,4 +766,4 @@ def test_deterministic_backward_default_path(d, causal, case):
             assert "sm90_bwd_kernel" in kernels, "deterministic backward did not run on the Hopper kernels"
         if case in ("bias_1hqk", "bias_bh1k", "bias_11qk"):
             assert "sm90_bwd_dbias_reduce_kernel" in kernels
-    _check_grads_against_reference(q, k, v, bias, mask, causal, dropout_p, rng, out, dout, runs[0])
+    _check_grads_against_reference(q, k, v, bias, mask, causal, dropout_p, rng, out, dout, grads)
