@@ -31,8 +31,8 @@
 // key bound n_k, the causal diagonal) come first; causal tiles wholly above the diagonal are never
 // loaded.
 //
-// Output: O / l written from registers (4-byte stores), lse = (m + log2 l) ln 2 in natural log of
-// the scaled scores; a row that sees no key gets zeros and lse = +inf (as sm80_fwd.cu).
+// Output: O / l written from registers (16-byte stores after a quad transpose), lse = (m + log2 l)
+// ln 2 in natural log of the scaled scores; a row that sees no key gets zeros and lse = +inf (as sm80_fwd.cu).
 #include <cuda.h>          // CUtensorMap and its enums (types only: nothing links libcuda)
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 
@@ -207,28 +207,62 @@ __device__ __forceinline__ void apply_extras(float (&s)[kNS][4], const uint32_t 
     }
 }
 
+// Transposes a 4x4 block of 32-bit words across the 4 lanes of a quad: lane L's w[j] on entry is
+// lane j's w[L] on exit. Two butterfly stages (lane bit 0, then bit 1), one shuffle per word pair.
+// Every lane of the warp must call it (full-mask shuffles).
+__device__ __forceinline__ void quad_transpose(uint32_t (&w)[4]) {
+  const int lane = threadIdx.x % 4;
+#pragma unroll
+  for (int m = 1; m <= 2; m <<= 1) {
+    const bool hi = lane & m;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if (j & m) continue;  // the pair (j, j | m)
+      const uint32_t got = __shfl_xor_sync(0xffffffffu, hi ? w[j] : w[j | m], m);
+      if (hi) w[j] = got;
+      else w[j | m] = got;
+    }
+  }
+}
+
 // The output of one warp's 16 rows: O / l (zeros where l = 0: the row saw no key), lse = (m + log2 l)
 // ln 2 (+inf there). Rows past n_q are skipped (TMA read zeros for them). keep_scale: 1 / (1 - p)
-// under dropout.
-template <typename T, int kNO>
+// under dropout. The accumulator gives lane L of a quad the columns 8 nt + 2 (L % 4) of its two rows;
+// a quad transpose per 4 tiles turns them into 8 consecutive columns per lane, so each quad writes
+// 64 contiguous bytes of a row with 16-byte stores (full 32-byte sectors). Outputs whose rows are
+// not 16-byte aligned take 4-byte stores, as does the kFull kernel (kVec16 = false): the transpose's
+// registers made ptxas spill 52 more bytes there at d128 and 96 at d64 (none before at d64).
+template <typename T, bool kVec16, int kNO>
 __device__ __forceinline__ void store_rows(const FwdParams& p, int bi, int hi, int row0, const float (&o)[kNO][4],
                                            SplitSoftmax& softmax, float keep_scale) {
+  static_assert(kNO % 4 == 0, "the quad transpose takes 4 column tiles at a time");
   const int lane = threadIdx.x % 32;
   softmax.finish();
   const uint64_t bh = static_cast<uint64_t>(bi) * p.h + hi;
+  const bool vec16 = kVec16 && ((reinterpret_cast<uintptr_t>(p.o) | static_cast<uintptr_t>(p.o_sb | p.o_sh | p.o_sn) * sizeof(T)) & 15) == 0;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int64_t i = row0 + lane / 4 + 8 * h;
-    if (i >= p.n_q) continue;
     const float l = softmax.l[h];
     const float inv = l == 0.f ? 0.f : keep_scale / l;
     T* og = static_cast<T*>(p.o) + int64_t{bi} * p.o_sb + int64_t{hi} * p.o_sh + i * p.o_sn;
+    if (vec16) {
 #pragma unroll
-    for (int nt = 0; nt < kNO; ++nt) {
-      const int col = 8 * nt + 2 * (lane % 4);
-      *reinterpret_cast<uint32_t*>(og + col) = pack2<T>(o[nt][2 * h] * inv, o[nt][2 * h + 1] * inv);
+      for (int g = 0; g < kNO / 4; ++g) {
+        uint32_t w[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) w[j] = pack2<T>(o[4 * g + j][2 * h] * inv, o[4 * g + j][2 * h + 1] * inv);
+        quad_transpose(w);  // lane L % 4 now holds columns 32 g + 8 (L % 4) .. + 7
+        if (i < p.n_q) *reinterpret_cast<uint4*>(og + 32 * g + 8 * (lane % 4)) = make_uint4(w[0], w[1], w[2], w[3]);
+      }
+    } else if (i < p.n_q) {
+#pragma unroll
+      for (int nt = 0; nt < kNO; ++nt) {
+        const int col = 8 * nt + 2 * (lane % 4);
+        *reinterpret_cast<uint32_t*>(og + col) = pack2<T>(o[nt][2 * h] * inv, o[nt][2 * h + 1] * inv);
+      }
     }
-    if (lane % 4 == 0) {
+    if (i < p.n_q && lane % 4 == 0) {
       float* lse = static_cast<float*>(p.lse) + bh * p.n_q + i;
       *lse = l == 0.f ? __int_as_float(0x7f800000) : (softmax.m[h] + __log2f(l)) * kLn2;
     }
@@ -297,7 +331,7 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
     zero_acc(zeros);
     SplitSoftmax none;
     none.init();
-    store_rows<T>(p, c.bi, c.hi, row0, zeros, none, keep_scale);
+    store_rows<T, !kFull>(p, c.bi, c.hi, row0, zeros, none, keep_scale);
     return;
   }
   const int qbuf = static_cast<int>(ps.q_it % Tr::kQBufs);  // this tile's Q buffer
@@ -451,7 +485,7 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
     fence_regs(o);
     fence_regs(pa);
     if (lane == 0) mbarrier_arrive(&bar.v_empty[vst]);
-    store_rows<T>(p, st.bi, st.hi, st.row0, o, softmax, keep_scale);
+    store_rows<T, !kFull>(p, st.bi, st.hi, st.row0, o, softmax, keep_scale);
     zero_acc(o);
     wgmma_wait_group<0>();
   } else {
@@ -549,7 +583,7 @@ __device__ __forceinline__ void consume_finish(typename Tr::Smem& sm, typename T
   if (threadIdx.x % 32 == 0) mbarrier_arrive(&bar.v_empty[stage]);
   Dropout drop;
   if constexpr (kFull) drop.init(p);
-  store_rows<T>(p, st.bi, st.hi, st.row0, st.o, st.softmax, kFull ? drop.keep_scale : 1.f);
+  store_rows<T, !kFull>(p, st.bi, st.hi, st.row0, st.o, st.softmax, kFull ? drop.keep_scale : 1.f);
   st.pending = false;
 }
 
