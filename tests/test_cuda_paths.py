@@ -68,7 +68,9 @@ FWD_CONFIGS = {
     # A key mask keeps the 128 tile (the 176 tile has no key-mask bits).
     "wide_key_tile_masked": (None, 300, 4500, True, ", 128, 128, 2, false, true"),
     "causal_pingpong": ("bottom_right", 700, 900, False, ", 128, 128, 2, true, true"),  # causal, n_q <= 1k
-    "plain": (None, 700, 900, False, ", 128, 128, 2, false, true"),
+    "pingpong": (None, 700, 900, False, ", 128, 128, 2, true, true"),  # non-causal, n_q and n_k <= 1k
+    "plain": (None, 1100, 900, False, ", 128, 128, 2, false, true"),
+    "plain_long_keys": (None, 700, 1100, False, ", 128, 128, 2, false, true"),
 }
 
 
