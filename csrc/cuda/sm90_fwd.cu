@@ -1,7 +1,8 @@
 // Hopper forward for float16 / bfloat16 (sm_90a): TMA + mbarrier + wgmma + warp specialization.
 //
-// A block is one producer warpgroup and kConsumers (2 for d = 128, 3 for d = 64) consumer
-// warpgroups of 64 query rows each, so a query tile is kBlockM = 64 kConsumers rows:
+// A block is one producer warpgroup and kConsumers (2 for d = 128, 2 or 3 for d = 64: see
+// dispatch_dim) consumer warpgroups of 64 query rows each, so a query tile is kBlockM = 64
+// kConsumers rows:
 //   warpgroup 0 (producer, registers given back with setmaxnreg): one thread issues the TMA loads,
 //     Q once per query tile, then K and V tiles of kBlockN keys into rings (kKStages, kVStages) of
 //     shared-memory stages. Each stage has four mbarriers: k_full / v_full (the TMA's byte count
@@ -441,8 +442,8 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
   // hand-over in consume_finish, so the named barriers balance over the block's work. (A block
   // whose tiles all see no key takes no turn: the start-up hand-over stays unconsumed at exit.)
   // The pending branch below holds its turn while it waits for Q and K: in the ping-pong kernels
-  // (d = 64, and d = 128 causal with n_q <= 1k; one Q buffer) the other warpgroups' pending P V
-  // wait for that load too.
+  // (d = 64 on 3 warpgroups, and d = 128 with n_q <= 1k, causal or with n_k <= 1k; one Q buffer)
+  // the other warpgroups' pending P V wait for that load too.
   auto turn_begin = [&] {
     if constexpr (Tr::kPingPong) named_barrier_sync(Tr::kSchedBarrier + cw, 256);
   };
