@@ -33,7 +33,8 @@
 // loaded.
 //
 // Output: O / l written from registers (16-byte stores after a quad transpose), lse = (m + log2 l)
-// ln 2 in natural log of the scaled scores; a row that sees no key gets zeros and lse = +inf (as sm80_fwd.cu).
+// ln 2 in natural log of the scaled scores; a row that sees no key gets zeros and lse = +inf (as
+// sm80_fwd.cu).
 #include <cuda.h>          // CUtensorMap and its enums (types only: nothing links libcuda)
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 
@@ -240,7 +241,9 @@ __device__ __forceinline__ void store_rows(const FwdParams& p, int bi, int hi, i
   const int lane = threadIdx.x % 32;
   softmax.finish();
   const uint64_t bh = static_cast<uint64_t>(bi) * p.h + hi;
-  const bool vec16 = kVec16 && ((reinterpret_cast<uintptr_t>(p.o) | static_cast<uintptr_t>(p.o_sb | p.o_sh | p.o_sn) * sizeof(T)) & 15) == 0;
+  const uintptr_t row_bits =
+      reinterpret_cast<uintptr_t>(p.o) | static_cast<uintptr_t>(p.o_sb | p.o_sh | p.o_sn) * sizeof(T);
+  const bool vec16 = kVec16 && (row_bits & 15) == 0;  // every row 16-byte aligned
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int64_t i = row0 + lane / 4 + 8 * h;
