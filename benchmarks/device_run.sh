@@ -74,7 +74,7 @@ phase_quick() {
 #   bash benchmarks/device_run.sh flags_on build quick sanitize
 #   FLAGS_ON=kQDoubleBuffer bash benchmarks/device_run.sh flags_on build quick   # one of them
 phase_flags_on() {
-  local flags=${FLAGS_ON:-kDescriptorAdvance kLazyRescale kQDoubleBuffer kDbiasWriterWarps kD64PingPong2}
+  local flags=${FLAGS_ON:-kDescriptorAdvance kLazyRescale kQDoubleBuffer kDbiasWriterWarps}
   local files="csrc/cuda/sm90.cuh csrc/cuda/sm90_fwd_work.cuh csrc/cuda/sm90_bwd_work.cuh csrc/cuda/sm80_tile.cuh csrc/cuda/softmax.cuh"
   local f on=0
   for f in $flags; do

@@ -749,10 +749,6 @@ bool dispatch_dim(const FwdParams& p, cudaStream_t stream) {
   // non-causal at n_q = n_k = 1k (+1.1 / 1.2 / 4.5% in three runs); key tiles of 176
   // (kWideKeyTile) ran +2-3% over 128 at n_k >= 8k, -4..-6% at 2k-4k (H200, NOTES.md).
   if (p.d == 64) {
-    if constexpr (kD64PingPong2) {
-      if (p.causal != Causal::kNone ? p.n_q <= 2048 : p.n_q <= 1024 && p.n_k <= 1024)
-        return launch<T, 64, 128, 2, true, true>(p, stream);
-    }
     if (p.causal != Causal::kNone && p.n_q <= 2048) return launch<T, 64, 128, 2, false, true>(p, stream);
     return launch<T, 64, 128, 3, true, true>(p, stream);
   }

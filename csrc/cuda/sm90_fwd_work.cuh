@@ -34,13 +34,6 @@ constexpr bool kQDoubleBuffer = false;
 // per thread covers 2 x 16 column groups); dispatch_dim takes it where n_k > 4096 (measured there).
 constexpr bool kWideKeyTile = true;
 
-// d = 64 with 2 consumer warpgroups (128-row query tiles) in ping-pong where the key loops are short
-// (causal n_q <= 2k, where 2 warpgroups already run without ping-pong; non-causal n_q, n_k <= 1k,
-// where 1k = 5 x 192 + 64 wastes 11% of the 3-warpgroup kernel's rows and 2 warpgroups without
-// ping-pong measured 1-6% slower). Ping-pong gained 1-5% at d = 128 on such shapes, and d = 64 is
-// more softmax-bound. Prepared, not yet measured: off (one more instantiation per dtype when on).
-constexpr bool kD64PingPong2 = false;
-
 
 template <typename T, int kD_, int kBlockN_, int kConsumers_, bool kPingPong_, bool kPersistent_, bool kGeneral_ = false>
 struct Sm90FwdTraits {
