@@ -744,10 +744,11 @@ bool dispatch_dim(const FwdParams& p, cudaStream_t stream) {
   // a thread, still the fastest: +2-7% over one block per unit), except causal with n_q <= 2k: there
   // 192-row query tiles waste a third of their work on the diagonal and the short last tile, and 2
   // warpgroups ran +48% (512), +22% (1k), +10% (2k) but -7% at 4k (and -1..-6% non-causal at
-  // 512-4k). d = 128: persistent without ping-pong measured 1-3% faster than with it at long
-  // shapes, but ping-pong wins where the key loops are short: causal with n_q <= 1k (+1.5-5%),
-  // non-causal at n_q = n_k = 1k (+1.1 / 1.2 / 4.5% in three runs); key tiles of 176
-  // (kWideKeyTile) ran +2-3% over 128 at n_k >= 8k, -4..-6% at 2k-4k (H200, NOTES.md).
+  // 512-4k; 2 warpgroups in ping-pong: -1..-4% at 1k, causal 1k -1%). d = 128: persistent
+  // without ping-pong measured 1-3% faster than with it at long shapes, but ping-pong wins where
+  // the key loops are short: causal with n_q <= 1k (+1.5-5%), non-causal at n_q = n_k = 1k (+1.1 /
+  // 1.2 / 4.5% in three runs); key tiles of 176 (kWideKeyTile) ran +2-3% over 128 at n_k >= 8k,
+  // -4..-6% at 2k-4k (H200, NOTES.md).
   if (p.d == 64) {
     if (p.causal != Causal::kNone && p.n_q <= 2048) return launch<T, 64, 128, 2, false, true>(p, stream);
     return launch<T, 64, 128, 3, true, true>(p, stream);
