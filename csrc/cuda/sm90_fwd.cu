@@ -98,6 +98,16 @@ __device__ __forceinline__ void produce_tile(typename Tr::Smem& sm, typename Tr:
         for (int pn = 0; pn < Tr::kBlockN / Tr::kPanel; ++pn)
           tma_load_4d(sm.bias[bst] + pn * Tr::kBlockM * Tr::kPanel, tm_bias, &bar.bias_full[bst], j0 + pn * Tr::kPanel,
                       p.bias_s.q ? c.i0 : 0, p.bias_s.h ? hi : 0, p.bias_s.b ? bi : 0);
+        if constexpr (kBiasPrefetchL2) {
+          const int last = min(t + kBiasPrefetchAhead, c.n_tiles - 1);
+          for (int f = t == 0 ? 1 : t + kBiasPrefetchAhead; f <= last; ++f) {
+            const int jf = (c.n_tiles - 1 - f) * Tr::kBlockN;
+#pragma unroll
+            for (int pn = 0; pn < Tr::kBlockN / Tr::kPanel; ++pn)
+              tma_prefetch_l2_4d(tm_bias, jf + pn * Tr::kPanel, p.bias_s.q ? c.i0 : 0, p.bias_s.h ? hi : 0,
+                                 p.bias_s.b ? bi : 0);
+          }
+        }
       }
     }
   };
@@ -642,7 +652,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       TileCoord cur{};
       for (int u = blockIdx.x; u < work.units; u += gridDim.x) {
         int bh, qb_hi, qb_lo;
-        const int n = work.tiles(u, bh, qb_hi, qb_lo);
+        const int n = work.tiles(p, u, bh, qb_hi, qb_lo);
         for (int i = 0; i < n; ++i) {
           const TileCoord c(p, bh, i == 0 ? qb_hi : qb_lo, Tr::kBlockM, Tr::kBlockN);
           if (have) produce_tile<T, Tr>(sm, bar, &tm_q, &tm_k, &tm_v, &tm_bias, p, cur, &c, ps);
@@ -664,7 +674,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     if constexpr (Tr::kPersistent) {
       for (int u = blockIdx.x; u < work.units; u += gridDim.x) {
         int bh, qb_hi, qb_lo;
-        const int n = work.tiles(u, bh, qb_hi, qb_lo);
+        const int n = work.tiles(p, u, bh, qb_hi, qb_lo);
         for (int i = 0; i < n; ++i)
           consume_tile<T, Tr, kGeneral, kFull>(sm, bar, p,
                                                TileCoord(p, bh, i == 0 ? qb_hi : qb_lo, Tr::kBlockM, Tr::kBlockN),
@@ -674,7 +684,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       // One unit of one tile per block, no loop: the loop's live state costs registers (d = 64 with
       // 3 consumer warpgroups has 160 each).
       int bh, qb_hi, qb_lo;
-      work.tiles(blockIdx.x, bh, qb_hi, qb_lo);
+      work.tiles(p, blockIdx.x, bh, qb_hi, qb_lo);
       consume_tile<T, Tr, kGeneral, kFull>(sm, bar, p, TileCoord(p, bh, qb_hi, Tr::kBlockM, Tr::kBlockN), cw, ps,
                                            st);
     }

@@ -34,6 +34,23 @@ constexpr bool kQDoubleBuffer = false;
 // per thread covers 2 x 16 column groups); dispatch_dim takes it where n_k > 4096 (measured there).
 constexpr bool kWideKeyTile = true;
 
+// General kernel at d = 64: 3 stages in the bias ring instead of 2 (the K / V rings keep 4 K and 3
+// V stages beside them). At d = 64 a [128, 128] tile's GEMMs take half as long as at d = 128, so two
+// stages leave one tile's time (~1 us) for a bias tile to come from DRAM. (d = 128 has room for 2.)
+constexpr bool kBiasRing3 = false;
+
+// A bias broadcast over the batch: work units ordered batch fastest (head, query tile, batch), so
+// the batches reading one bias tile run at the same time and share it in L2 (head by head, each
+// batch re-read the whole bias from DRAM; the backward orders its items the same way for dbias).
+constexpr bool kFwdBatchFastest = true;
+
+// General kernel: with the bias tile of key tile t, an L2 prefetch of key tile t + kBiasPrefetchAhead's
+// (tiles 1 .. kBiasPrefetchAhead with tile 0), so a bias tile's DRAM read starts that many tiles
+// before its shared-memory load instead of when a ring stage frees up. A bias row is read 256
+// bytes a key tile, 128 rows apart by the row stride: DRAM latency more than bandwidth.
+constexpr bool kBiasPrefetchL2 = false;
+constexpr int kBiasPrefetchAhead = 4;
+
 
 template <typename T, int kD_, int kBlockN_, int kConsumers_, bool kPingPong_, bool kPersistent_, bool kGeneral_ = false>
 struct Sm90FwdTraits {
@@ -61,7 +78,8 @@ struct Sm90FwdTraits {
   static constexpr bool kGeneral = kGeneral_;
   static constexpr int64_t kBiasStageBytes = int64_t{kBlockM} * kBlockN * 2;
   static constexpr int kBiasFit = static_cast<int>((kSmemLimit - kQKV2Bytes) / kBiasStageBytes);
-  static constexpr int kBiasStages = !kGeneral ? 0 : kBiasFit < 2 ? kBiasFit : 2;
+  static constexpr int kBiasRing = kBiasRing3 ? 3 : 2;
+  static constexpr int kBiasStages = !kGeneral ? 0 : kBiasFit < kBiasRing ? kBiasFit : kBiasRing;
   static_assert(!kGeneral || kBiasStages >= 1, "no room for a staged bias tile");
   // K and V rings: as many [kBlockN, kD] tiles as fit next to the Q buffers (and the bias ring) in
   // the 227 KiB of an sm_90 block, half K and half V, up to 4 stages each (with an odd count K
@@ -120,17 +138,27 @@ struct WorkList {
   int per_head;    // units per (batch, head)
   int units;       // in all
   bool pairs;
+  bool batch_fastest;  // kFwdBatchFastest: units (head, k, batch) instead of (batch, head, k)
 
   __host__ __device__ WorkList(const FwdParams& p, int block_m, bool persistent) {
     n_qb = static_cast<int>((p.n_q + block_m - 1) / block_m);
     pairs = persistent && p.causal != Causal::kNone;
     per_head = pairs ? (n_qb + 1) / 2 : n_qb;
     units = static_cast<int>(p.b * p.h) * per_head;
+    batch_fastest = kFwdBatchFastest && p.bias && p.bias_s.b == 0 && p.b > 1;
   }
   // Unit u: (batch * h + head) and its query tiles qb_hi, then (when two) qb_lo; returns 1 or 2.
-  __device__ __forceinline__ int tiles(int u, int& bh, int& qb_hi, int& qb_lo) const {
-    bh = u / per_head;
-    const int k = u - bh * per_head;
+  __device__ __forceinline__ int tiles(const FwdParams& p, int u, int& bh, int& qb_hi, int& qb_lo) const {
+    int k;
+    if (batch_fastest) {
+      const int b = static_cast<int>(p.b), rest = u / b;
+      const int hi = rest / per_head;
+      k = rest - hi * per_head;
+      bh = (u - rest * b) * static_cast<int>(p.h) + hi;
+    } else {
+      bh = u / per_head;
+      k = u - bh * per_head;
+    }
     qb_hi = n_qb - 1 - k;
     qb_lo = k;
     return pairs && qb_lo != qb_hi ? 2 : 1;
