@@ -98,16 +98,6 @@ __device__ __forceinline__ void produce_tile(typename Tr::Smem& sm, typename Tr:
         for (int pn = 0; pn < Tr::kBlockN / Tr::kPanel; ++pn)
           tma_load_4d(sm.bias[bst] + pn * Tr::kBlockM * Tr::kPanel, tm_bias, &bar.bias_full[bst], j0 + pn * Tr::kPanel,
                       p.bias_s.q ? c.i0 : 0, p.bias_s.h ? hi : 0, p.bias_s.b ? bi : 0);
-        if constexpr (kBiasPrefetchL2) {
-          const int last = min(t + kBiasPrefetchAhead, c.n_tiles - 1);
-          for (int f = t == 0 ? 1 : t + kBiasPrefetchAhead; f <= last; ++f) {
-            const int jf = (c.n_tiles - 1 - f) * Tr::kBlockN;
-#pragma unroll
-            for (int pn = 0; pn < Tr::kBlockN / Tr::kPanel; ++pn)
-              tma_prefetch_l2_4d(tm_bias, jf + pn * Tr::kPanel, p.bias_s.q ? c.i0 : 0, p.bias_s.h ? hi : 0,
-                                 p.bias_s.b ? bi : 0);
-          }
-        }
       }
     }
   };

@@ -34,22 +34,14 @@ constexpr bool kQDoubleBuffer = false;
 // per thread covers 2 x 16 column groups); dispatch_dim takes it where n_k > 4096 (measured there).
 constexpr bool kWideKeyTile = true;
 
-// General kernel at d = 64: 3 stages in the bias ring instead of 2 (the K / V rings keep 4 K and 3
-// V stages beside them). At d = 64 a [128, 128] tile's GEMMs take half as long as at d = 128, so two
-// stages leave one tile's time (~1 us) for a bias tile to come from DRAM. (d = 128 has room for 2.)
-constexpr bool kBiasRing3 = false;
-
 // A bias broadcast over the batch: work units ordered batch fastest (head, query tile, batch), so
 // the batches reading one bias tile run at the same time and share it in L2 (head by head, each
 // batch re-read the whole bias from DRAM; the backward orders its items the same way for dbias).
+// A/B on an H200 (NOTES.md, GPU record 2026-11-28 19:35): head-broadcast bias forward +8..+14% at
+// d = 64, +5..+10% at d = 128 (1k-8k; 16k has batch 1). Tried beside it and dropped: a third bias
+// stage at d = 64, an L2 prefetch of the bias tile 4 key tiles ahead (-1..-4% each), ping-pong in
+// the bias kernel at either d (no change).
 constexpr bool kFwdBatchFastest = true;
-
-// General kernel: with the bias tile of key tile t, an L2 prefetch of key tile t + kBiasPrefetchAhead's
-// (tiles 1 .. kBiasPrefetchAhead with tile 0), so a bias tile's DRAM read starts that many tiles
-// before its shared-memory load instead of when a ring stage frees up. A bias row is read 256
-// bytes a key tile, 128 rows apart by the row stride: DRAM latency more than bandwidth.
-constexpr bool kBiasPrefetchL2 = false;
-constexpr int kBiasPrefetchAhead = 4;
 
 
 template <typename T, int kD_, int kBlockN_, int kConsumers_, bool kPingPong_, bool kPersistent_, bool kGeneral_ = false>
@@ -78,8 +70,7 @@ struct Sm90FwdTraits {
   static constexpr bool kGeneral = kGeneral_;
   static constexpr int64_t kBiasStageBytes = int64_t{kBlockM} * kBlockN * 2;
   static constexpr int kBiasFit = static_cast<int>((kSmemLimit - kQKV2Bytes) / kBiasStageBytes);
-  static constexpr int kBiasRing = kBiasRing3 ? 3 : 2;
-  static constexpr int kBiasStages = !kGeneral ? 0 : kBiasFit < kBiasRing ? kBiasFit : kBiasRing;
+  static constexpr int kBiasStages = !kGeneral ? 0 : kBiasFit < 2 ? kBiasFit : 2;
   static_assert(!kGeneral || kBiasStages >= 1, "no room for a staged bias tile");
   // K and V rings: as many [kBlockN, kD] tiles as fit next to the Q buffers (and the bias ring) in
   // the 227 KiB of an sm_90 block, half K and half V, up to 4 stages each (with an odd count K
@@ -130,7 +121,8 @@ struct Sm90FwdTraits {
 // units cost the same and a static round robin stays balanced. (A grid of one block per unit needs
 // no pairs: the hardware hands the next unit to whichever SM frees up, and units go heaviest
 // first.) Units of one head are consecutive, so the blocks running at one time share a few heads'
-// K and V in L2.
+// K and V in L2; with a bias broadcast over the batch (kFwdBatchFastest) the batches of one head and
+// query tile are consecutive instead, so they share its bias tiles.
 // 32-bit indices throughout (sm90_fwd_supported checks the sizes): 64-bit divisions are long
 // subroutines, and the producer runs on 32 registers.
 struct WorkList {
