@@ -42,6 +42,14 @@ constexpr bool kAtomicSharedDbias = true;
 // on an H200 together with kAtomicSharedDbias, NOTES.md).
 constexpr bool kDirectDbias = true;
 
+// A dbias broadcast over the batch (atomic float accumulator, kAtomicSharedDbias): blocks ordered
+// batch fastest ((kv head, key block, batch) instead of (batch, kv head, key block)), so the batches'
+// reductions into one accumulator tile, and their reads of one bias tile, come close in time and
+// meet in L2, as the sm90 backward orders its items (ItemGrid::item_band). Prepared, not yet
+// measured: the d64 bias backward (this kernel on Hopper) ran 95-104 TFLOP/s with a head-broadcast
+// dbias at batch >= 2 against 121-133 with a full one (H200, NOTES.md, GPU record 2026-11-28 19:35).
+constexpr bool kSm80BwdBatchFastest = false;
+
 // kMT: key m-tiles (16 keys each) per warp. 2 (the 16-bit plain kernels at d = 64): each Q / dO
 // fragment read from shared memory feeds both m-tiles, and a block covers 128 keys (half the dQ
 // atomics and Q / dO loads per key), with 32-query tiles so that S^T, dP^T (32 + 32 registers) fit
@@ -293,10 +301,20 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
   auto& sm = *reinterpret_cast<typename Tr::Smem*>(smem_raw);
 
   const int64_t n_kb = (p.n_k + kBlockN - 1) / kBlockN;
-  int64_t blk = blockIdx.x;
-  const int64_t kb = blk % n_kb;
-  blk /= n_kb;
-  const int64_t kvh = blk % p.h_kv, bi = blk / p.h_kv;
+  int64_t blk = blockIdx.x, kb, kvh, bi;
+  // Deterministic mode keeps the key block fastest (kOrdered waits for key block kb - 1 of its head:
+  // launched earlier either way, but it never takes a shared dbias here).
+  if (kSm80BwdBatchFastest && kGeneral && !kOrdered && p.dbias && p.dbias_s.b == 0 && p.b > 1) {
+    bi = blk % p.b;
+    blk /= p.b;
+    kb = blk % n_kb;
+    kvh = blk / n_kb;
+  } else {
+    kb = blk % n_kb;
+    blk /= n_kb;
+    kvh = blk % p.h_kv;
+    bi = blk / p.h_kv;
+  }
   const int64_t group = p.h / p.h_kv;
   const int64_t j0 = kb * kBlockN;
   const int cols = static_cast<int>(imin(kBlockN, p.n_k - j0));
