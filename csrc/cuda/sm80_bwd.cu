@@ -302,8 +302,7 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
 
   const int64_t n_kb = (p.n_k + kBlockN - 1) / kBlockN;
   int64_t blk = blockIdx.x, kb, kvh, bi;
-  // Deterministic mode keeps the key block fastest (kOrdered waits for key block kb - 1 of its head:
-  // launched earlier either way, but it never takes a shared dbias here).
+  // kOrdered (deterministic mode) keeps the key block fastest: a shared dbias never reaches it.
   if (kSm80BwdBatchFastest && kGeneral && !kOrdered && p.dbias && p.dbias_s.b == 0 && p.b > 1) {
     bi = blk % p.b;
     blk /= p.b;
