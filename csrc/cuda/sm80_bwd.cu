@@ -47,7 +47,7 @@ constexpr bool kDirectDbias = true;
 // reductions into one accumulator tile, and their reads of one bias tile, come close in time and
 // meet in L2, as the sm90 backward orders its items (ItemGrid::item_band). Prepared, not yet
 // measured: the d64 bias backward (this kernel on Hopper) ran 95-104 TFLOP/s with a head-broadcast
-// dbias at batch >= 2 against 121-133 with a full one (H200, NOTES.md, GPU record 2026-11-28 19:35).
+// dbias at batch >= 2 against 121-132 with a full one (H200, NOTES.md, GPU record 2026-11-28 19:35).
 constexpr bool kSm80BwdBatchFastest = false;
 
 // kMT: key m-tiles (16 keys each) per warp. 2 (the 16-bit plain kernels at d = 64): each Q / dO

@@ -37,10 +37,11 @@ constexpr bool kWideKeyTile = true;
 // A bias broadcast over the batch: work units ordered batch fastest (head, query tile, batch), so
 // the batches reading one bias tile run at the same time and share it in L2 (head by head, each
 // batch re-read the whole bias from DRAM; the backward orders its items the same way for dbias).
-// A/B on an H200 (NOTES.md, GPU record 2026-11-28 19:35): head-broadcast bias forward +8..+14% at
-// d = 64, +5..+10% at d = 128 (1k-8k; 16k has batch 1). Tried beside it and dropped: a third bias
-// stage at d = 64, an L2 prefetch of the bias tile 4 key tiles ahead (-1..-4% each), ping-pong in
-// the bias kernel at either d (no change).
+// A/B on an H200 (NOTES.md, GPU record 2026-11-28 19:35): head-broadcast bias forward +10..+15% at
+// d = 64 (measured with a third bias stage), +4..+10% at d = 128 (1k-8k, means of two rounds; 16k
+// has batch 1). Tried beside it and dropped: an L2 prefetch of the bias tile 4 key tiles ahead
+// (0..-4%), that with a third bias stage at d = 64 (-2..-4%), ping-pong in the bias kernel at
+// either d (no change).
 constexpr bool kFwdBatchFastest = true;
 
 
