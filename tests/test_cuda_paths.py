@@ -480,6 +480,29 @@ def test_bias_ring_over_many_tiles(d, causal):
 
 
 @needs_cuda
+@pytest.mark.parametrize("causal", [None, "top_left"])
+@pytest.mark.parametrize("kind", ["head-bias+keypad", "full-bias"])
+def test_bias_forward_three_warpgroups(causal, kind):
+    """d = 64 with a bias and n_q past 2048: the Hopper forward's bias kernel with 3 consumer
+    warpgroups in ping-pong (192-row tiles, kFwdBias3WG), more units than SMs, a ragged last tile
+    and key tile, and the bias ring reused across units."""
+    dtype, d = torch.bfloat16, 64
+    b, h, h_kv, n_q, n_k = 4, 8, 2, 2500, 700
+    q = randn(b, h, n_q, d, dtype=dtype, device="cuda", requires_grad=True)
+    k = randn(b, h_kv, n_k, d, dtype=dtype, device="cuda", requires_grad=True)
+    v = randn(b, h_kv, n_k, d, dtype=dtype, device="cuda", requires_grad=True)
+    dims = (1, h, n_q, n_k) if kind.startswith("head") else (b, h, n_q, n_k)
+    bias = (2 * randn(*dims, dtype=torch.float32, device="cuda")).to(dtype).requires_grad_(True)
+    mask = None
+    if "keypad" in kind:
+        lengths = torch.tensor([700, 333, 64, 1], device="cuda")
+        mask = (torch.arange(n_k, device="cuda") < lengths[:, None]).view(b, 1, 1, n_k)
+    with flash_mha.force_kernel("sm90"):
+        res = run_both(q, k, v, bias=bias, mask=mask, causal=causal)
+    check_both(res, dtype)
+
+
+@needs_cuda
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("n_q", [1000, 4100], ids=lambda n: f"nq{n}")
 def test_empty_query_tiles_between_busy_ones(d, n_q):

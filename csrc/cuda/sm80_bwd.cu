@@ -45,10 +45,11 @@ constexpr bool kDirectDbias = true;
 // A dbias broadcast over the batch (atomic float accumulator, kAtomicSharedDbias): blocks ordered
 // batch fastest ((kv head, key block, batch) instead of (batch, kv head, key block)), so the batches'
 // reductions into one accumulator tile, and their reads of one bias tile, come close in time and
-// meet in L2, as the sm90 backward orders its items (ItemGrid::item_band). Prepared, not yet
-// measured: the d64 bias backward (this kernel on Hopper) ran 95-104 TFLOP/s with a head-broadcast
-// dbias at batch >= 2 against 121-132 with a full one (H200, NOTES.md, GPU record 2026-11-28 19:35).
-constexpr bool kSm80BwdBatchFastest = false;
+// meet in L2, as the sm90 backward orders its items (ItemGrid::item_band). A/B on an H200 (NOTES.md,
+// GPU record 2026-11-29 02:00): the d64 head-broadcast bias backward 103 / 103 against 101 / 102
+// TFLOP/s at 1k and 4k (two rounds each), the full bias unchanged (121-131). Small: the head-broadcast
+// dbias's cost is its per-element float atomics, not DRAM re-reads.
+constexpr bool kSm80BwdBatchFastest = true;
 
 // kMT: key m-tiles (16 keys each) per warp. 2 (the 16-bit plain kernels at d = 64): each Q / dO
 // fragment read from shared memory feeds both m-tiles, and a block covers 128 keys (half the dQ

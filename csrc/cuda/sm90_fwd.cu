@@ -727,15 +727,20 @@ inline bool needs_general(const FwdParams& p) {
 template <typename T>
 bool dispatch_dim(const FwdParams& p, cudaStream_t stream) {
   // General: 2 consumer warpgroups at either d (240 registers each; with 3 at d = 64, dropout's
-  // Philox state alone made ptxas spill 736 bytes). Two instantiations: a bias (and a key mask)
+  // Philox state alone made ptxas spill 736 bytes), but 3 in ping-pong for the bias-only kernel at
+  // d = 64 past 2k queries (kFwdBias3WG). Otherwise two instantiations: a bias (and a key mask)
   // only, without spills; full: also dropout and masks varying along the queries (their code made
   // ptxas spill 36 / 220 bytes at d = 64 / 128 in the bias-only case too).
   if constexpr (kSm90FwdGeneral) {
     if (needs_general(p)) {
       const bool full = p.dropout_p > 0.0 || (p.mask && p.mask_s.q != 0 && p.n_q > 1);
-      if (p.d == 64)
+      if (p.d == 64) {
+        if constexpr (kFwdBias3WG) {
+          if (!full && p.n_q > 2048) return launch<T, 64, 128, 3, true, true, true, false>(p, stream);
+        }
         return full ? launch<T, 64, 128, 2, false, true, true, true>(p, stream)
                     : launch<T, 64, 128, 2, false, true, true, false>(p, stream);
+      }
       return full ? launch<T, 128, 128, 2, false, true, true, true>(p, stream)
                   : launch<T, 128, 128, 2, false, true, true, false>(p, stream);
     }

@@ -44,6 +44,17 @@ constexpr bool kWideKeyTile = true;
 // either d (no change).
 constexpr bool kFwdBatchFastest = true;
 
+// The bias-only forward at d = 64 (no dropout, no query-varying mask) for n_q > 2048: 3 consumer
+// warpgroups in ping-pong (192-row tiles, 160 registers each; ptxas: 48 bytes of spills) as the
+// plain d = 64 kernel, instead of 2 without ping-pong. At d = 64 the bias's per-element work
+// (read, convert, add) is as long as the tile's GEMMs: with 2 warpgroups the issue slots sat at 50%
+// and the tensor pipe at 33% (ncu, H200, head-broadcast bias, 16k). A/B on an H200, two rounds
+// (NOTES.md, GPU record 2026-11-29 02:00): head-broadcast bias 16k 300 / 301 against 289 / 289
+// TFLOP/s, 4k 309 / 306 against 306 / 304; full bias 16k 298 / 300 against 289 / 286, 4k 288 / 306
+// against 277 / 282; but 1k 272 / 273 against 289 / 288 (a 192-row tile wastes 12.5% there),
+// hence the bound. Without ping-pong the 3 ran the same.
+constexpr bool kFwdBias3WG = true;
+
 
 template <typename T, int kD_, int kBlockN_, int kConsumers_, bool kPingPong_, bool kPersistent_, bool kGeneral_ = false>
 struct Sm90FwdTraits {
