@@ -8,6 +8,8 @@
 #   FLAGS_ON=kQDoubleBuffer bash benchmarks/ab_flags.sh                     # plain grid, vs cuDNN
 #   FLAGS_ON=kQDoubleBuffer AB_BENCH="--case plain --hdim 64" bash benchmarks/ab_flags.sh
 #   FLAGS_SETS="kQDoubleBuffer;kDbiasWriterWarps" bash benchmarks/ab_flags.sh
+#   git diff HEAD -- csrc > ab_off.patch  # a change not behind a flag: "off" is the tree without it
+#   FLAGS_ON=- AB_OFF_PATCH=ab_off.patch bash benchmarks/ab_flags.sh
 #
 # About 5 minutes on an H200 for one set (builds in parallel, ~25 s per benchmark run), ~1.5 more
 # per further set. Results and logs under $OUT (ab.tgz: v*.json, off*.json, logs; ab_table.txt).
@@ -26,6 +28,9 @@ side_build() {
   cp -r csrc flash_mha setup.py pyproject.toml README.md LICENSE requirements.txt "$src"/
   cp benchmarks/device_run.sh "$src/benchmarks/"
   rm -rf "$src"/flash_mha/*.so "$src"/flash_mha/__pycache__  # an earlier editable build's
+  if [ "$name" = off ] && [ -n "${AB_OFF_PATCH:-}" ]; then
+    (cd "$src" && git apply -R "$OLDPWD/$AB_OFF_PATCH") || echo "off: AB_OFF_PATCH did not reverse" >&2
+  fi
   if [ -n "$flags" ]; then
     OUT=/tmp/ab_$1_out FLAGS_ON="$flags" bash "$src/benchmarks/device_run.sh" flags_on | grep "prepared flags on" |
       sed "s/^/$name: /"

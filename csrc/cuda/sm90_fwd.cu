@@ -163,16 +163,23 @@ __device__ __forceinline__ void load_mask(uint32_t (&keep)[2], const FwdParams& 
   }
 }
 
-// Raw scores -> log2-domain scores s scale log2(e) + bias log2(e), -inf where the mask hides them
-// (the mask wins over any bias value, NaN included, as on the other paths).
-// bias_tile: the staged tile in shared memory (layout in consume_tile), or nullptr; bcast: it holds
-// one row (a query-broadcast bias); wrow: this warp's first row in the tile. kMatrixLoads: the bias
-// by ldmatrix, 8 loads a tile instead of 32 (ptxas spilled ~20% more with it in the kFull kernel,
-// which keeps the 4-byte loads).
-template <typename T, int kBlockM, int kNS, bool kMatrixLoads>
+// Raw scores -> scores for the softmax with the bias added, -inf where the mask hides them (the mask
+// wins over any bias value, NaN included, as on the other paths). bias_tile: the staged tile in
+// shared memory (layout in consume_tile), or nullptr; bcast: it holds one row (a query-broadcast
+// bias); wrow: this warp's first row in the tile.
+// kBiasOnly (the bias-only kernel): s scale + bias, for a softmax scale of log2(e) (its exponent's
+// FFMA); bias_tile never null (a runtime null made ptxas zero and predicate every element's add);
+// the tile by ldmatrix, 8 loads instead of 32. The d = 64 kernel's bias then costs 2 instructions
+// an element instead of ~4.5 (SASS). Otherwise (the full kernel) log2-domain scores s scale log2(e)
+// + bias log2(e) for a softmax scale of 1, and 4-byte loads (ldmatrix made ptxas spill ~20% more
+// there): that keeps P = 1 exact on a row with one visible key, 2^(x - x). Folded, P = 2^(rounding
+// of x log2(e)), and under dropout O = V / (1 - p) can round to the other 16-bit neighbour at a
+// tie, which sm90_stress.py saw as noise past its floor in the zero dQ / dK of such rows (3 fp16
+// dropout cases with n_k = 1 of its 400).
+template <typename T, int kBlockM, int kNS, bool kBiasOnly>
 __device__ __forceinline__ void apply_extras(float (&s)[kNS][4], const uint32_t (&keep)[2],
                                              const unsigned char* bias_tile, bool bcast, int wrow, bool has_mask,
-                                             float scale_log2) {
+                                             float scale) {
   static_assert(kNS % 2 == 0, "bias pairs of n-tiles");
   const float kNegInf = -__int_as_float(0x7f800000);
   const int lane = threadIdx.x % 32;
@@ -183,25 +190,27 @@ __device__ __forceinline__ void apply_extras(float (&s)[kNS][4], const uint32_t 
   // block: the same pair. Matrix m (lanes 8 m ..): rows + 8 (m % 2), n-tile nt + m / 2; each lane
   // gives its row (row 0 for a query-broadcast bias), whose chunk is XOR row % 8.
   const int row = bcast ? 0 : wrow + 8 * ((lane / 8) % 2) + lane % 8;
-  const uint32_t msrc = kMatrixLoads && bias_tile ? smem_addr(bias_tile) + row * 128 : 0;
+  const bool bias_on = kBiasOnly || bias_tile != nullptr;
+  const uint32_t msrc = kBiasOnly ? smem_addr(bias_tile) + row * 128 : 0;
+  constexpr float kBiasScale = kBiasOnly ? 1.f : kLog2e;
   uint32_t bias2[4];
 #pragma unroll
   for (int nt = 0; nt < kNS; ++nt)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       float2 b = make_float2(0.f, 0.f);
-      if constexpr (kMatrixLoads) {
-        if (bias_tile && nt % 2 == 0 && h == 0) {
+      if constexpr (kBiasOnly) {
+        if (nt % 2 == 0 && h == 0) {
           const int n = nt + lane / 16;
           ldmatrix_x4(bias2, msrc + (n / 8) * kBlockM * 128 + (((n % 8) ^ (row % 8)) << 4));
         }
-        if (bias_tile) b = unpack2<T>(bias2[2 * (nt % 2) + h]);
-      } else if (bias_tile) {
+        b = unpack2<T>(bias2[2 * (nt % 2) + h]);
+      } else if (bias_on) {
         b = unpack2<T>(*reinterpret_cast<const uint32_t*>(src + (nt / 8) * kBlockM * 128 + (bcast ? 0 : 8 * h * 128) +
                                                           (((nt % 8) ^ sw) << 4)));
       }
-      s[nt][2 * h] = fmaf(s[nt][2 * h], scale_log2, b.x * kLog2e);
-      s[nt][2 * h + 1] = fmaf(s[nt][2 * h + 1], scale_log2, b.y * kLog2e);
+      s[nt][2 * h] = fmaf(s[nt][2 * h], scale, b.x * kBiasScale);
+      s[nt][2 * h + 1] = fmaf(s[nt][2 * h + 1], scale, b.y * kBiasScale);
       if (has_mask) {
         s[nt][2 * h] = (keep[h] >> (2 * nt)) & 1 ? s[nt][2 * h] : kNegInf;
         s[nt][2 * h + 1] = (keep[h] >> (2 * nt + 1)) & 1 ? s[nt][2 * h + 1] : kNegInf;
@@ -310,16 +319,17 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
   const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
   const int n_tiles = c.n_tiles;
 
-  // General kernel (bias / any mask / dropout): the scores reach the softmax in the log2 domain
-  // already (softmax scale 1), from raw q.k, the staged bias and the mask (load_mask, apply_extras).
+  // General kernel (bias / any mask / dropout): the scores reach the softmax with the bias added and
+  // the mask applied (load_mask, apply_extras): q.k scale + bias for a softmax scale of log2(e) in
+  // the bias-only kernel, in the log2 domain already (softmax scale 1) in the full one.
   // Dropout: P of each tile (its row sums already taken whole) loses its dropped elements before
   // P V, and the output is scaled by 1 / (1 - p) at the end: the Philox words of every other path.
   Dropout drop;
   uint64_t drop_bh = 0;
-  const bool has_bias = kGeneral && p.bias;
+  const bool has_bias = kGeneral && (!kFull || p.bias);  // the non-full general kernel always has one
   const uint8_t* mask_row = nullptr;
   float softmax_scale = scale_log2;
-  if constexpr (kGeneral) softmax_scale = 1.f;
+  if constexpr (kGeneral) softmax_scale = kFull ? 1.f : kLog2e;
   if constexpr (kFull) {
     drop.init(p);
     drop_bh = static_cast<uint64_t>(c.bi) * p.h + c.hi;
@@ -434,8 +444,7 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
         bias_tile = reinterpret_cast<const unsigned char*>(sm.bias[bst]);
       }
       apply_extras<T, Tr::kBlockM, kNS, !kFull>(s, bits, bias_tile, p.bias_s.q == 0, 64 * cw + 16 * warp,
-                                                kFull && mask_row,
-                                   scale_log2);
+                                                kFull && mask_row, kFull ? scale_log2 : static_cast<float>(p.scale));
       if (has_bias) mbarrier_arrive(&bar.bias_empty[bst]);
     }
   };
