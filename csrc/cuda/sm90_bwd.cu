@@ -356,7 +356,7 @@ __device__ __forceinline__ void store_dkdv_staged(typename Tr::Smem& sm, const B
 }
 
 // tile, kv: as for the producer (for_each_item). dK / dV start from zero per work item.
-template <typename T, typename Tr, bool kPersistent, bool kGeneral, bool kKeyMask>
+template <typename T, typename Tr, bool kPersistent, bool kGeneral, bool kKeyMask, bool kFull>
 __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barriers& bar, const BwdParams& p,
                                         const Sm90BwdWorkspace& ws, const BlockWork& w, int cw, int tile, int kv) {
   using namespace sm90;
@@ -371,7 +371,7 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
   const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
 
   Dropout drop;  // general kernel: dropout
-  if constexpr (kGeneral) drop.init(p);
+  if constexpr (kGeneral && kFull) drop.init(p);
   float dk[kNO][4], dv[kNO][4];  // [64 keys of the warpgroup, kD], wgmma accumulator layout
   zero_acc(dk);
   zero_acc(dv);
@@ -415,7 +415,7 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
       TileExtras<kNS> extras;
       if constexpr (kGeneral) {
         const T* bias_bh = p.bias ? static_cast<const T*>(p.bias) + w.bi * p.bias_s.b + hi * p.bias_s.h : nullptr;
-        const uint8_t* mask_bh = p.mask ? p.mask + w.bi * p.mask_s.b + hi * p.mask_s.h : nullptr;
+        const uint8_t* mask_bh = kFull && p.mask ? p.mask + w.bi * p.mask_s.b + hi * p.mask_s.h : nullptr;
         load_extras_keyrows<T>(extras, p, Tr::kStageBias ? nullptr : bias_bh, mask_bh, key0 + lane / 4,
                                i0 + 2 * (lane % 4), n_k);
       }
@@ -430,7 +430,9 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
       const int key_limit = n_k - key0;                          // visible iff key row r < key_limit
       // General kernel: plus bias^T log2(e), and -inf where the mask hides the element (whatever
       // the bias holds); both compile away in the other kernels.
-      const bool has_bias = kGeneral && p.bias != nullptr, has_mask = kGeneral && p.mask != nullptr;
+      // (kFull = false: a bias, no mask, no dropout, known at compile time.)
+      const bool has_bias = kGeneral && (!kFull || p.bias != nullptr);
+      const bool has_mask = kGeneral && kFull && p.mask != nullptr;
       const bool bias_bcast = p.bias_s.q == 0;
       uint32_t bias_t[4];  // kStageBias: bias^T of n-tiles nt, nt + 1 (even nt), as pairs of queries
 #pragma unroll
@@ -505,7 +507,7 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
 #pragma unroll
         for (int kk = 0; kk < kKP; ++kk) acc_to_a<T>(dsa[kk], dp, kk);
       };
-      if (kGeneral && drop.on) {
+      if (kGeneral && kFull && drop.on) {
         // Z = keep / (1 - p) or 0 (the forward's Philox words): dV takes (P^T Z) dO and
         // dS^T = P^T (dP^T Z - D). Both need P^T whole, so dP^T is waited for first.
         const uint64_t bh = static_cast<uint64_t>(w.bi) * p.h + hi;
@@ -664,8 +666,9 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
 }
 
 // kPersistent: the persistent grid; kGeneral: bias / dbias / any mask / dropout (kSm90BwdGeneral);
-// kKeyMask: a key mask may be present (p.mask; without either flag the kernel ignores it).
-template <typename T, typename Tr, bool kPersistent, bool kGeneral, bool kKeyMask>
+// kKeyMask: a key mask may be present (p.mask; without either flag the kernel ignores it);
+// kFull (general kernel): masks and dropout too, else a bias alone (kBwdBiasOnly).
+template <typename T, typename Tr, bool kPersistent, bool kGeneral, bool kKeyMask, bool kFull = true>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
     sm90_bwd_kernel(const __grid_constant__ CUtensorMap tm_q,   // [b, h, n_q, d] box [kBlockM, 64]
                     const __grid_constant__ CUtensorMap tm_k,   // [b, h_kv, n_k, d] box [kBlockN, 64]
@@ -720,7 +723,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   } else {
     setmaxnreg_inc<Tr::kConsumerRegs>();
     for_each_item<kPersistent>(p, grid, first, Tr::kBlockM, Tr::kBlockN, [&](const BlockWork& w, int tile, int kv) {
-      consume<T, Tr, kPersistent, kGeneral, kKeyMask>(sm, bar, p, ws, w, wg - 1, tile, kv);
+      consume<T, Tr, kPersistent, kGeneral, kKeyMask, kFull>(sm, bar, p, ws, w, wg - 1, tile, kv);
     });
   }
 #endif
@@ -780,7 +783,12 @@ bool launch(const BwdParams& p_in, void* workspace, cudaStream_t stream, int per
     };
     const int64_t ctas = std::min<int64_t>(blocks, std::min(sm_count(), persistent_ctas));
     if (general) {  // one block per item
-      if constexpr (kSm90BwdGeneral) run(sm90_bwd_kernel<T, TrG, false, true, false>, blocks, TrG::kSmemBytes);
+      if constexpr (kSm90BwdGeneral) {
+        if (kBwdBiasOnly && p.bias && !p.mask && p.dropout_p == 0.0)
+          run(sm90_bwd_kernel<T, TrG, false, true, false, false>, blocks, TrG::kSmemBytes);
+        else
+          run(sm90_bwd_kernel<T, TrG, false, true, false>, blocks, TrG::kSmemBytes);
+      }
     } else if (persistent_ctas > 0) {
       run(p.mask ? sm90_bwd_kernel<T, Tr, true, false, true> : sm90_bwd_kernel<T, Tr, true, false, false>, ctas,
           Tr::kSmemBytes);

@@ -26,6 +26,12 @@ constexpr bool kSm90BwdGeneral = true;
 // warp layout) is clean. Off until that is understood (NOTES.md, GPU records 2026-11-27 11:20
 // item 6 and 12:15 items 1-2).
 constexpr bool kDbiasWriterWarps = false;
+// A bias with neither a mask nor dropout: the general kernel instantiated without their code
+// (kFull = false: no Philox state, no mask bits, the bias adds unpredicated; 3,232 SASS
+// instructions against 5,336 at d = 128, and no spill against 4 bytes), as the forward's bias-only
+// kernel. A/B on an H200 (NOTES.md, GPU record 2026-11-29 05:30): d = 128 bias backward, full
+// bias +11..+16%, head-broadcast +8..+14% (1k-16k, two rounds).
+constexpr bool kBwdBiasOnly = true;
 
 // dK / dV leave through shared memory: each consumer warpgroup writes its [64 keys, d] parts into
 // its own key rows of the two dS^T buffers (free once both warpgroups' last dQ wgmma is done), then
