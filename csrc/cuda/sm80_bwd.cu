@@ -51,6 +51,14 @@ constexpr bool kDirectDbias = true;
 // dbias's cost is its per-element float atomics, not DRAM re-reads.
 constexpr bool kSm80BwdBatchFastest = true;
 
+// A shared (atomic) dbias of a 16-bit dtype with unit key stride added from the dQ phase's dS
+// fragments (query rows, pairs of adjacent keys: one red.global.add.v2.f32 per pair on sm_90)
+// instead of one red.global.add.f32 per element from the S^T layout with its 64-bit addressing.
+// The terms are the 16-bit dS the dQ product reads (float before; one rounding per term of a sum
+// over the broadcast dims). Trial flag, compiled only (NOTES.md, "Next"): the head-broadcast d64
+// bias backward runs 103 TFLOP/s against the full bias's 121-131.
+constexpr bool kSm80FragSharedDbias = false;
+
 // kMT: key m-tiles (16 keys each) per warp. 2 (the 16-bit plain kernels at d = 64): each Q / dO
 // fragment read from shared memory feeds both m-tiles, and a block covers 128 keys (half the dQ
 // atomics and Q / dO loads per key), with 32-query tiles so that S^T, dP^T (32 + 32 registers) fit
@@ -490,6 +498,11 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
   const bool frag_dbias = kGeneral && sizeof(T) == 2 && kDirectDbias && ws.dbias_direct && p.dbias_s.k == 1;
   const bool dbias_pairs = ((p.dbias_s.q | p.dbias_s.h | p.dbias_s.b) & 1) == 0 &&
                            (reinterpret_cast<uintptr_t>(p.dbias) & 3) == 0;
+  // kSm80FragSharedDbias: the float accumulator's pairs 8-byte aligned (even row offsets).
+  const bool frag_shared_dbias = kGeneral && sizeof(T) == 2 && kSm80FragSharedDbias && kAtomicSharedDbias &&
+                                 ws.dbias_acc && ws.dbias_shared && p.dbias_s.k == 1 &&
+                                 ((p.dbias_s.q | p.dbias_s.h | p.dbias_s.b) & 1) == 0 &&
+                                 (reinterpret_cast<uintptr_t>(ws.dbias_acc) & 7) == 0;
 
   // kKeyMask: the score limit of the thread's key rows key0 + 16 mt + lane / 4 (+ 8) under the
   // current head's mask, +inf (visible) or -inf: min(s, limit) also hides a NaN score of a masked key.
@@ -689,9 +702,10 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
         }
         dkdv_step(a_p, a_ds, dot_addr, qt_addr, kk);
       }
-      // dbias from the S^T layout (unless frag_dbias): stored once in the input dtype (kDirectDbias),
-      // a plain add where each element belongs to this thread alone, else float atomics.
-      if (kGeneral && !frag_dbias && (ws.dbias_acc || (kDirectDbias && ws.dbias_direct))) {
+      // dbias from the S^T layout (unless frag_dbias / frag_shared_dbias): stored once in the input
+      // dtype (kDirectDbias), a plain add where each element belongs to this thread alone, else float
+      // atomics.
+      if (kGeneral && !frag_dbias && !frag_shared_dbias && (ws.dbias_acc || (kDirectDbias && ws.dbias_direct))) {
         const Strided4& ds_ = p.dbias_s;
         const int64_t tile_off = bi * ds_.b + hi * ds_.h + i0 * ds_.q + key0 * ds_.k;
 #pragma unroll
@@ -800,13 +814,16 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
       // step reads it and stored as dbias rows, pairs of adjacent keys from j0 + 2 (lane % 4); the
       // warps of a query m-tile split the 16-key steps kk. Its own loop: a branch inside the dQ
       // loop would keep the compiler from overlapping that loop's loads and mma.
+      // frag_shared_dbias: the same pairs added to the float accumulator (shared dbias).
       if constexpr (kGeneral && sizeof(T) == 2) {
         // (A lambda per m-tile, not a loop over m: the loop changed the one-m-tile kernels' SASS.)
-        auto dbias_rows = [&](int m) {
+        auto dbias_rows = [&](int m, auto shared) {
+          constexpr bool kShared = decltype(shared)::value;
           const int dq_row = 16 * (dq_mt + m) + lane / 4;
           const int rows_left = clamp_int(p.n_q - i0 - dq_row), keys_left = cols - 2 * (lane % 4);
-          T* const dbias_row = static_cast<T*>(p.dbias) + bi * p.dbias_s.b + hi * p.dbias_s.h +
-                               (i0 + dq_row) * p.dbias_s.q + j0 + 2 * (lane % 4);
+          const int64_t row_off = bi * p.dbias_s.b + hi * p.dbias_s.h + (i0 + dq_row) * p.dbias_s.q + j0 + 2 * (lane % 4);
+          T* const dbias_row = static_cast<T*>(p.dbias) + row_off;
+          float* const acc_row = ws.dbias_acc + row_off;
           for (int kk = warp / Tr::kQG; kk < kBlockN / 16; kk += Tr::kColGroups) {
             uint32_t r[4];  // r[2 x + h]: row g + 8 h, keys 16 kk + 8 x + 2 (lane % 4), + 1
             ldmatrix_x4_trans(r, ds_bases[m] + kk * 16 * kDsCols * 2);
@@ -815,22 +832,38 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
 #pragma unroll
               for (int h = 0; h < 2; ++h) {
                 const int kc = 16 * kk + 8 * x;
-                T* const dst = dbias_row + 8 * h * p.dbias_s.q + kc;
                 const uint32_t v = r[2 * x + h];
                 if (rows_left > 8 * h && kc < keys_left) {
-                  if (dbias_pairs && kc + 1 < keys_left) {
-                    *reinterpret_cast<uint32_t*>(dst) = v;
+                  if constexpr (kShared) {
+                    float* const dst = acc_row + 8 * h * p.dbias_s.q + kc;
+                    const float2 g = unpack2<T>(v);
+                    if (kc + 1 < keys_left) {
+                      red_add_v2_f32(dst, g.x, g.y);
+                    } else {
+                      red_add_f32(dst, g.x);
+                    }
                   } else {
-                    *reinterpret_cast<uint16_t*>(dst) = static_cast<uint16_t>(v & 0xffffu);
-                    if (kc + 1 < keys_left) *reinterpret_cast<uint16_t*>(dst + 1) = static_cast<uint16_t>(v >> 16);
+                    T* const dst = dbias_row + 8 * h * p.dbias_s.q + kc;
+                    if (dbias_pairs && kc + 1 < keys_left) {
+                      *reinterpret_cast<uint32_t*>(dst) = v;
+                    } else {
+                      *reinterpret_cast<uint16_t*>(dst) = static_cast<uint16_t>(v & 0xffffu);
+                      if (kc + 1 < keys_left) *reinterpret_cast<uint16_t*>(dst + 1) = static_cast<uint16_t>(v >> 16);
+                    }
                   }
                 }
               }
           }
         };
         if (frag_dbias) {
-          dbias_rows(0);
-          if constexpr (kDqMT == 2) dbias_rows(1);
+          dbias_rows(0, std::false_type{});
+          if constexpr (kDqMT == 2) dbias_rows(1, std::false_type{});
+        }
+        if constexpr (kSm80FragSharedDbias) {
+          if (frag_shared_dbias) {
+            dbias_rows(0, std::true_type{});
+            if constexpr (kDqMT == 2) dbias_rows(1, std::true_type{});
+          }
         }
       }
       float dq[kDqMT][kNQ][4];
