@@ -817,13 +817,11 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
       // frag_shared_dbias: the same pairs added to the float accumulator (shared dbias).
       if constexpr (kGeneral && sizeof(T) == 2) {
         // (A lambda per m-tile, not a loop over m: the loop changed the one-m-tile kernels' SASS.)
-        auto dbias_rows = [&](int m, auto shared) {
-          constexpr bool kShared = decltype(shared)::value;
+        auto dbias_rows = [&](int m) {
           const int dq_row = 16 * (dq_mt + m) + lane / 4;
           const int rows_left = clamp_int(p.n_q - i0 - dq_row), keys_left = cols - 2 * (lane % 4);
-          const int64_t row_off = bi * p.dbias_s.b + hi * p.dbias_s.h + (i0 + dq_row) * p.dbias_s.q + j0 + 2 * (lane % 4);
-          T* const dbias_row = static_cast<T*>(p.dbias) + row_off;
-          float* const acc_row = ws.dbias_acc + row_off;
+          T* const dbias_row = static_cast<T*>(p.dbias) + bi * p.dbias_s.b + hi * p.dbias_s.h +
+                               (i0 + dq_row) * p.dbias_s.q + j0 + 2 * (lane % 4);
           for (int kk = warp / Tr::kQG; kk < kBlockN / 16; kk += Tr::kColGroups) {
             uint32_t r[4];  // r[2 x + h]: row g + 8 h, keys 16 kk + 8 x + 2 (lane % 4), + 1
             ldmatrix_x4_trans(r, ds_bases[m] + kk * 16 * kDsCols * 2);
@@ -832,37 +830,54 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
 #pragma unroll
               for (int h = 0; h < 2; ++h) {
                 const int kc = 16 * kk + 8 * x;
+                T* const dst = dbias_row + 8 * h * p.dbias_s.q + kc;
                 const uint32_t v = r[2 * x + h];
                 if (rows_left > 8 * h && kc < keys_left) {
-                  if constexpr (kShared) {
-                    float* const dst = acc_row + 8 * h * p.dbias_s.q + kc;
-                    const float2 g = unpack2<T>(v);
-                    if (kc + 1 < keys_left) {
-                      red_add_v2_f32(dst, g.x, g.y);
-                    } else {
-                      red_add_f32(dst, g.x);
-                    }
+                  if (dbias_pairs && kc + 1 < keys_left) {
+                    *reinterpret_cast<uint32_t*>(dst) = v;
                   } else {
-                    T* const dst = dbias_row + 8 * h * p.dbias_s.q + kc;
-                    if (dbias_pairs && kc + 1 < keys_left) {
-                      *reinterpret_cast<uint32_t*>(dst) = v;
-                    } else {
-                      *reinterpret_cast<uint16_t*>(dst) = static_cast<uint16_t>(v & 0xffffu);
-                      if (kc + 1 < keys_left) *reinterpret_cast<uint16_t*>(dst + 1) = static_cast<uint16_t>(v >> 16);
-                    }
+                    *reinterpret_cast<uint16_t*>(dst) = static_cast<uint16_t>(v & 0xffffu);
+                    if (kc + 1 < keys_left) *reinterpret_cast<uint16_t*>(dst + 1) = static_cast<uint16_t>(v >> 16);
                   }
                 }
               }
           }
         };
         if (frag_dbias) {
-          dbias_rows(0, std::false_type{});
-          if constexpr (kDqMT == 2) dbias_rows(1, std::false_type{});
+          dbias_rows(0);
+          if constexpr (kDqMT == 2) dbias_rows(1);
         }
+        // The same walk for frag_shared_dbias, adding the pairs to the float accumulator (its own
+        // lambda, so that the kernels without the flag keep their SASS).
         if constexpr (kSm80FragSharedDbias) {
+          auto dbias_rows_shared = [&](int m) {
+            const int dq_row = 16 * (dq_mt + m) + lane / 4;
+            const int rows_left = clamp_int(p.n_q - i0 - dq_row), keys_left = cols - 2 * (lane % 4);
+            float* const acc_row = ws.dbias_acc + bi * p.dbias_s.b + hi * p.dbias_s.h + (i0 + dq_row) * p.dbias_s.q +
+                                   j0 + 2 * (lane % 4);
+            for (int kk = warp / Tr::kQG; kk < kBlockN / 16; kk += Tr::kColGroups) {
+              uint32_t r[4];
+              ldmatrix_x4_trans(r, ds_bases[m] + kk * 16 * kDsCols * 2);
+#pragma unroll
+              for (int x = 0; x < 2; ++x)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                  const int kc = 16 * kk + 8 * x;
+                  float* const dst = acc_row + 8 * h * p.dbias_s.q + kc;
+                  const float2 g = unpack2<T>(r[2 * x + h]);
+                  if (rows_left > 8 * h && kc < keys_left) {
+                    if (kc + 1 < keys_left) {
+                      red_add_v2_f32(dst, g.x, g.y);
+                    } else {
+                      red_add_f32(dst, g.x);
+                    }
+                  }
+                }
+            }
+          };
           if (frag_shared_dbias) {
-            dbias_rows(0, std::true_type{});
-            if constexpr (kDqMT == 2) dbias_rows(1, std::true_type{});
+            dbias_rows_shared(0);
+            if constexpr (kDqMT == 2) dbias_rows_shared(1);
           }
         }
       }

@@ -29,8 +29,8 @@ constexpr bool kDbiasWriterWarps = false;
 // A bias with neither a mask nor dropout: the general kernel instantiated without their code
 // (kFull = false: no Philox state, no mask bits, the bias adds unpredicated; 3,232 SASS
 // instructions against 5,336 at d = 128, and no spill against 4 bytes), as the forward's bias-only
-// kernel. A/B on an H200 (NOTES.md, GPU record 2026-11-29 05:30): d = 128 bias backward, full
-// bias +11..+16%, head-broadcast +8..+14% (1k-16k, two rounds).
+// kernel. A/B on an H200 (NOTES.md, GPU record 2026-11-29 05:30): d = 128 bias backward at 1k / 4k
+// / 16k, means of two rounds, full bias +12 / +13 / +15%, head-broadcast +10 / +11 / +13%.
 constexpr bool kBwdBiasOnly = true;
 
 // dK / dV leave through shared memory: each consumer warpgroup writes its [64 keys, d] parts into
