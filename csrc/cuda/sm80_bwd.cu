@@ -55,8 +55,9 @@ constexpr bool kSm80BwdBatchFastest = true;
 // fragments (query rows, pairs of adjacent keys: one red.global.add.v2.f32 per pair on sm_90)
 // instead of one red.global.add.f32 per element from the S^T layout with its 64-bit addressing.
 // The terms are the 16-bit dS the dQ product reads (float before; one rounding per term of a sum
-// over the broadcast dims). Trial flag, compiled only (NOTES.md, "Next"): the head-broadcast d64
-// bias backward runs 103 TFLOP/s against the full bias's 121-131.
+// over the broadcast dims). Trial flag, off: one H200 call with an equivalent version on ran the
+// d64 head-broadcast bias backward at 115 / 114 TFLOP/s (1k / 4k) against 103 in other calls, and
+// only the sm80 bias-gradient tests (NOTES.md, GPU record 2026-11-29 04:45, item 6; "Next").
 constexpr bool kSm80FragSharedDbias = false;
 
 // kMT: key m-tiles (16 keys each) per warp. 2 (the 16-bit plain kernels at d = 64): each Q / dO
