@@ -51,14 +51,19 @@ constexpr bool kDirectDbias = true;
 // dbias's cost is its per-element float atomics, not DRAM re-reads.
 constexpr bool kSm80BwdBatchFastest = true;
 
-// A shared (atomic) dbias of a 16-bit dtype with unit key stride added from the dQ phase's dS
-// fragments (query rows, pairs of adjacent keys: one red.global.add.v2.f32 per pair on sm_90)
-// instead of one red.global.add.f32 per element from the S^T layout with its 64-bit addressing.
-// The terms are the 16-bit dS the dQ product reads (float before; one rounding per term of a sum
-// over the broadcast dims). Trial flag, off: one H200 call with an equivalent version on ran the
-// d64 head-broadcast bias backward at 115 / 114 TFLOP/s (1k / 4k) against 103 in other calls, and
-// only the sm80 bias-gradient tests (NOTES.md, GPU record 2026-11-29 04:45, item 6; "Next").
-constexpr bool kSm80FragSharedDbias = false;
+// A shared (atomic) dbias of a 16-bit dtype with unit key stride (a bias broadcast over the batch, the
+// queries or the kv heads: dbias_shared; frag_shared_dbias_ok) added from the dQ phase's dS fragments
+// (query rows, pairs of adjacent keys: one red.global.add.v2.f32 per pair on sm_90) instead of one
+// red.global.add.f32 per element from the S^T layout with its 64-bit addressing. A kernel of its own
+// (sm80_bwd_kernel's kFragShared: the staged general kernel, d <= 128), so that the other general
+// kernels keep their registers and SASS (as a runtime branch the walk cost the full bias backward
+// 1-4%: 178 instead of 108 bytes of spills at d = 128). A/B on an H200 (NOTES.md, GPU record
+// 2026-11-29 06:30): head-broadcast bias backward d64 118 / 119 against 102 / 103.5 TFLOP/s (1k /
+// 4k, b > 1), d128 144 / 153 against 132.5 / 138.5; the full bias unchanged. The terms are the 16-bit
+// dS the dQ product reads (float before): one more rounding per term of the sum over the broadcast
+// dims. benchmarks/dbias_error.py (sums of 16 to 65,536 terms, against float64): bf16 2.2-2.4e-3
+// against 1.4-1.7e-3 (rounding the exact sum once: 1.4-1.7e-3), fp16 2.8-3.2e-4 against 1.8-2.1e-4.
+constexpr bool kSm80FragSharedDbias = true;
 
 // kMT: key m-tiles (16 keys each) per warp. 2 (the 16-bit plain kernels at d = 64): each Q / dO
 // fragment read from shared memory feeds both m-tiles, and a block covers 128 keys (half the dQ
@@ -261,6 +266,19 @@ __global__ void __launch_bounds__(128) dot_do_o_kernel(const BwdParams p, float*
 // multiples of 16 bytes. Two stages where they keep the blocks per SM the registers allow (H100 /
 // H200: every case), else one, else none (A100, 16-bit: d = 64 bias + mask one stage, bias or
 // mask alone two; d = 128 bias alone one stage, mask alone two, both none).
+// kSm80FragSharedDbias's kernel takes the call (with a staged plan): a shared dbias of a 16-bit
+// dtype, d <= 128, with unit key stride and the float accumulator's key pairs 8-byte aligned. The
+// overload without arguments says whether the kernel exists (the instantiation is compiled).
+template <typename T, int kD>
+constexpr bool frag_shared_dbias_ok() {
+  return kSm80FragSharedDbias && kAtomicSharedDbias && sizeof(T) == 2 && kD <= 128;
+}
+template <typename T, int kD>
+bool frag_shared_dbias_ok(const BwdParams& p, const BwdWorkspace& ws) {
+  return frag_shared_dbias_ok<T, kD>() && ws.dbias_acc && ws.dbias_shared && p.dbias_s.k == 1 &&
+         ((p.dbias_s.q | p.dbias_s.h | p.dbias_s.b) & 1) == 0 && (reinterpret_cast<uintptr_t>(ws.dbias_acc) & 7) == 0;
+}
+
 struct StagedPlan {
   int64_t bytes = 0;
   int stages = 0;
@@ -293,7 +311,10 @@ StagedPlan staged_plan(const BwdParams& p) {
 // kOrdered (deterministic mode; the general kernel, unstaged, takes every call there): key block kb
 // adds its dQ part of a query tile after key blocks 0 .. kb - 1 (BwdWorkspace::dq_order). A template
 // flag: tested at run time in every kernel, it cost the plain backward 3% (H200).
-template <typename T, typename Tr, bool kGeneral, bool kStaged, bool kKeyMask = false, bool kOrdered = false>
+// kFragShared (the staged general kernel, 16-bit; kSm80FragSharedDbias): a shared dbias added from
+// the dQ phase's dS fragments; the launch has checked frag_shared_dbias_ok.
+template <typename T, typename Tr, bool kGeneral, bool kStaged, bool kKeyMask = false, bool kOrdered = false,
+          bool kFragShared = false>
 __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams p, BwdWorkspace ws) {
   constexpr int kD = Tr::kD, kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kThreads = Tr::kThreads;
   constexpr int kWarpKeys = Tr::kWarpKeys, kDsCols = Tr::kDsCols, kDqMT = Tr::kDqMT;
@@ -496,14 +517,13 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
   const int key_l = kWarpKeys * key_grp + lane / 4, q_l = q_off + 2 * (lane % 4);
   // dbias written from the dQ phase's dS fragments (16-bit, every element produced once, unit key
   // stride): query rows, pairs of adjacent keys, instead of element by element from the S^T layout.
-  const bool frag_dbias = kGeneral && sizeof(T) == 2 && kDirectDbias && ws.dbias_direct && p.dbias_s.k == 1;
+  const bool frag_dbias =
+      kGeneral && !kFragShared && sizeof(T) == 2 && kDirectDbias && ws.dbias_direct && p.dbias_s.k == 1;
   const bool dbias_pairs = ((p.dbias_s.q | p.dbias_s.h | p.dbias_s.b) & 1) == 0 &&
                            (reinterpret_cast<uintptr_t>(p.dbias) & 3) == 0;
-  // kSm80FragSharedDbias: the float accumulator's pairs 8-byte aligned (even row offsets).
-  const bool frag_shared_dbias = kGeneral && sizeof(T) == 2 && kSm80FragSharedDbias && kAtomicSharedDbias &&
-                                 ws.dbias_acc && ws.dbias_shared && p.dbias_s.k == 1 &&
-                                 ((p.dbias_s.q | p.dbias_s.h | p.dbias_s.b) & 1) == 0 &&
-                                 (reinterpret_cast<uintptr_t>(ws.dbias_acc) & 7) == 0;
+  static_assert(!kFragShared || (kGeneral && kStaged && !kOrdered && sizeof(T) == 2 && kAtomicSharedDbias),
+                "the fragment-walk shared dbias: the staged general 16-bit kernel");
+  constexpr bool frag_shared_dbias = kFragShared;
 
   // kKeyMask: the score limit of the thread's key rows key0 + 16 mt + lane / 4 (+ 8) under the
   // current head's mask, +inf (visible) or -inf: min(s, limit) also hides a NaN score of a masked key.
@@ -848,9 +868,8 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
           dbias_rows(0);
           if constexpr (kDqMT == 2) dbias_rows(1);
         }
-        // The same walk for frag_shared_dbias, adding the pairs to the float accumulator (its own
-        // lambda, so that the kernels without the flag keep their SASS).
-        if constexpr (kSm80FragSharedDbias) {
+        // The same walk for frag_shared_dbias, adding the pairs to the float accumulator.
+        if constexpr (frag_shared_dbias) {
           auto dbias_rows_shared = [&](int m) {
             const int dq_row = 16 * (dq_mt + m) + lane / 4;
             const int rows_left = clamp_int(p.n_q - i0 - dq_row), keys_left = cols - 2 * (lane % 4);
@@ -876,10 +895,8 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
                 }
             }
           };
-          if (frag_shared_dbias) {
-            dbias_rows_shared(0);
-            if constexpr (kDqMT == 2) dbias_rows_shared(1);
-          }
+          dbias_rows_shared(0);
+          if constexpr (kDqMT == 2) dbias_rows_shared(1);
         }
       }
       float dq[kDqMT][kNQ][4];
@@ -1023,6 +1040,8 @@ void launch(const BwdParams& p, void* workspace, cudaStream_t stream) {
     ws.score_stages = plan.stages;
     if (p.deterministic)
       run(sm80_bwd_kernel<T, Tr, true, false, false, true>, Tr(), Tr::kSmemBytes);
+    else if (plan.stages && frag_shared_dbias_ok<T, kD>(p, ws))
+      run(sm80_bwd_kernel<T, Tr, true, true, false, false, frag_shared_dbias_ok<T, kD>()>, Tr(), plan.bytes);
     else if (plan.stages)
       run(sm80_bwd_kernel<T, Tr, true, true>, Tr(), plan.bytes);
     else
