@@ -65,6 +65,14 @@ constexpr bool kSm80BwdBatchFastest = true;
 // against 1.4-1.7e-3 (rounding the exact sum once: 1.4-1.7e-3), fp16 2.8-3.2e-4 against 1.8-2.1e-4.
 constexpr bool kSm80FragSharedDbias = true;
 
+// A bias without a mask or dropout (the common training case) through the staged general kernel
+// instantiated without the mask and dropout code (sm80_bwd_kernel's kBiasOnly; 16-bit, d <= 128),
+// as kBwdBiasOnly does for the Hopper backward (+8-16% there, sm90_bwd_work.cuh). With it on the
+// fragment-walk shared dbias kernel (kFragShared) is bias-only as well, and a shared dbias with a
+// mask or dropout takes the general kernel's S^T-layout atomics; so on adds 4 kernels. Trial flag,
+// off: compiled and SASS-checked (off: the kernels of d8ca1b8), not yet run (NOTES.md, "Next").
+constexpr bool kSm80BwdBiasOnly = false;
+
 // kMT: key m-tiles (16 keys each) per warp. 2 (the 16-bit plain kernels at d = 64): each Q / dO
 // fragment read from shared memory feeds both m-tiles, and a block covers 128 keys (half the dQ
 // atomics and Q / dO loads per key), with 32-query tiles so that S^T, dP^T (32 + 32 registers) fit
@@ -313,8 +321,9 @@ StagedPlan staged_plan(const BwdParams& p) {
 // flag: tested at run time in every kernel, it cost the plain backward 3% (H200).
 // kFragShared (the staged general kernel, 16-bit; kSm80FragSharedDbias): a shared dbias added from
 // the dQ phase's dS fragments; the launch has checked frag_shared_dbias_ok.
+// kBiasOnly (the staged general kernel; kSm80BwdBiasOnly): a bias, no mask, no dropout.
 template <typename T, typename Tr, bool kGeneral, bool kStaged, bool kKeyMask = false, bool kOrdered = false,
-          bool kFragShared = false>
+          bool kFragShared = false, bool kBiasOnly = false>
 __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams p, BwdWorkspace ws) {
   constexpr int kD = Tr::kD, kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kThreads = Tr::kThreads;
   constexpr int kWarpKeys = Tr::kWarpKeys, kDsCols = Tr::kDsCols, kDqMT = Tr::kDqMT;
@@ -424,7 +433,7 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
         load_score_tile<T, kBlockM, kBlockN, Tr::kBiasLd, kThreads>(
             bias_st(buf), static_cast<const T*>(p.bias) + bi * p.bias_s.b + hi * p.bias_s.h + i0 * p.bias_s.q + j0,
             p.bias_s.q, rows, cols);
-      if (p.mask)
+      if (!kBiasOnly && p.mask)
         load_score_tile<uint8_t, kBlockM, kBlockN, Tr::kMaskLd, kThreads>(
             mask_st(buf), p.mask + bi * p.mask_s.b + hi * p.mask_s.h + i0 * p.mask_s.q + j0, p.mask_s.q, rows, cols);
     }
@@ -523,6 +532,7 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
                            (reinterpret_cast<uintptr_t>(p.dbias) & 3) == 0;
   static_assert(!kFragShared || (kGeneral && kStaged && !kOrdered && sizeof(T) == 2 && kAtomicSharedDbias),
                 "the fragment-walk shared dbias: the staged general 16-bit kernel");
+  static_assert(!kBiasOnly || (kGeneral && kStaged && !kOrdered), "bias-only: the staged general kernel");
   constexpr bool frag_shared_dbias = kFragShared;
 
   // kKeyMask: the score limit of the thread's key rows key0 + 16 mt + lane / 4 (+ 8) under the
@@ -588,7 +598,7 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
       live = keys_live;
     }
     if constexpr (kStaged) {
-      if (p.mask) {
+      if (!kBiasOnly && p.mask) {
         uint32_t any = 0;
         // Every query row of the tile (kSplit: the dK / dV step reads the P^T, dS^T rows of the
         // warp's keys over all of them, so the warps of a key group must agree).
@@ -646,7 +656,7 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
           // Keep bits of row half h: bit 2 nt + x for query 8 nt + x of the thread's pair. A
           // query-broadcast mask (mask_ld 0) takes one byte per key.
           uint32_t keep_bits[2] = {0u, 0u};
-          if (p.mask) {
+          if (!kBiasOnly && p.mask) {
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
               const uint8_t* m = mask_t + q_l * mask_ld + key_l + 16 * mt + 8 * h;
@@ -661,8 +671,9 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
             }
           }
           auto keep = [&](int nt, int h) -> uint32_t { return (keep_bits[h] >> (2 * nt)) & 3u; };
-          biased_tile_rt<kNS, true>(s[mt], ctx.scale_log2, p.bias != nullptr, bias, p.mask != nullptr, keep, check,
-                                    key_limit - 16 * mt, q_limit, diag - 16 * mt);
+          biased_tile_rt<kNS, true>(s[mt], ctx.scale_log2, kBiasOnly || p.bias != nullptr, bias,
+                                    !kBiasOnly && p.mask != nullptr, keep, check, key_limit - 16 * mt, q_limit,
+                                    diag - 16 * mt);
         }
       } else if constexpr (kGeneral) {
 #pragma unroll
@@ -687,7 +698,7 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
       uint32_t keep_all = 0xffffffffu;
       if constexpr (kGeneral) {
         static_assert(kKT * kNS <= 8, "4 keep bits per n-tile in one word");
-        if (drop.on) {
+        if (!kBiasOnly && drop.on) {
           keep_all = 0;
 #pragma unroll
           for (int mt = 0; mt < kKT; ++mt)
@@ -707,7 +718,7 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
             // -inf or lse = +inf -> 0. The plain kernels fold the scale in (scale > 0, see launch).
             const float P = kGeneral ? ex2_approx(s[mt][nt][e] - sm.lse2[st][q])
                                      : ex2_approx(fmaf(s[mt][nt][e], ctx.scale_log2, -sm.lse2[st][q]));
-            const float z = !kGeneral ? 1.f : (keep >> e) & 1 ? drop.keep_scale : 0.f;  // plain: no dropout
+            const float z = !kGeneral || kBiasOnly ? 1.f : (keep >> e) & 1 ? drop.keep_scale : 0.f;  // no dropout
             dp[mt][nt][e] = P * (dp[mt][nt][e] * z - sm.dsum[st][q]);
             s[mt][nt][e] = P * z;
           }
@@ -1037,11 +1048,20 @@ void launch(const BwdParams& p, void* workspace, cudaStream_t stream) {
   if (general) {
     using Tr = std::conditional_t<(kD > 128), BwdTraits<T, 256, 1, true, 256, 1>, BwdTraits<T, kD>>;
     const StagedPlan plan = p.deterministic ? StagedPlan{} : staged_plan<T, Tr>(p);
+    // kSm80BwdBiasOnly: a bias alone takes the staged kernels instantiated without mask / dropout
+    // code (kBiasOnly); the fragment-walk shared dbias kernel (kSm80FragSharedDbias) is then one of
+    // them, so that a shared dbias with a mask or dropout takes the general kernel's atomics.
+    constexpr bool kBiasOnlyKernels = kSm80BwdBiasOnly && sizeof(T) == 2 && kD <= 128;
+    const bool bias_alone = p.bias && !p.mask && p.dropout_p == 0.0;
+    const bool frag_shared = frag_shared_dbias_ok<T, kD>(p, ws) && (!kBiasOnlyKernels || bias_alone);
     ws.score_stages = plan.stages;
     if (p.deterministic)
       run(sm80_bwd_kernel<T, Tr, true, false, false, true>, Tr(), Tr::kSmemBytes);
-    else if (plan.stages && frag_shared_dbias_ok<T, kD>(p, ws))
-      run(sm80_bwd_kernel<T, Tr, true, true, false, false, frag_shared_dbias_ok<T, kD>()>, Tr(), plan.bytes);
+    else if (plan.stages && frag_shared)
+      run(sm80_bwd_kernel<T, Tr, true, true, false, false, frag_shared_dbias_ok<T, kD>(), kBiasOnlyKernels>, Tr(),
+          plan.bytes);
+    else if (plan.stages && kBiasOnlyKernels && bias_alone)
+      run(sm80_bwd_kernel<T, Tr, true, true, false, false, false, kBiasOnlyKernels>, Tr(), plan.bytes);
     else if (plan.stages)
       run(sm80_bwd_kernel<T, Tr, true, true>, Tr(), plan.bytes);
     else
