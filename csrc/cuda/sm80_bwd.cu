@@ -268,12 +268,6 @@ __global__ void __launch_bounds__(128) dot_do_o_kernel(const BwdParams p, float*
   if (lane == 0) dsum[row] = acc;
 }
 
-// Whether the general kernel can stage the bias and mask (those present) in shared memory, in how
-// many stages, and how much shared memory it then needs (bytes 0: it cannot). 16-byte chunks of a
-// row must be whole and aligned: unit key stride; batch / head / query strides, n_k and the base in
-// multiples of 16 bytes. Two stages where they keep the blocks per SM the registers allow (H100 /
-// H200: every case), else one, else none (A100, 16-bit: d = 64 bias + mask one stage, bias or
-// mask alone two; d = 128 bias alone one stage, mask alone two, both none).
 // kSm80FragSharedDbias's kernel takes the call (with a staged plan): a shared dbias of a 16-bit
 // dtype, d <= 128, with unit key stride and the float accumulator's key pairs 8-byte aligned. The
 // overload without arguments says whether the kernel exists (the instantiation is compiled).
@@ -287,6 +281,12 @@ bool frag_shared_dbias_ok(const BwdParams& p, const BwdWorkspace& ws) {
          ((p.dbias_s.q | p.dbias_s.h | p.dbias_s.b) & 1) == 0 && (reinterpret_cast<uintptr_t>(ws.dbias_acc) & 7) == 0;
 }
 
+// Whether the general kernel can stage the bias and mask (those present) in shared memory, in how
+// many stages, and how much shared memory it then needs (bytes 0: it cannot). 16-byte chunks of a
+// row must be whole and aligned: unit key stride; batch / head / query strides, n_k and the base in
+// multiples of 16 bytes. Two stages where they keep the blocks per SM the registers allow (H100 /
+// H200: every case), else one, else none (A100, 16-bit: d = 64 bias + mask one stage, bias or
+// mask alone two; d = 128 bias alone one stage, mask alone two, both none).
 struct StagedPlan {
   int64_t bytes = 0;
   int stages = 0;
@@ -533,7 +533,6 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
   static_assert(!kFragShared || (kGeneral && kStaged && !kOrdered && sizeof(T) == 2 && kAtomicSharedDbias),
                 "the fragment-walk shared dbias: the staged general 16-bit kernel");
   static_assert(!kBiasOnly || (kGeneral && kStaged && !kOrdered), "bias-only: the staged general kernel");
-  constexpr bool frag_shared_dbias = kFragShared;
 
   // kKeyMask: the score limit of the thread's key rows key0 + 16 mt + lane / 4 (+ 8) under the
   // current head's mask, +inf (visible) or -inf: min(s, limit) also hides a NaN score of a masked key.
@@ -734,10 +733,10 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
         }
         dkdv_step(a_p, a_ds, dot_addr, qt_addr, kk);
       }
-      // dbias from the S^T layout (unless frag_dbias / frag_shared_dbias): stored once in the input
+      // dbias from the S^T layout (unless frag_dbias / kFragShared): stored once in the input
       // dtype (kDirectDbias), a plain add where each element belongs to this thread alone, else float
       // atomics.
-      if (kGeneral && !frag_dbias && !frag_shared_dbias && (ws.dbias_acc || (kDirectDbias && ws.dbias_direct))) {
+      if (kGeneral && !frag_dbias && !kFragShared && (ws.dbias_acc || (kDirectDbias && ws.dbias_direct))) {
         const Strided4& ds_ = p.dbias_s;
         const int64_t tile_off = bi * ds_.b + hi * ds_.h + i0 * ds_.q + key0 * ds_.k;
 #pragma unroll
@@ -846,7 +845,7 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
       // step reads it and stored as dbias rows, pairs of adjacent keys from j0 + 2 (lane % 4); the
       // warps of a query m-tile split the 16-key steps kk. Its own loop: a branch inside the dQ
       // loop would keep the compiler from overlapping that loop's loads and mma.
-      // frag_shared_dbias: the same pairs added to the float accumulator (shared dbias).
+      // kFragShared: the same pairs added to the float accumulator (shared dbias).
       if constexpr (kGeneral && sizeof(T) == 2) {
         // (A lambda per m-tile, not a loop over m: the loop changed the one-m-tile kernels' SASS.)
         auto dbias_rows = [&](int m) {
@@ -879,8 +878,8 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
           dbias_rows(0);
           if constexpr (kDqMT == 2) dbias_rows(1);
         }
-        // The same walk for frag_shared_dbias, adding the pairs to the float accumulator.
-        if constexpr (frag_shared_dbias) {
+        // The same walk for kFragShared, adding the pairs to the float accumulator.
+        if constexpr (kFragShared) {
           auto dbias_rows_shared = [&](int m) {
             const int dq_row = 16 * (dq_mt + m) + lane / 4;
             const int rows_left = clamp_int(p.n_q - i0 - dq_row), keys_left = cols - 2 * (lane % 4);
