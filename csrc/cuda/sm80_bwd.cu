@@ -58,8 +58,9 @@ constexpr bool kSm80BwdBatchFastest = true;
 // (sm80_bwd_kernel's kFragShared: the staged general kernel, d <= 128), so that the other general
 // kernels keep their registers and SASS (as a runtime branch the walk cost the full bias backward
 // 1-4%: 178 instead of 108 bytes of spills at d = 128). A/B on an H200 (NOTES.md, GPU record
-// 2026-11-29 06:30): head-broadcast bias backward d64 118 / 119 against 102 / 103.5 TFLOP/s (1k /
-// 4k, b > 1), d128 144 / 153 against 132.5 / 138.5; the full bias unchanged. The terms are the 16-bit
+// 2026-11-29 06:30, two rounds): head-broadcast bias backward d64 118 / 117 against 102 / 102 TFLOP/s
+// (1k, b 16), 119 / 119 against 104 / 103 (4k, b 4); d128 144 / 144 against 133 / 132, 153 / 153
+// against 138 / 139; the full bias unchanged. The terms are the 16-bit
 // dS the dQ product reads (float before): one more rounding per term of the sum over the broadcast
 // dims. benchmarks/dbias_error.py (sums of 16 to 65,536 terms, against float64): bf16 2.2-2.4e-3
 // against 1.4-1.7e-3 (rounding the exact sum once: 1.4-1.7e-3), fp16 2.8-3.2e-4 against 1.8-2.1e-4.
