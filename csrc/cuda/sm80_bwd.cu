@@ -70,9 +70,10 @@ constexpr bool kSm80FragSharedDbias = true;
 // instantiated without the mask and dropout code (sm80_bwd_kernel's kBiasOnly; 16-bit, d <= 128),
 // as kBwdBiasOnly does for the Hopper backward (+8-16% there, sm90_bwd_work.cuh). With it on the
 // fragment-walk shared dbias kernel (kFragShared) is bias-only as well, and a shared dbias with a
-// mask or dropout takes the general kernel's S^T-layout atomics; so on adds 4 kernels. Trial flag,
-// off: compiled and SASS-checked (off: the kernels of d8ca1b8), not yet run (NOTES.md, "Next").
-constexpr bool kSm80BwdBiasOnly = false;
+// mask or dropout takes the general kernel's S^T-layout atomics; so on adds 4 kernels. On since
+// e3037fb's A/B (H200, bf16, no causal, 1k/4k/16k; benchmarks/results/H200-ab-sm80-bias-only-e3037fb.txt):
+// full-bias backward d64 +16-21%, d128 +9%; head-broadcast d64 +10-21%, d128 +8-16%; forward unchanged.
+constexpr bool kSm80BwdBiasOnly = true;
 
 // kMT: key m-tiles (16 keys each) per warp. 2 (the 16-bit plain kernels at d = 64): each Q / dO
 // fragment read from shared memory feeds both m-tiles, and a block covers 128 keys (half the dQ
