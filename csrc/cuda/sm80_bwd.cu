@@ -849,12 +849,14 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
       // loop would keep the compiler from overlapping that loop's loads and mma.
       // kFragShared: the same pairs added to the float accumulator (shared dbias).
       if constexpr (kGeneral && sizeof(T) == 2) {
-        // (A lambda per m-tile, not a loop over m: the loop changed the one-m-tile kernels' SASS.)
-        auto dbias_rows = [&](int m) {
+        // The walk over the pairs of m-tile m (a lambda per m-tile, not a loop over m: the loop
+        // changed the one-m-tile kernels' SASS): put(dst, pair, both) with dst in origin's element
+        // type, origin dbias's base pointer (direct) or its float accumulator's (shared).
+        auto walk_ds_pairs = [&](int m, auto* origin, auto put) {
           const int dq_row = 16 * (dq_mt + m) + lane / 4;
           const int rows_left = clamp_int(p.n_q - i0 - dq_row), keys_left = cols - 2 * (lane % 4);
-          T* const dbias_row = static_cast<T*>(p.dbias) + bi * p.dbias_s.b + hi * p.dbias_s.h +
-                               (i0 + dq_row) * p.dbias_s.q + j0 + 2 * (lane % 4);
+          auto* const row =
+              origin + bi * p.dbias_s.b + hi * p.dbias_s.h + (i0 + dq_row) * p.dbias_s.q + j0 + 2 * (lane % 4);
           for (int kk = warp / Tr::kQG; kk < kBlockN / 16; kk += Tr::kColGroups) {
             uint32_t r[4];  // r[2 x + h]: row g + 8 h, keys 16 kk + 8 x + 2 (lane % 4), + 1
             ldmatrix_x4_trans(r, ds_bases[m] + kk * 16 * kDsCols * 2);
@@ -863,52 +865,37 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
 #pragma unroll
               for (int h = 0; h < 2; ++h) {
                 const int kc = 16 * kk + 8 * x;
-                T* const dst = dbias_row + 8 * h * p.dbias_s.q + kc;
-                const uint32_t v = r[2 * x + h];
-                if (rows_left > 8 * h && kc < keys_left) {
-                  if (dbias_pairs && kc + 1 < keys_left) {
-                    *reinterpret_cast<uint32_t*>(dst) = v;
-                  } else {
-                    *reinterpret_cast<uint16_t*>(dst) = static_cast<uint16_t>(v & 0xffffu);
-                    if (kc + 1 < keys_left) *reinterpret_cast<uint16_t*>(dst + 1) = static_cast<uint16_t>(v >> 16);
-                  }
-                }
+                auto* const dst = row + 8 * h * p.dbias_s.q + kc;
+                if (rows_left > 8 * h && kc < keys_left) put(dst, r[2 * x + h], kc + 1 < keys_left);
               }
           }
         };
         if (frag_dbias) {
-          dbias_rows(0);
-          if constexpr (kDqMT == 2) dbias_rows(1);
-        }
-        // The same walk for kFragShared, adding the pairs to the float accumulator.
-        if constexpr (kFragShared) {
-          auto dbias_rows_shared = [&](int m) {
-            const int dq_row = 16 * (dq_mt + m) + lane / 4;
-            const int rows_left = clamp_int(p.n_q - i0 - dq_row), keys_left = cols - 2 * (lane % 4);
-            float* const acc_row = ws.dbias_acc + bi * p.dbias_s.b + hi * p.dbias_s.h + (i0 + dq_row) * p.dbias_s.q +
-                                   j0 + 2 * (lane % 4);
-            for (int kk = warp / Tr::kQG; kk < kBlockN / 16; kk += Tr::kColGroups) {
-              uint32_t r[4];
-              ldmatrix_x4_trans(r, ds_bases[m] + kk * 16 * kDsCols * 2);
-#pragma unroll
-              for (int x = 0; x < 2; ++x)
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                  const int kc = 16 * kk + 8 * x;
-                  float* const dst = acc_row + 8 * h * p.dbias_s.q + kc;
-                  const float2 g = unpack2<T>(r[2 * x + h]);
-                  if (rows_left > 8 * h && kc < keys_left) {
-                    if (kc + 1 < keys_left) {
-                      red_add_v2_f32(dst, g.x, g.y);
-                    } else {
-                      red_add_f32(dst, g.x);
-                    }
-                  }
-                }
+          T* const base = static_cast<T*>(p.dbias);
+          auto store = [dbias_pairs](T* dst, uint32_t v, bool both) {
+            if (dbias_pairs && both) {
+              *reinterpret_cast<uint32_t*>(dst) = v;
+            } else {
+              *reinterpret_cast<uint16_t*>(dst) = static_cast<uint16_t>(v & 0xffffu);
+              if (both) *reinterpret_cast<uint16_t*>(dst + 1) = static_cast<uint16_t>(v >> 16);
             }
           };
-          dbias_rows_shared(0);
-          if constexpr (kDqMT == 2) dbias_rows_shared(1);
+          walk_ds_pairs(0, base, store);
+          if constexpr (kDqMT == 2) walk_ds_pairs(1, base, store);
+        }
+        // kFragShared: the same pairs added to the float accumulator.
+        if constexpr (kFragShared) {
+          float* const base = ws.dbias_acc;
+          auto add = [](float* dst, uint32_t v, bool both) {
+            const float2 g = unpack2<T>(v);
+            if (both) {
+              red_add_v2_f32(dst, g.x, g.y);
+            } else {
+              red_add_f32(dst, g.x);
+            }
+          };
+          walk_ds_pairs(0, base, add);
+          if constexpr (kDqMT == 2) walk_ds_pairs(1, base, add);
         }
       }
       float dq[kDqMT][kNQ][4];
