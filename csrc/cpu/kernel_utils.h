@@ -69,35 +69,58 @@ inline double max_lanes(const double* x, int64_t n, double init) {
   return m;
 }
 
-// exp(x - shift) in place for float arrays, branch-free so the compiler vectorizes it:
-// x = k ln2 + r, |r| <= ln2/2, e^r by its Taylor series to r^6 (relative error ~1e-7, float32
-// rounding level), 2^k from the exponent bits. exp(-inf) = 0 and NaN stays NaN.
-FMHA_CLONES inline void exp_inplace(float* x, int64_t n, float shift) {
+// exp(t) for float, branch-free so that the loops below vectorize: t = k ln2 + r, |r| <= ln2/2, e^r
+// by its Taylor series to r^6 (relative error ~1e-7, float32 rounding level), 2^k from the exponent
+// bits. exp(-inf) = 0 and NaN stays NaN.
+#if defined(__GNUC__)
+__attribute__((always_inline))
+#endif
+inline float exp_poly(float t) {
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kLn2Hi = 0.693145751953125f, kLn2Lo = 1.428606765330187e-06f;
   constexpr float kRound = 12582912.f;  // 1.5 * 2^23: adding it drops a float's fraction bits
-  for (int64_t j = 0; j < n; ++j) {
-    const float t = x[j] - shift;
-    const float xc = t < -87.f ? -87.f : (t > 88.f ? 88.f : t);
-    const float kf = (xc * kLog2e + kRound) - kRound;  // round to nearest integer
-    const float r = (xc - kf * kLn2Hi) - kf * kLn2Lo;
-    float p = 1.f / 720.f;
-    p = p * r + 1.f / 120.f;
-    p = p * r + 1.f / 24.f;
-    p = p * r + 1.f / 6.f;
-    p = p * r + 0.5f;
-    p = p * r + 1.f;
-    p = p * r + 1.f;
-    int32_t bits = (static_cast<int32_t>(kf) + 127) << 23;
-    float two_k;
-    std::memcpy(&two_k, &bits, sizeof(two_k));
-    x[j] = t < -87.f ? 0.f : p * two_k;
-  }
+  const float xc = t < -87.f ? -87.f : (t > 88.f ? 88.f : t);
+  const float kf = (xc * kLog2e + kRound) - kRound;  // round to nearest integer
+  const float r = (xc - kf * kLn2Hi) - kf * kLn2Lo;
+  float p = 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  int32_t bits = (static_cast<int32_t>(kf) + 127) << 23;
+  float two_k;
+  std::memcpy(&two_k, &bits, sizeof(two_k));
+  return t < -87.f ? 0.f : p * two_k;
 }
 
-inline float exp_inplace_sum(float* x, int64_t n, float shift) {
-  exp_inplace(x, n, shift);
-  return sum_lanes(x, n);
+// exp(x - shift) in place.
+FMHA_CLONES inline void exp_inplace(float* x, int64_t n, float shift) {
+  for (int64_t j = 0; j < n; ++j) x[j] = exp_poly(x[j] - shift);
+}
+
+// exp(x - shift) in place, returning the sum: one pass, the sum in kLanes independent lanes.
+FMHA_CLONES inline float exp_inplace_sum(float* x, int64_t n, float shift) {
+  float acc[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const float e = exp_poly(x[j + l] - shift);
+      x[j + l] = e;
+      acc[l] += e;
+    }
+  float s = 0.f;
+  for (; j < n; ++j) {
+    x[j] = exp_poly(x[j] - shift);
+    s += x[j];
+  }
+  for (int l = 0; l < kLanes; ++l) s += acc[l];
+  return s;
+}
+
+inline void exp_inplace(double* x, int64_t n, double shift) {
+  for (int64_t j = 0; j < n; ++j) x[j] = std::exp(x[j] - shift);
 }
 
 inline double exp_inplace_sum(double* x, int64_t n, double shift) {
@@ -109,14 +132,14 @@ inline double exp_inplace_sum(double* x, int64_t n, double shift) {
   return sum;
 }
 
-// Same as exp_inplace_sum, but a per-row shift where the row has +inf (no visible key) gives 0.
+// exp(s - shift) per row, where a row whose shift is +inf (no visible key) gives 0.
 template <typename A>
 inline void exp_rows(A* s, int64_t rows, int64_t cols, int64_t ld, const A* shift) {
   for (int64_t r = 0; r < rows; ++r) {
     if (shift[r] == std::numeric_limits<A>::infinity()) {
       std::fill(s + r * ld, s + r * ld + cols, A(0));
     } else {
-      exp_inplace_sum(s + r * ld, cols, shift[r]);
+      exp_inplace(s + r * ld, cols, shift[r]);
     }
   }
 }
