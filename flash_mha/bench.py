@@ -92,7 +92,8 @@ class Case:
     doc: str
     causal: str = "opt"           # "both": causal and not by default; "opt": causal only with --causal;
                                   # "no": SDPA cannot combine it with is_causal
-    bias: Optional[str] = None    # "full" (b,h,n_q,n_k) or "heads" (1,h,n_q,n_k), requires grad
+    bias: Optional[str] = None    # "full" (b,h,n_q,n_k) or "heads" (1,h,n_q,n_k)
+    bias_grad: bool = True        # the bias requires grad
     key_padding: bool = False     # bool mask (b,1,1,n_k), last quarter of the keys masked out
     heads: Optional[int] = None   # query heads (default: model_dim // hdim)
     heads_kv: Optional[int] = None
@@ -106,6 +107,8 @@ CASES = {c.name: c for c in (
     Case("bias", "additive bias (b,h,n,n) requiring grad", causal="no", bias="full"),
     Case("bias_heads", "additive bias (1,h,n,n) requiring grad", causal="no", bias="heads"),
     Case("key_padding", "bool key-padding mask, last quarter of keys masked", causal="no", key_padding=True),
+    Case("bias_key_padding", "additive bias (1,h,n,n) without grad + key padding (nn.MultiheadAttention's "
+         "float attn_mask beside key_padding_mask)", causal="no", bias="heads", bias_grad=False, key_padding=True),
     Case("gqa", "32 query heads over 8 kv heads", heads=32, heads_kv=8),
     Case("nq_ne_nk", "n_q = n_k / 4 (causal: bottom-right, as a KV cache)", causal="both", q_div=4),
     Case("float32", "float32 inputs", dtype=torch.float32),
@@ -159,7 +162,7 @@ class Inputs:
         return self.point.seqlen_k - self.point.seqlen_q
 
     def grad_inputs(self) -> list:
-        return [self.q, self.k, self.v] + ([self.bias] if self.bias is not None else [])
+        return [self.q, self.k, self.v] + ([self.bias] if self.bias is not None and self.bias.requires_grad else [])
 
 
 def make_inputs(p: Point, device: torch.device, seed: int) -> Inputs:
@@ -176,7 +179,7 @@ def make_inputs(p: Point, device: torch.device, seed: int) -> Inputs:
                scale=1.0 / math.sqrt(p.hdim))
     if case.bias:
         nb = p.batch if case.bias == "full" else 1
-        x.bias = randn(nb, p.heads, p.seqlen_q, p.seqlen_k, std=0.5).requires_grad_()
+        x.bias = randn(nb, p.heads, p.seqlen_q, p.seqlen_k, std=0.5).requires_grad_(case.bias_grad)
     if case.key_padding:
         x.mask = torch.ones(p.batch, 1, 1, p.seqlen_k, dtype=torch.bool, device=device)
         x.mask[..., p.seqlen_k - p.seqlen_k // 4:] = False

@@ -667,7 +667,8 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
 
 // kPersistent: the persistent grid; kGeneral: bias / dbias / any mask / dropout (kSm90BwdGeneral);
 // kKeyMask: a key mask may be present (p.mask; without either flag the kernel ignores it);
-// kFull (general kernel): masks and dropout too, else a bias alone (kBwdBiasOnly).
+// kFull (general kernel): masks and dropout too, else a bias alone (kBwdBiasOnly), or a bias with a
+// key mask when kKeyMask is set as well (kBwdBiasKeyMask).
 template <typename T, typename Tr, bool kPersistent, bool kGeneral, bool kKeyMask, bool kFull = true>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
     sm90_bwd_kernel(const __grid_constant__ CUtensorMap tm_q,   // [b, h, n_q, d] box [kBlockM, 64]
@@ -784,8 +785,16 @@ bool launch(const BwdParams& p_in, void* workspace, cudaStream_t stream, int per
     const int64_t ctas = std::min<int64_t>(blocks, std::min(sm_count(), persistent_ctas));
     if (general) {  // one block per item
       if constexpr (kSm90BwdGeneral) {
-        if (kBwdBiasOnly && p.bias && !p.mask && p.dropout_p == 0.0)
+        const bool bias_alone = kBwdBiasOnly && p.bias && p.dropout_p == 0.0;
+        const bool key_mask = p.mask && (p.mask_s.q == 0 || p.n_q == 1);
+        auto run_bias_key_mask = [&] {  // instantiated only with the flag on
+          if constexpr (kBwdBiasKeyMask)
+            run(sm90_bwd_kernel<T, TrG, false, true, true, false>, blocks, TrG::kSmemBytes);
+        };
+        if (bias_alone && !p.mask)
           run(sm90_bwd_kernel<T, TrG, false, true, false, false>, blocks, TrG::kSmemBytes);
+        else if (kBwdBiasKeyMask && bias_alone && key_mask)
+          run_bias_key_mask();
         else
           run(sm90_bwd_kernel<T, TrG, false, true, false>, blocks, TrG::kSmemBytes);
       }

@@ -32,6 +32,13 @@ constexpr bool kDbiasWriterWarps = false;
 // kernel. A/B on an H200 (NOTES.md, GPU record 2026-11-29 05:30): d = 128 bias backward at 1k / 4k
 // / 16k, means of two rounds, full bias +12 / +13 / +15%, head-broadcast +10 / +11 / +13%.
 constexpr bool kBwdBiasOnly = true;
+// A bias with a key mask (constant along the queries: key padding, as nn.MultiheadAttention's
+// key_padding_mask beside a float attn_mask) and no dropout: the bias-only kernel (kFull = false)
+// with the plain kernel's key-mask rows (kKeyMask: P^T = 0 on a masked key's rows), instead of the
+// full general kernel's mask bits; the forward's bias-only kernel takes key masks already. Adds 4
+// kernels (d 64 / 128 x fp16 / bf16) when on. Trial flag, off: compiled, not yet run on a GPU
+// (NOTES.md, "Next").
+constexpr bool kBwdBiasKeyMask = false;
 
 // dK / dV leave through shared memory: each consumer warpgroup writes its [64 keys, d] parts into
 // its own key rows of the two dS^T buffers (free once both warpgroups' last dQ wgmma is done), then
