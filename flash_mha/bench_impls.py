@@ -64,14 +64,12 @@ class SdpaImpl(Impl):
 
     def prepare(self, x):
         attn_mask = x.bias if x.bias is not None else x.mask
-        if x.bias is not None and x.mask is not None:  # one attn_mask: the mask folded into the bias
-            attn_mask = None
         is_causal = x.causal
         if x.causal and x.causal_shift:  # is_causal is top-left; this object is SDPA's bottom-right causal
             from torch.nn.attention.bias import causal_lower_right
             attn_mask, is_causal = causal_lower_right(x.q.shape[2], x.k.shape[2]), False
         gqa = {"enable_gqa": True} if x.q.shape[1] != x.k.shape[1] else {}
-        if x.bias is not None and x.mask is not None:  # folded inside the step, as a user would
+        if x.bias is not None and x.mask is not None:  # one attn_mask: the mask folded into the bias in the step
             return lambda: F.scaled_dot_product_attention(
                 x.q, x.k, x.v, attn_mask=x.bias.masked_fill(~x.mask, float("-inf")), dropout_p=x.dropout_p,
                 is_causal=is_causal, scale=x.scale, **gqa)
