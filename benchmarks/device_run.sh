@@ -75,7 +75,7 @@ phase_quick() {
 #   FLAGS_ON=kQDoubleBuffer bash benchmarks/device_run.sh flags_on build quick   # one of them
 phase_flags_on() {
   local flags=${FLAGS_ON:-kDescriptorAdvance kLazyRescale kQDoubleBuffer kDbiasWriterWarps}
-  local files="csrc/cuda/sm90.cuh csrc/cuda/sm90_fwd_work.cuh csrc/cuda/sm90_bwd_work.cuh csrc/cuda/sm80_tile.cuh csrc/cuda/softmax.cuh csrc/cuda/sm80_bwd.cu"
+  local files="csrc/cuda/sm90.cuh csrc/cuda/sm90_fwd_work.cuh csrc/cuda/sm90_bwd_work.cuh csrc/cuda/sm80_tile.cuh csrc/cuda/softmax.cuh csrc/cuda/sm80_bwd.cu csrc/cuda/sm80_fwd.cu"
   local f on=0
   for f in $flags; do
     sed -i "s/^constexpr bool $f = false;/constexpr bool $f = true;/" $files

@@ -17,6 +17,13 @@
 namespace flash_mha::cuda {
 namespace {
 
+// The general kernel at d = 256 (d 160 / 192 / 256, 16-bit) stages the bias / mask tiles as the
+// d <= 128 one does, instead of reading them per element from global memory (the bias forward there
+// runs 93-98 TFLOP/s, its backward 154-175; H200, bf16, NOTES.md). Its shared memory grows from 96 to
+// 112 KiB a block: two blocks still fit an H100 / H200 SM (2 x (112 + 1) of 228 KiB), one an A100's
+// as before. Adds 2 kernels. Trial flag, off: compiled, not yet run on a GPU (NOTES.md, "Next").
+constexpr bool kSm80FwdStageD256 = false;
+
 template <typename T, int kD_, bool kWide_ = false, int kDn_ = kD_>
 struct FwdTraits {
   // kD: the shared tiles' width (64, 128, 256: the swizzle takes rows of 8 16-byte chunks and more);
@@ -61,8 +68,8 @@ struct FwdTraits {
   // The general kernel's bias / mask tiles, double buffered with K / V (cp.async, 16-byte chunks),
   // placed after Smem and allocated for that kernel only. Rows padded by 16 bytes: the fragment
   // reads of 8 rows x 4 lanes hit 32 distinct banks (16-bit; float's per-element reads see 2-way
-  // conflicts). d = 256 reads per element instead (smem).
-  static constexpr bool kStage = kD <= 128 && !kWide;
+  // conflicts). d = 256 reads per element instead (smem), unless kSm80FwdStageD256.
+  static constexpr bool kStage = (kD <= 128 || (kSm80FwdStageD256 && sizeof(T) == 2)) && !kWide;
   static constexpr int kBiasLd = kBlockN + 16 / sizeof(T), kMaskLd = kBlockN + 16;
   struct Staged {
     T bias[2][kBlockM * kBiasLd];
@@ -73,7 +80,7 @@ struct FwdTraits {
   static constexpr int64_t smem_bytes(bool staged) { return staged ? kGeneralSmem : sizeof(Smem); }
   // The key-mask kernel's mask rows (kBlockN bytes per stage) after Smem.
   static constexpr int64_t kKeyMaskSmem = kStagedOffset + 2 * kBlockN;
-  static_assert(!kStage || sizeof(T) == 4 || kGeneralSmem <= 110 * 1024,
+  static_assert(!kStage || sizeof(T) == 4 || kGeneralSmem <= (kD <= 128 ? 110 : 112) * 1024,
                 "two staged forward blocks should fit an H100 SM");  // float: checked at launch
 };
 
