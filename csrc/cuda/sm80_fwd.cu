@@ -21,8 +21,10 @@ namespace {
 // d <= 128 one does, instead of reading them per element from global memory (the bias forward there
 // runs 93-98 TFLOP/s, its backward 154-175; H200, bf16, NOTES.md). Its shared memory grows from 96 to
 // 112 KiB a block: two blocks still fit an H100 / H200 SM (2 x (112 + 1) of 228 KiB), one an A100's
-// as before. Adds 2 kernels. Trial flag, off: compiled, not yet run on a GPU (NOTES.md, "Next").
-constexpr bool kSm80FwdStageD256 = false;
+// as before. Adds 2 kernels. A/B on an H200 (bf16, d 256, 1k / 4k / 16k, two rounds; NOTES.md, GPU
+// record 2026-11-29 10:50): head-broadcast bias forward 221 / 237 / 243 TFLOP/s against 96 / 96 / 99;
+// the bias with a key mask 247 / 268 / 273 against 98 / 97 / 98.
+constexpr bool kSm80FwdStageD256 = true;
 
 template <typename T, int kD_, bool kWide_ = false, int kDn_ = kD_>
 struct FwdTraits {

@@ -36,9 +36,11 @@ constexpr bool kBwdBiasOnly = true;
 // key_padding_mask beside a float attn_mask) and no dropout: the bias-only kernel (kFull = false)
 // with the plain kernel's key-mask rows (kKeyMask: P^T = 0 on a masked key's rows), instead of the
 // full general kernel's mask bits; the forward's bias-only kernel takes key masks already. Adds 4
-// kernels (d 64 / 128 x fp16 / bf16) when on. Trial flag, off: compiled, not yet run on a GPU
-// (NOTES.md, "Next").
-constexpr bool kBwdBiasKeyMask = false;
+// kernels (d 64 / 128 x fp16 / bf16). A/B on an H200 (bf16, head-broadcast bias without grad plus
+// key padding, 1k / 4k / 16k, two rounds; NOTES.md, GPU record 2026-11-29 10:50): backward d128
+// 366-368 / 444-445 / 458-461 TFLOP/s against 271-274 / 312-319 / 335-337, d64 99 / 106 / 107
+// against 83 / 88 / 89.
+constexpr bool kBwdBiasKeyMask = true;
 
 // dK / dV leave through shared memory: each consumer warpgroup writes its [64 keys, d] parts into
 // its own key rows of the two dS^T buffers (free once both warpgroups' last dQ wgmma is done), then
