@@ -91,24 +91,34 @@ __device__ __forceinline__ void produce(typename Tr::Smem& sm, typename Tr::Barr
     w.at(n, Tr::kBlockM, hi, i0);
     mbarrier_wait(&bar.empty[st], parity);
     const bool bias_tile = Tr::kStageBias && p.bias;
-    mbarrier_arrive_expect_tx(&bar.full[st], Tr::kStageBytes + (bias_tile ? Tr::kBiasBytes : 0));
+    mbarrier_arrive_expect_tx(&bar.full[st], Tr::kStageBytes + (bias_tile && Tr::kBiasInRing ? Tr::kBiasBytes : 0));
 #pragma unroll
     for (int pn = 0; pn < Tr::kPanels; ++pn) {
       tma_load_4d(sm.q[st] + pn * Tr::kBlockM * Tr::kPanel, tm_q, &bar.full[st], pn * Tr::kPanel, i0, hi, w.bi);
       tma_load_4d(sm.dout[st] + pn * Tr::kBlockM * Tr::kPanel, tm_do, &bar.full[st], pn * Tr::kPanel, i0, hi, w.bi);
     }
-    if constexpr (Tr::kStageBias) {
-      // Broadcast dims have size 1 in the bias map: coordinate 0 there.
-      if (bias_tile) {
+    // Broadcast dims have size 1 in the bias map: coordinate 0 there.
+    auto load_bias = [&](T* dst, uint64_t* full) {
 #pragma unroll
-        for (int pn = 0; pn < Tr::kBlockN / Tr::kPanel; ++pn)
-          tma_load_4d(sm.bias[st] + pn * Tr::kBlockM * Tr::kPanel, tm_bias, &bar.full[st], w.j0 + pn * Tr::kPanel,
-                      p.bias_s.q ? i0 : 0, p.bias_s.h ? hi : 0, p.bias_s.b ? w.bi : 0);
-      }
+      for (int pn = 0; pn < Tr::kBlockN / Tr::kPanel; ++pn)
+        tma_load_4d(dst + pn * Tr::kBlockM * Tr::kPanel, tm_bias, full, w.j0 + pn * Tr::kPanel, p.bias_s.q ? i0 : 0,
+                    p.bias_s.h ? hi : 0, p.bias_s.b ? w.bi : 0);
+    };
+    if constexpr (Tr::kBiasInRing) {
+      if (bias_tile) load_bias(sm.bias[st], &bar.full[st]);
     }
     const int64_t row = (int64_t{w.bi} * p.h + hi) * ws.n_q_pad + i0;  // 16-byte aligned: n_q_pad % 128 == 0
     bulk_load(sm.lse2[st], ws.lse2 + row, Tr::kRowBytes, &bar.full[st]);
     bulk_load(sm.dsum[st], ws.dsum + row, Tr::kRowBytes, &bar.full[st]);
+    if constexpr (Tr::kDqInDs) {
+      // The one buffer, once the consumers have read iteration t - 1's tile from it (bias_empty
+      // phase t - 1; a fresh barrier passes parity 1 at once).
+      if (bias_tile) {
+        mbarrier_wait(&bar.bias_empty, (t & 1) ^ 1);
+        mbarrier_arrive_expect_tx(&bar.bias_full, Tr::kBiasBytes);
+        load_bias(sm.bias[0], &bar.bias_full);
+      }
+    }
   }
 }
 
@@ -118,10 +128,13 @@ __device__ __forceinline__ void produce(typename Tr::Smem& sm, typename Tr::Barr
 // order). Each consumer tile syncs "empty" once and arrives "full" once, so the writer arrives
 // "empty" once per tile of the block (the first: the buffer starts free) and never after its last.
 // Persistent: the arrival opens each tile instead of closing the previous one (same order), so the
-// block's last tile needs no look-ahead over later items.
+// block's last tile needs no look-ahead over later items. kDqInDs (staging in dS^T buffer
+// (t + 1) & 1, one-block-per-item only): the writer also arrives after the last tile, since the
+// consumers reuse that buffer for the dK / dV epilogue and sync "empty" once more first.
 template <typename Tr, bool kPersistent>
 __device__ __forceinline__ void write_dq(typename Tr::Smem& sm, const BwdParams& p, const Sm90BwdWorkspace& ws,
-                                         const BlockWork& w) {
+                                         const BlockWork& w, int tile) {
+  static_assert(!(Tr::kDqInDs && kPersistent), "dQ staging in dS^T: one block per item");
   using namespace sm90;
   if (w.n_iters == 0) return;
   const bool leader = threadIdx.x % 32 == 0;
@@ -132,25 +145,25 @@ __device__ __forceinline__ void write_dq(typename Tr::Smem& sm, const BwdParams&
     w.at(n, Tr::kBlockM, hi, i0);
     named_barrier_sync(kBarDqFull, Tr::kDqSyncThreads);  // the consumers staged tile n
     if (leader) {
-      const int64_t tile = (int64_t{w.bi} * p.h + hi) * ws.n_qt + i0 / Tr::kBlockM;
+      const int64_t dq_tile = (int64_t{w.bi} * p.h + hi) * ws.n_qt + i0 / Tr::kBlockM;
       // Deterministic mode: key block kb adds after key blocks 0 .. kb - 1 (Sm90BwdWorkspace).
       if (ws.dq_order) {
-        while (ld_acquire_gpu(ws.dq_order + tile) != w.kb) {
+        while (ld_acquire_gpu(ws.dq_order + dq_tile) != w.kb) {
         }
         fence_proxy_async_global();  // the earlier blocks' additions before this one's
       }
-      bulk_reduce_add_f32(ws.dq_acc + tile * kDqTileFloats, sm.dq, kDqTileFloats * 4);
+      bulk_reduce_add_f32(ws.dq_acc + dq_tile * kDqTileFloats, Tr::dq_stage(sm, tile + n), kDqTileFloats * 4);
       bulk_commit_group();
       if (ws.dq_order) {
         bulk_wait_group<0>();  // added (not only read), then the next key block's turn
         fence_proxy_async_global();
-        red_release_gpu_add(ws.dq_order + tile, 1);
+        red_release_gpu_add(ws.dq_order + dq_tile, 1);
       } else {
         bulk_wait_group_read<0>();
       }
     }
     __syncwarp();
-    if (!kPersistent && n + 1 < w.n_iters) named_barrier_arrive(kBarDqEmpty, Tr::kDqSyncThreads);
+    if (!kPersistent && (n + 1 < w.n_iters || Tr::kDqInDs)) named_barrier_arrive(kBarDqEmpty, Tr::kDqSyncThreads);
   }
   if (leader && !kPersistent) bulk_wait_group<0>();  // persistent: once, after the block's last item
 }
@@ -435,6 +448,15 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
       const bool has_mask = kGeneral && kFull && p.mask != nullptr;
       const bool bias_bcast = p.bias_s.q == 0;
       uint32_t bias_t[4];  // kStageBias: bias^T of n-tiles nt, nt + 1 (even nt), as pairs of queries
+      uint32_t bias_tile = 0;
+      if constexpr (kGeneral && Tr::kStageBias) {
+        if constexpr (Tr::kBiasInRing) {
+          bias_tile = smem_addr(sm.bias[st]);
+        } else {
+          bias_tile = smem_addr(sm.bias[0]);
+          if (has_bias) mbarrier_wait(&bar.bias_full, t & 1);  // phase t: this iteration's tile
+        }
+      }
 #pragma unroll
       for (int nt = 0; nt < kNS; ++nt) {
         const int c = 8 * nt + 2 * (lane % 4);
@@ -447,8 +469,7 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
           if (has_bias && nt % 2 == 0) {
             const int q = bias_bcast ? 0 : 8 * (nt + lane / 16) + lane % 8;
             const int chunk = 2 * warp + (lane / 8) % 2;
-            ldmatrix_x4_trans(bias_t, smem_addr(sm.bias[st]) + cw * Tr::kBlockM * 128 + q * 128 +
-                                          ((chunk ^ (q % 8)) << 4));
+            ldmatrix_x4_trans(bias_t, bias_tile + cw * Tr::kBlockM * 128 + q * 128 + ((chunk ^ (q % 8)) << 4));
           }
         }
 #pragma unroll
@@ -474,6 +495,11 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
           }
           s[nt][e] = ex2_approx(x);  // 2^-inf = 0 (masked, or lse2 = +inf)
         }
+      }
+      // kDqInDs: every thread's reads of the bias tile are done (ldmatrix is synchronous), so the
+      // producer may load the next one.
+      if constexpr (kGeneral && Tr::kDqInDs) {
+        if (has_bias) mbarrier_arrive(&bar.bias_empty);
       }
       // Masked keys: P^T = 0 (outside the loop above: folded into it, the test cost the unmasked
       // backward ~25% on an H200; and in an instantiation of its own, kKeyMask, since even this
@@ -565,6 +591,8 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
 
       // dS^T -> shared memory buffer t & 1 ([kBlockN keys, kBlockM queries], 64-query panels).
       // Fragment reg r of step kk: key row 16 warp + lane / 4 + 8 (r % 2), query 16 kk + 8 (r / 2) + 2 (lane % 4).
+      // kDqInDs: the buffer held iteration t - 1's dQ staging tile; the writer has read it.
+      if constexpr (Tr::kDqInDs) named_barrier_sync(kBarDqEmpty, Tr::kDqSyncThreads);
       {
         unsigned char* ds = reinterpret_cast<unsigned char*>(sm.ds[t & 1]);
 #pragma unroll
@@ -615,9 +643,12 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
       // dQ tile -> the staging buffer in fragment order (float4 nt of consumer thread t at [nt][t]:
       // conflict-free 16-byte stores), the order of its block in dq_acc too; the dQ writer warp adds
       // the whole tile with one bulk reduction while dK / dV compute.
-      named_barrier_sync(kBarDqEmpty, Tr::kDqSyncThreads);  // the writer has read the previous tile
+      // The writer has read the previous tile (kDqInDs: synced above, before the dS^T stores; this
+      // buffer, (t + 1) & 1, held dS^T of tile t - 1, which both warpgroups' dQ wgmmas have read by
+      // kBarDs of tile t, and the staging of tile t - 2, read before that sync of tile t - 1).
+      if constexpr (!Tr::kDqInDs) named_barrier_sync(kBarDqEmpty, Tr::kDqSyncThreads);
       {
-        float4* stage = reinterpret_cast<float4*>(sm.dq) + 128 * cw + threadIdx.x % 128;
+        float4* stage = reinterpret_cast<float4*>(Tr::dq_stage(sm, t)) + 128 * cw + threadIdx.x % 128;
 #pragma unroll
         for (int nt = 0; nt < 8; ++nt)
           stage[nt * 128 * Tr::kConsumers] = make_float4(dq[nt][0], dq[nt][1], dq[nt][2], dq[nt][3]);
@@ -638,6 +669,11 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
     if constexpr (kPersistent) mbarrier_arrive(&bar.kv_empty);
   }
 
+  // kDqInDs: the writer has read the last dQ staging tile (dS^T buffer n_iters & 1), which the
+  // staged epilogue overwrites; synced on every path, to match the writer's last arrival.
+  if constexpr (Tr::kDqInDs) {
+    if (w.n_iters > 0) named_barrier_sync(kBarDqEmpty, Tr::kDqSyncThreads);
+  }
   // dK = scale dS^T Q, dV: rows key0 + lane / 4 (+ 8), dk / dv contiguous [b, h_kv, n_k, d].
   const float scale = static_cast<float>(p.scale);
   // Not in the persistent kernel (d = 64: 3-9% slower there, its plain stores overlap the next
@@ -696,6 +732,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       mbarrier_init(&bar.full[s], 1);
       mbarrier_init(&bar.empty[s], 128 * Tr::kConsumers);  // one arrival per consumer thread
     }
+    if constexpr (Tr::kDqInDs) {
+      mbarrier_init(&bar.bias_full, 1);
+      mbarrier_init(&bar.bias_empty, 128 * Tr::kConsumers);
+    }
     fence_barrier_init();
   }
   __syncthreads();
@@ -712,7 +752,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       });
     } else if (threadIdx.x / 32 == 1) {
       for_each_item<kPersistent>(p, grid, first, Tr::kBlockM, Tr::kBlockN,
-                                 [&](const BlockWork& w, int, int) { write_dq<Tr, kPersistent>(sm, p, ws, w); });
+                                 [&](const BlockWork& w, int tile, int) { write_dq<Tr, kPersistent>(sm, p, ws, w, tile); });
       if (kPersistent && threadIdx.x % 32 == 0) bulk_wait_group<0>();
     } else if constexpr (kGeneral && kDbiasWriterWarps) {
       if (threadIdx.x >= 64) {  // warps 2, 3: the dbias writers (on kBarDs even without a dbias)
@@ -860,8 +900,9 @@ bool sm90_bwd_supported(const BwdParams& p) {
   // d = 64 with a bias gradient: no shared memory is left here for the bias tiles, and the sm80
   // backward, which stages them, is faster (H200, bf16, 4k: full bias 12.4 vs 16.4 ms,
   // head-broadcast 15.7 vs 17.2; 1k: 3.3 vs 4.3, 3.9 vs 4.0). Deterministic mode stays here.
-  if (p.d == 64 && p.dbias && !p.deterministic) return false;
-  if (p.d == 128 && p.bias && !bias_tma_ok(p)) return false;  // d = 128 stages the bias tiles by TMA
+  if (p.d == 64 && p.dbias && !p.deterministic && !kBwdDbiasD64) return false;
+  // d = 128 (and d = 64 with kBwdStageBiasD64) stages the bias tiles by TMA.
+  if ((p.d == 128 || kBwdStageBiasD64) && p.bias && !bias_tma_ok(p)) return false;
   if (p.h_kv <= 0 || p.h % p.h_kv) return false;
   constexpr int64_t kMaxCoord = (int64_t{1} << 30);
   if (p.n_q > kMaxCoord || p.n_k > kMaxCoord || p.b * p.h > kMaxCoord / 2 ||

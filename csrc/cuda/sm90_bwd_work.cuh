@@ -41,6 +41,18 @@ constexpr bool kBwdBiasOnly = true;
 // 366-368 / 444-445 / 458-461 TFLOP/s against 271-274 / 312-319 / 335-337, d64 99 / 106 / 107
 // against 83 / 88 / 89.
 constexpr bool kBwdBiasKeyMask = true;
+// General kernel at d = 64: the bias tiles staged by TMA as at d = 128, instead of per-element loads
+// by the consumers (the d64 bias backward ran 99-107 TFLOP/s, against ~460 at d128; NOTES.md). A
+// [128 queries, 128 keys] tile is 32 KiB and no ring stage has room, so one buffer of its own
+// (bias_full / bias_empty: the consumers release it as soon as they have added it to S^T, and the
+// next tile loads during the rest of the iteration), and its 32 KiB come from the dQ staging tile,
+// which moves into the idle dS^T buffer (Sm90BwdTraits::kDqInDs). A bias that TMA cannot describe
+// goes to the sm80 backward. Trial flag (NOTES.md, "Next").
+constexpr bool kBwdStageBiasD64 = false;
+// With kBwdStageBiasD64: a d = 64 bias gradient on this backward instead of the sm80 one (which is
+// faster than the per-element-bias kernel, sm90_bwd_supported). Trial flag.
+constexpr bool kBwdDbiasD64 = false;
+static_assert(!kBwdDbiasD64 || kBwdStageBiasD64, "kBwdDbiasD64 needs kBwdStageBiasD64");
 
 // dK / dV leave through shared memory: each consumer warpgroup writes its [64 keys, d] parts into
 // its own key rows of the two dS^T buffers (free once both warpgroups' last dQ wgmma is done), then
@@ -116,11 +128,16 @@ struct Sm90BwdTraits {
   // General kernel at d = 128: the bias tile [kBlockM queries, kBlockN keys] of each iteration
   // rides in its ring stage (TMA, 2 panels of [kBlockM, 64] keys, 128-byte swizzle; the stage's
   // full barrier counts its bytes). 2 x 16 KiB fit next to the rest; at d = 64 (32 KiB a tile)
-  // they do not, and the consumers load the bias elements themselves.
-  static constexpr bool kStageBias = kGeneral_ && kD == 128;
+  // they do not: with kBwdStageBiasD64 one tile buffer of its own (kBiasInRing = false, its own
+  // barriers), in the bytes of the dQ staging tile, which then lives in the dS^T buffer the current
+  // tile does not use (kDqInDs); else the consumers load the bias elements themselves.
+  static constexpr bool kStageBias = kGeneral_ && (kD == 128 || kBwdStageBiasD64);
+  static constexpr bool kBiasInRing = kStageBias && kD == 128;
+  static constexpr bool kDqInDs = kStageBias && !kBiasInRing;
   static constexpr uint32_t kBiasBytes = kStageBias ? kBlockM * kBlockN * sizeof(T) : 0;
+  static_assert(!kDqInDs || kBlockN * kBlockM * sizeof(T) == kDqTileFloats * 4, "dQ staging fits a dS^T buffer");
 
-  struct SmemPlain {
+  struct SmemCore {
     alignas(1024) T k[kBlockN * kD];                 // [kPanels][kBlockN, 64] swizzled
     alignas(1024) T v[kBlockN * kD];                 // [kPanels][kBlockN, 64] swizzled
     alignas(1024) T q[kStages][kBlockM * kD];        // [stage][kPanels][kBlockM, 64] swizzled
@@ -128,17 +145,34 @@ struct Sm90BwdTraits {
     alignas(1024) T ds[2][kBlockN * kBlockM];        // dS^T [buf][kBlockM / 64][kBlockN, 64] swizzled
     alignas(16) float lse2[kStages][kBlockM];        // [stage][query] lse log2(e), +inf past n_q
     alignas(16) float dsum[kStages][kBlockM];        // [stage][query] D
+  };
+  struct SmemPlain : SmemCore {
     alignas(128) float dq[kDqTileFloats];            // dQ tile staging, fragment order (convert kernel)
   };
   struct SmemBias : SmemPlain {
     alignas(1024) T bias[kStages][kBlockM * kBlockN];  // [stage][2][kBlockM, 64] swizzled
   };
-  using Smem = std::conditional_t<kStageBias, SmemBias, SmemPlain>;
-  struct Barriers {
+  struct SmemBiasDqInDs : SmemCore {
+    alignas(1024) T bias[1][kBlockM * kBlockN];  // [2][kBlockM, 64] swizzled (bias_full / bias_empty)
+  };
+  using Smem = std::conditional_t<kDqInDs, SmemBiasDqInDs, std::conditional_t<kStageBias, SmemBias, SmemPlain>>;
+  // The dQ staging tile of iteration t: its own buffer, or (kDqInDs) dS^T buffer (t + 1) & 1, which
+  // iteration t does not use (sm90_bwd.cu: consume and write_dq order its reuse).
+  __device__ static float* dq_stage(Smem& sm, int t) {
+    if constexpr (kDqInDs)
+      return reinterpret_cast<float*>(sm.ds[(t + 1) & 1]);
+    else
+      return sm.dq;
+  }
+  struct BarriersCore {
     uint64_t kv_full;
     uint64_t full[kStages], empty[kStages];
     uint64_t kv_empty;  // persistent kernel only: the consumers are done with K / V
   };
+  struct BarriersBias : BarriersCore {
+    uint64_t bias_full, bias_empty;  // kDqInDs: the bias tile buffer
+  };
+  using Barriers = std::conditional_t<kDqInDs, BarriersBias, BarriersCore>;
   static constexpr int64_t kSmemBytes = sizeof(Smem) + 1024;  // + 1024: the kernel aligns the base
   static_assert(kSmemBytes + sizeof(Barriers) <= kSmemLimit, "exceeds the sm_90 shared-memory limit");
 };
