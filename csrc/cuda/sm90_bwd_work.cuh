@@ -47,11 +47,16 @@ constexpr bool kBwdBiasKeyMask = true;
 // (bias_full / bias_empty: the consumers release it as soon as they have added it to S^T, and the
 // next tile loads during the rest of the iteration), and its 32 KiB come from the dQ staging tile,
 // which moves into the idle dS^T buffer (Sm90BwdTraits::kDqInDs). A bias that TMA cannot describe
-// goes to the sm80 backward. Trial flag (NOTES.md, "Next").
-constexpr bool kBwdStageBiasD64 = false;
+// goes to the sm80 backward. A/B on an H200 (bf16, d 64, 1k / 4k / 16k, two rounds, with
+// kBwdDbiasD64; benchmarks/results/H200-ab-sm90-bias-d64-dd3d487.txt): backward TFLOP/s, head-broadcast
+// bias without grad + key padding 317 / 362-365 / 375 against 100 / 107-108 / 109; dropout (the dQ
+// staging move alone) 124 / 133 / 135 against 99-100 / 105-106 / 108.
+constexpr bool kBwdStageBiasD64 = true;
 // With kBwdStageBiasD64: a d = 64 bias gradient on this backward instead of the sm80 one (which is
-// faster than the per-element-bias kernel, sm90_bwd_supported). Trial flag.
-constexpr bool kBwdDbiasD64 = false;
+// faster than the per-element-bias kernel, sm90_bwd_supported). Same A/B: full bias 213-215 /
+// 238-241 / 243-245 against 140-141 / 156-158 / 164, head-broadcast 199 / 194-196 / 244-246 against
+// 132 / 135 / 163-164.
+constexpr bool kBwdDbiasD64 = true;
 static_assert(!kBwdDbiasD64 || kBwdStageBiasD64, "kBwdDbiasD64 needs kBwdStageBiasD64");
 
 // dK / dV leave through shared memory: each consumer warpgroup writes its [64 keys, d] parts into
