@@ -78,6 +78,12 @@ def main():
         (torch.bfloat16, 2, 2, 1, 150, 200, 128, 128, "bottom_right", (2, 2, 150, 200), None, 0.0),
         (torch.float16, 1, 2, 2, 130, 256, 64, 64, None, (1, 2, 130, 256), None, 0.0),
         (torch.bfloat16, 3, 2, 2, 70, 256, 128, 128, None, (1, 2, 70, 256), None, 0.0),
+        # Hopper general backward at d = 64: bias tiles staged by TMA into one buffer, the dQ staging
+        # tile in the idle dS^T buffer (several query tiles each); bias + key mask, the full kernel
+        # (bias, a mask along the queries, dropout), deterministic mode.
+        (torch.bfloat16, 2, 4, 2, 300, 256, 64, 64, "bottom_right", (1, 4, 300, 256), (2, 1, 1, 256), 0.0),
+        (torch.float16, 2, 2, 1, 260, 264, 64, 64, "top_left", (2, 2, 260, 264), (1, 1, 260, 264), 0.1),
+        (torch.bfloat16, 2, 4, 2, 300, 256, 64, 64, None, (1, 4, 300, 256), None, 0.0, True),
         # Deterministic mode on the Hopper backward: dQ in key-block order (flags between blocks),
         # a shared dbias stored whole and summed by the reduce kernel.
         (torch.bfloat16, 2, 4, 2, 300, 333, 64, 64, "top_left", None, None, 0.0, True),
