@@ -668,20 +668,33 @@ def test_key_mask(path, dtype, d, causal, kind):
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("causal", [None, "bottom_right"])
 @pytest.mark.parametrize("bias_grad", [False, True], ids=["bias", "bias+grad"])
-def test_bias_with_key_mask(path, dtype, d, causal, bias_grad):
+@pytest.mark.parametrize("n_k", [333, 336])
+def test_bias_with_key_mask(path, dtype, d, causal, bias_grad, n_k):
     """nn.MultiheadAttention's float attn_mask beside its key_padding_mask: a head-broadcast bias and
-    a (b, 1, 1, n_k) key mask, with and without the bias gradient (GQA, odd lengths, one batch with
-    every key masked), against the reference; masked keys get exactly no gradient."""
-    b, h, h_kv, n_q, n_k = 3, 4, 2, 200, 333
+    a (b, 1, 1, n_k) key mask, with and without the bias gradient (GQA, lengths off the tiles, one
+    batch with every key masked), against the reference; masked keys get exactly no gradient. The
+    Hopper kernels read the bias by TMA (rows of a multiple of 8 elements): n_k = 336 takes them, on a
+    compute capability 9.0 card the backward's bias-with-key-mask kernel (kBwdBiasKeyMask; at d = 64
+    with the gradient too, kBwdDbiasD64); n_k = 333 goes to the sm80 kernels there."""
+    b, h, h_kv, n_q = 3, 4, 2, 200
     q = randn(b, h, n_q, d, dtype=dtype, device="cuda", requires_grad=True)
     k = randn(b, h_kv, n_k, d, dtype=dtype, device="cuda", requires_grad=True)
     v = randn(b, h_kv, n_k, d, dtype=dtype, device="cuda", requires_grad=True)
     bias = randn(1, h, n_q, n_k, dtype=dtype, device="cuda").requires_grad_(bias_grad)
     lengths = torch.tensor([n_k, 70, 0], device="cuda")  # the last batch sees no key
     mask = (torch.arange(n_k, device="cuda") < lengths[:, None]).view(b, 1, 1, n_k)
-    with flash_mha.force_kernel(path):
+    with flash_mha.force_kernel(path), torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         res = run_both(q, k, v, bias=bias, mask=mask, causal=causal)
+        torch.cuda.synchronize()
     check_both(res, dtype)
+    if path != "sm80" and n_k % 8 == 0 and torch.cuda.get_device_capability() == (9, 0):
+        import re
+        kernels = " ".join(e.name for e in prof.events())
+        # <T, traits, kPersistent, kGeneral, kKeyMask, kFull>: the general kernel without the mask
+        # bits and dropout, with the key-mask rows.
+        assert re.search(r"sm90_bwd_kernel<[^<>]*Sm90BwdTraits<[^<>]*>, false, true, true, false>", kernels), \
+            kernels[:800]
     off = ~mask.reshape(b, n_k)
     for name in ("dk", "dv"):
         g = res["grads"][name].permute(0, 2, 1, 3)  # [b, n_k, h_kv, d]
