@@ -28,8 +28,10 @@
 //      dQ[64, 64] = dS K                      (wgmma SS, both operands MN-major (transpose bits))
 //    The warpgroups split dQ: d = 128 (kBlockM = 64): columns 64 (wg - 1) ..; d = 64
 //    (kBlockM = 128): rows 64 (wg - 1) ... Both store their part to a shared-memory staging tile
-//    (fragment order) and the dQ writer warp adds the whole tile to the float32 workspace with one
-//    cp.reduce.async.bulk (named barriers "full" / "empty" hand the staging tile back and forth).
+//    (fragment order; the d = 64 general kernel's is the dS^T buffer the tile does not use, its own
+//    bytes hold the bias tile: kDqInDs) and the dQ writer warp adds the whole tile to the float32
+//    workspace with one cp.reduce.async.bulk (named barriers "full" / "empty" hand the staging tile
+//    back and forth).
 //    dS^T is double buffered, so one barrier per tile orders writes and reads.
 //    After the last tile: dK (times scale) and dV out of registers, through the dS^T buffers as
 //    16-byte row chunks (kStagedDkDv, one-block-per-item kernels) or by 4-byte stores (persistent).
@@ -186,8 +188,9 @@ constexpr int kDsBarrierThreads = 128 * Tr::kConsumers + (kGeneral && kDbiasWrit
 // they only keep kBarDs's count).
 // dbias = dS, which the consumers have already rounded to T and written to the dS^T buffer t & 1
 // (the dQ product's operand) by the time they pass kBarDs of tile t; these warps pass it with them,
-// read the tile back transposed and store it. Buffer t & 1 is written again at tile t + 2, after the
-// consumers' kBarDs of tile t + 1, which these warps reach only once they have read tile t.
+// read the tile back transposed and store it. Buffer t & 1 is written again at tile t + 2 (kDqInDs:
+// at tile t + 1, the dQ staging), after the consumers' kBarDs of tile t + 1, which these warps reach
+// only once they have read tile t.
 // Thread x takes queries r = x, x + 64, .. of the tile and walks its keys 8 at a time: one 16-byte
 // store of dbias (direct) or two 16-byte float reductions (the float accumulator of a broadcast
 // dbias) where the keys are contiguous and the tile's keys all in range; element by element
