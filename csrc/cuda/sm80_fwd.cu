@@ -18,8 +18,8 @@ namespace flash_mha::cuda {
 namespace {
 
 // The general kernel at d = 256 (d 160 / 192 / 256, 16-bit) stages the bias / mask tiles as the
-// d <= 128 one does, instead of reading them per element from global memory (the bias forward there
-// runs 93-98 TFLOP/s, its backward 154-175; H200, bf16, NOTES.md). Its shared memory grows from 96 to
+// d <= 128 one does, instead of reading them per element from global memory (the bias forward ran
+// 93-98 TFLOP/s that way, slower than its backward's 154-175; H200, bf16, NOTES.md). Its shared memory grows from 96 to
 // 112 KiB a block: two blocks still fit an H100 / H200 SM (2 x (112 + 1) of 228 KiB), one an A100's
 // as before. Adds 2 kernels. A/B on an H200 (bf16, d 256, 1k / 4k / 16k, two rounds; NOTES.md, GPU
 // record 2026-11-29 10:50): head-broadcast bias forward 221 / 237 / 243 TFLOP/s against 96 / 96 / 99;
@@ -70,7 +70,8 @@ struct FwdTraits {
   // The general kernel's bias / mask tiles, double buffered with K / V (cp.async, 16-byte chunks),
   // placed after Smem and allocated for that kernel only. Rows padded by 16 bytes: the fragment
   // reads of 8 rows x 4 lanes hit 32 distinct banks (16-bit; float's per-element reads see 2-way
-  // conflicts). d = 256 reads per element instead (smem), unless kSm80FwdStageD256.
+  // conflicts). Float at d = 256 reads per element instead (smem), and 16-bit there too without
+  // kSm80FwdStageD256.
   static constexpr bool kStage = (kD <= 128 || (kSm80FwdStageD256 && sizeof(T) == 2)) && !kWide;
   static constexpr int kBiasLd = kBlockN + 16 / sizeof(T), kMaskLd = kBlockN + 16;
   struct Staged {
