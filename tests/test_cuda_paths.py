@@ -503,6 +503,33 @@ def test_bias_forward_three_warpgroups(causal, kind):
 
 
 @needs_cuda
+@pytest.mark.parametrize("case", ["nq1000", "nq1030", "nq50", "causal-nq2500", "bias-nq2200", "bias-nq1000"])
+def test_last_query_tile_with_idle_warpgroups(case):
+    """d = 64 on the Hopper forward's 3-warpgroup kernels (192-row query tiles): in the short last
+    tile of each head, one or two consumer warpgroups have no row below n_q (1000: two; 1030: one;
+    50: two in the only tile; 2500 causal: two, in a pair with a full tile; 2200 with a bias: one).
+    With kFwdSkipDeadRows they only take their turns and release the K / V / bias stages, so the
+    live ones, the next tile's carried P V and the turn barriers must stay in step. More units than
+    SMs, so every block walks live and idle tiles in turn."""
+    dtype, d, h, h_kv = torch.bfloat16, 64, 8, 2
+    n_q = int(case.rsplit("nq", 1)[1])
+    b = 4 if n_q >= 1000 else 64
+    n_k = 700
+    causal = "top_left" if case.startswith("causal") else None
+    q = randn(b, h, n_q, d, dtype=dtype, device="cuda", requires_grad=True)
+    k = randn(b, h_kv, n_k, d, dtype=dtype, device="cuda", requires_grad=True)
+    v = randn(b, h_kv, n_k, d, dtype=dtype, device="cuda", requires_grad=True)
+    bias = mask = None
+    if case.startswith("bias"):
+        bias = (2 * randn(1, h, n_q, n_k, dtype=torch.float32, device="cuda")).to(dtype)
+        lengths = torch.tensor([700, 333, 64, 1], device="cuda")
+        mask = (torch.arange(n_k, device="cuda") < lengths[:, None]).view(b, 1, 1, n_k)
+    with flash_mha.force_kernel("sm90"):
+        res = run_both(q, k, v, bias=bias, mask=mask, causal=causal)
+    check_both(res, dtype)
+
+
+@needs_cuda
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("n_q", [1000, 4100], ids=lambda n: f"nq{n}")
 def test_empty_query_tiles_between_busy_ones(d, n_q):
