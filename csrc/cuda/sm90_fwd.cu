@@ -293,85 +293,42 @@ struct ConsumerState {
   uint32_t pa[kKP][4];   // P of the pending tile's last key tile, A-fragment layout
   SplitSoftmax softmax;
   bool pending = false;
-  bool dead = false;      // kFwdSkipDeadRows: the pending tile had no live row here
   int bi = 0, hi = 0, row0 = 0;
   uint32_t v_use = 0;
 };
 
-// The pending tile's last P V and its output as one ping-pong turn; for a dead pending tile
-// (kFwdSkipDeadRows) only the turn and the V stage's release. hand_over: pass the turn on (all
-// but the last warpgroup's final flush, so that the turn barriers end balanced).
-template <typename T, typename Tr, bool kFull>
-__device__ __forceinline__ void flush_pending(typename Tr::Smem& sm, typename Tr::Barriers& bar, const FwdParams& p,
-                                              int cw, ConsumerState<Tr::kD / 8, Tr::kBlockN / 16>& st,
-                                              bool hand_over) {
-  using namespace sm90;
-  const bool dead = Tr::kSkipDeadRows && st.dead;
-  const uint32_t use = st.v_use;
-  const int stage = static_cast<int>(use % Tr::kVStages);
-  mbarrier_wait(&bar.v_full[stage], (use / Tr::kVStages) & 1);
-  if constexpr (Tr::kPingPong) named_barrier_sync(Tr::kSchedBarrier + cw, 256);
-  if (!dead) {
-    wgmma_fence();
-    sm90::gemm_rs_mnmajor<T, Tr::kD, Tr::kBlockN, Tr::kBlockN>(st.o, st.pa, smem_addr(sm.v[stage]));
-    wgmma_commit_group();
-    if (Tr::kPingPong && hand_over) named_barrier_arrive(Tr::kSchedBarrier + (cw + 1) % Tr::kConsumers, 256);
-    wgmma_wait_group<0>();
-    fence_regs(st.o);
-    fence_regs(st.pa);
-  } else if (Tr::kPingPong && hand_over) {
-    named_barrier_arrive(Tr::kSchedBarrier + (cw + 1) % Tr::kConsumers, 256);
-  }
-  if (threadIdx.x % 32 == 0) mbarrier_arrive(&bar.v_empty[stage]);
-  if (!dead) {
-    Dropout drop;
-    if constexpr (kFull) drop.init(p);
-    store_rows<T, !kFull>(p, st.bi, st.hi, st.row0, st.o, st.softmax, kFull ? drop.keep_scale : 1.f);
-    zero_acc(st.o);
-  }
-  st.pending = false;
-  st.dead = false;
-}
-
-// kFwdSkipDeadRows: a query tile none of whose rows is this warpgroup's (all 64 past n_q). It takes
-// the tile's turns and releases every stage it would have read, in the order consume_tile does,
-// each after the stage's "full" barrier (an early release would count toward the stage's previous
-// use), and issues nothing. Its last turn (the tile's last P V) stays pending as a dead one.
-template <typename T, typename Tr, bool kGeneral, bool kFull>
-__device__ __forceinline__ void skip_tile(typename Tr::Smem& sm, typename Tr::Barriers& bar, const FwdParams& p,
-                                          int n_tiles, int cw, PipeState& ps,
-                                          ConsumerState<Tr::kD / 8, Tr::kBlockN / 16>& st) {
+// kFwdSkipDeadRows: the rest of a query tile none of whose rows is this warpgroup's (all 64 past
+// n_q), after consume_tile's prologue (the pending tile's last P V and output, the first S, which
+// is thrown away): the tile's remaining turns, and the release of every stage it would have read
+// in the order consume_tile does, each after the stage's "full" barrier (an early release would
+// count toward the stage's previous use); nothing issued. Returns the last K / V use: its V is
+// left to a pending P V, as in consume_tile, so that every tile leaves one pending (P V on
+// whatever P holds, into rows that store_rows skips). A path that left none pending, or a
+// separate flush of the pending tile, made ptxas spill 104-146 bytes in the plain d = 64 kernel
+// (the first loop iteration is no longer the only one without a pending tile), and the first
+// of them cost 5-10% of its forward everywhere (H200 A/B, NOTES.md).
+template <typename Tr, bool kGeneral, bool kFull>
+__device__ __forceinline__ uint32_t skip_tile_rest(typename Tr::Barriers& bar, const FwdParams& p, int n_tiles,
+                                                   int cw,
+                                                   int qbuf, uint32_t it) {
   using namespace sm90;
   const int lane = threadIdx.x % 32;
-  auto turn = [&] {
-    if constexpr (Tr::kPingPong) {
-      named_barrier_sync(Tr::kSchedBarrier + cw, 256);
-      named_barrier_arrive(Tr::kSchedBarrier + (cw + 1) % Tr::kConsumers, 256);
-    }
-  };
-  // The first turn: the pending tile's (live or dead), else an empty one.
-  if (st.pending) {
-    flush_pending<T, Tr, kFull>(sm, bar, p, cw, st, true);
-  } else {
-    turn();
-  }
-  const int qbuf = static_cast<int>(ps.q_it % Tr::kQBufs);
-  mbarrier_wait(&bar.q_full[qbuf], (ps.q_it / Tr::kQBufs) & 1);
-  ++ps.q_it;
   const bool has_bias = kGeneral && (!kFull || p.bias);
-  const uint32_t it = ps.it;
   for (int t = 0; t < n_tiles; ++t) {
     const uint32_t cur = it + t;
-    mbarrier_wait(&bar.k_full[cur % Tr::kKStages], (cur / Tr::kKStages) & 1);
     if (t > 0) {
       const uint32_t prev = cur - 1;
+      mbarrier_wait(&bar.k_full[cur % Tr::kKStages], (cur / Tr::kKStages) & 1);
       mbarrier_wait(&bar.v_full[prev % Tr::kVStages], (prev / Tr::kVStages) & 1);
-      turn();
-      if (lane == 0) mbarrier_arrive(&bar.v_empty[prev % Tr::kVStages]);
-    }
-    if (lane == 0) {
-      mbarrier_arrive(&bar.k_empty[cur % Tr::kKStages]);
-      if (t == n_tiles - 1) mbarrier_arrive(&bar.q_empty[qbuf]);
+      if constexpr (Tr::kPingPong) {
+        named_barrier_sync(Tr::kSchedBarrier + cw, 256);
+        named_barrier_arrive(Tr::kSchedBarrier + (cw + 1) % Tr::kConsumers, 256);
+      }
+      if (lane == 0) {
+        mbarrier_arrive(&bar.v_empty[prev % Tr::kVStages]);
+        mbarrier_arrive(&bar.k_empty[cur % Tr::kKStages]);
+        if (t == n_tiles - 1) mbarrier_arrive(&bar.q_empty[qbuf]);
+      }
     }
     if constexpr (kGeneral) {
       if (has_bias) {
@@ -381,10 +338,7 @@ __device__ __forceinline__ void skip_tile(typename Tr::Smem& sm, typename Tr::Ba
       }
     }
   }
-  st.pending = true;
-  st.dead = true;
-  st.v_use = it + n_tiles - 1;
-  ps.it = it + n_tiles;
+  return it + n_tiles - 1;  // the last V stays for the pending P V
 }
 
 // One query tile. The first S is issued with the previous tile's last P V (ConsumerState); per key
@@ -437,12 +391,6 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
     none.init();
     store_rows<T, !kFull>(p, c.bi, c.hi, row0, zeros, none, keep_scale);
     return;
-  }
-  if constexpr (Tr::kSkipDeadRows) {
-    if (c.i0 + 64 * cw >= p.n_q) {
-      skip_tile<T, Tr, kGeneral, kFull>(sm, bar, p, n_tiles, cw, ps, st);
-      return;
-    }
   }
   const int qbuf = static_cast<int>(ps.q_it % Tr::kQBufs);  // this tile's Q buffer
   const uint32_t q_base = smem_addr(sm.q[qbuf]) + cw * 64 * 128;  // 64 rows into every Q panel
@@ -574,7 +522,7 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
   float s[kNS][4];
   uint32_t it = ps.it;
   uint32_t keep;
-  if (st.pending && !(Tr::kSkipDeadRows && st.dead)) {
+  if (st.pending) {
     // P V first: it computes while this tile's Q (requested when the pending tile's last S was
     // done) and first K arrive.
     const int vst = vstage(st.v_use);
@@ -598,14 +546,6 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
     zero_acc(o);
     wgmma_wait_group<0>();
   } else {
-    if (Tr::kSkipDeadRows && st.pending) {
-      // A dead pending tile (skip_tile): nothing to compute or store, its V stage to release. Its
-      // turn is this one (the live pending P V shares the first S's turn likewise).
-      mbarrier_wait(&bar.v_full[vstage(st.v_use)], vparity(st.v_use));
-      if (lane == 0) mbarrier_arrive(&bar.v_empty[vstage(st.v_use)]);
-      st.pending = false;
-      st.dead = false;
-    }
     mbarrier_wait(&bar.q_full[qbuf], (ps.q_it / Tr::kQBufs) & 1);
     mbarrier_wait(&bar.k_full[kstage(it)], kparity(it));
     turn_begin();
@@ -621,6 +561,18 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
   fence_regs(s);
   if (lane == 0) mbarrier_arrive(&bar.k_empty[kstage(it)]);
   release_q(0);
+  if constexpr (Tr::kSkipDeadRows) {
+    if (row0 - 16 * warp >= p.n_q) {  // this warpgroup's first row (row0 stays live: fewer registers)
+      it = skip_tile_rest<Tr, kGeneral, kFull>(bar, p, n_tiles, cw, qbuf, it);
+      st.pending = true;  // a P V of no consequence: its rows are past n_q, store_rows skips them
+      st.bi = c.bi;
+      st.hi = c.hi;
+      st.row0 = row0;
+      st.v_use = it;
+      ps.it = it + 1;
+      return;
+    }
+  }
   use_extras(s, 0, it);
   mask(s, 0, keep);
   {
@@ -682,7 +634,26 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
 template <typename T, typename Tr, bool kFull>
 __device__ __forceinline__ void consume_finish(typename Tr::Smem& sm, typename Tr::Barriers& bar, const FwdParams& p,
                                                int cw, ConsumerState<Tr::kD / 8, Tr::kBlockN / 16>& st) {
-  if (st.pending) flush_pending<T, Tr, kFull>(sm, bar, p, cw, st, cw != Tr::kConsumers - 1);
+  using namespace sm90;
+  if (!st.pending) return;
+  const uint32_t use = st.v_use;
+  const int stage = static_cast<int>(use % Tr::kVStages);
+  mbarrier_wait(&bar.v_full[stage], (use / Tr::kVStages) & 1);
+  if constexpr (Tr::kPingPong) named_barrier_sync(Tr::kSchedBarrier + cw, 256);
+  wgmma_fence();
+  sm90::gemm_rs_mnmajor<T, Tr::kD, Tr::kBlockN, Tr::kBlockN>(st.o, st.pa, smem_addr(sm.v[stage]));
+  wgmma_commit_group();
+  if constexpr (Tr::kPingPong) {
+    if (cw != Tr::kConsumers - 1) named_barrier_arrive(Tr::kSchedBarrier + cw + 1, 256);
+  }
+  wgmma_wait_group<0>();
+  fence_regs(st.o);
+  fence_regs(st.pa);
+  if (threadIdx.x % 32 == 0) mbarrier_arrive(&bar.v_empty[stage]);
+  Dropout drop;
+  if constexpr (kFull) drop.init(p);
+  store_rows<T, !kFull>(p, st.bi, st.hi, st.row0, st.o, st.softmax, kFull ? drop.keep_scale : 1.f);
+  st.pending = false;
 }
 
 // Grid: one block per SM (persistent) walking the work list with stride gridDim.x, or one block
