@@ -508,9 +508,9 @@ def test_last_query_tile_with_idle_warpgroups(case):
     """d = 64 on the Hopper forward's 3-warpgroup kernels (192-row query tiles): in the short last
     tile of each head, one or two consumer warpgroups have no row below n_q (1000: two; 1030: one;
     50: two in the only tile; 2500 causal: two, in a pair with a full tile; 2200 with a bias: one).
-    With kFwdSkipDeadRows they only take their turns and release the K / V / bias stages, so the
-    live ones, the next tile's carried P V and the turn barriers must stay in step. More units than
-    SMs, so every block walks live and idle tiles in turn."""
+    Their rows must not be stored, and the tile's last P V carried into the next tile must not mix
+    them in. More units than SMs, so every block walks full and short tiles in turn. (Written for
+    a trial that let the idle warpgroups skip their GEMMs; NOTES.md, 2026-11-29 11:35.)"""
     dtype, d, h, h_kv = torch.bfloat16, 64, 8, 2
     n_q = int(case.rsplit("nq", 1)[1])
     b = 4 if n_q >= 1000 else 64

@@ -297,50 +297,6 @@ struct ConsumerState {
   uint32_t v_use = 0;
 };
 
-// kFwdSkipDeadRows: the rest of a query tile none of whose rows is this warpgroup's (all 64 past
-// n_q), after consume_tile's prologue (the pending tile's last P V and output, the first S, which
-// is thrown away): the tile's remaining turns, and the release of every stage it would have read
-// in the order consume_tile does, each after the stage's "full" barrier (an early release would
-// count toward the stage's previous use); nothing issued. Returns the last K / V use: its V is
-// left to a pending P V, as in consume_tile, so that every tile leaves one pending (P V on
-// whatever P holds, into rows that store_rows skips). A path that left none pending, or a
-// separate flush of the pending tile, made ptxas spill 104-146 bytes in the plain d = 64 kernel
-// (the first loop iteration is no longer the only one without a pending tile), and the first
-// of them cost 5-10% of its forward everywhere (H200 A/B, NOTES.md).
-template <typename Tr, bool kGeneral, bool kFull>
-__device__ __forceinline__ uint32_t skip_tile_rest(typename Tr::Barriers& bar, const FwdParams& p, int n_tiles,
-                                                   int cw,
-                                                   int qbuf, uint32_t it) {
-  using namespace sm90;
-  const int lane = threadIdx.x % 32;
-  const bool has_bias = kGeneral && (!kFull || p.bias);
-  for (int t = 0; t < n_tiles; ++t) {
-    const uint32_t cur = it + t;
-    if (t > 0) {
-      const uint32_t prev = cur - 1;
-      mbarrier_wait(&bar.k_full[cur % Tr::kKStages], (cur / Tr::kKStages) & 1);
-      mbarrier_wait(&bar.v_full[prev % Tr::kVStages], (prev / Tr::kVStages) & 1);
-      if constexpr (Tr::kPingPong) {
-        named_barrier_sync(Tr::kSchedBarrier + cw, 256);
-        named_barrier_arrive(Tr::kSchedBarrier + (cw + 1) % Tr::kConsumers, 256);
-      }
-      if (lane == 0) {
-        mbarrier_arrive(&bar.v_empty[prev % Tr::kVStages]);
-        mbarrier_arrive(&bar.k_empty[cur % Tr::kKStages]);
-        if (t == n_tiles - 1) mbarrier_arrive(&bar.q_empty[qbuf]);
-      }
-    }
-    if constexpr (kGeneral) {
-      if (has_bias) {
-        const int bst = static_cast<int>(cur % Tr::kBiasStages);
-        mbarrier_wait(&bar.bias_full[bst], (cur / Tr::kBiasStages) & 1);
-        mbarrier_arrive(&bar.bias_empty[bst]);
-      }
-    }
-  }
-  return it + n_tiles - 1;  // the last V stays for the pending P V
-}
-
 // One query tile. The first S is issued with the previous tile's last P V (ConsumerState); per key
 // tile t after the first: S_t = Q K_t^T and O += P_{t-1} V_{t-1} are issued together, the softmax
 // of S_t runs while P V computes, then O is rescaled and P_t formed. The tile's last P V is left
@@ -561,18 +517,6 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
   fence_regs(s);
   if (lane == 0) mbarrier_arrive(&bar.k_empty[kstage(it)]);
   release_q(0);
-  if constexpr (Tr::kSkipDeadRows) {
-    if (row0 - 16 * warp >= p.n_q) {  // this warpgroup's first row (row0 stays live: fewer registers)
-      it = skip_tile_rest<Tr, kGeneral, kFull>(bar, p, n_tiles, cw, qbuf, it);
-      st.pending = true;  // a P V of no consequence: its rows are past n_q, store_rows skips them
-      st.bi = c.bi;
-      st.hi = c.hi;
-      st.row0 = row0;
-      st.v_use = it;
-      ps.it = it + 1;
-      return;
-    }
-  }
   use_extras(s, 0, it);
   mask(s, 0, keep);
   {
@@ -801,7 +745,7 @@ bool dispatch_dim(const FwdParams& p, cudaStream_t stream) {
       const bool full = p.dropout_p > 0.0 || (p.mask && p.mask_s.q != 0 && p.n_q > 1);
       if (p.d == 64) {
         if constexpr (kFwdBias3WG) {
-          if (!full && (p.n_q > 2048 || kFwdBias3WGShort)) return launch<T, 64, 128, 3, true, true, true, false>(p, stream);
+          if (!full && p.n_q > 2048) return launch<T, 64, 128, 3, true, true, true, false>(p, stream);
         }
         return full ? launch<T, 64, 128, 2, false, true, true, true>(p, stream)
                     : launch<T, 64, 128, 2, false, true, true, false>(p, stream);

@@ -55,16 +55,6 @@ constexpr bool kFwdBatchFastest = true;
 // hence the bound. Without ping-pong the 3 ran the same.
 constexpr bool kFwdBias3WG = true;
 
-// A consumer warpgroup whose 64 query rows all lie past n_q (the short last query tile: at n_q =
-// 1k a 192-row tile has 64 live rows) skips the tile's GEMMs and softmax: it only waits for and
-// releases each K / V stage (and bias tile) and takes its ping-pong turns without issuing, so the
-// live warpgroups have the tensor pipe to themselves (skip_tile in sm90_fwd.cu).
-constexpr bool kFwdSkipDeadRows = false;
-
-// kFwdBias3WG for n_q <= 2048 too (the bound was the 192-row tile's waste at 1k, which
-// kFwdSkipDeadRows takes out of the tensor pipe).
-constexpr bool kFwdBias3WGShort = false;
-
 
 template <typename T, int kD_, int kBlockN_, int kConsumers_, bool kPingPong_, bool kPersistent_, bool kGeneral_ = false>
 struct Sm90FwdTraits {
@@ -117,10 +107,6 @@ struct Sm90FwdTraits {
   // Persistent: one block per SM walks the work list, so the next tile's Q and K/V loads overlap
   // the current tile's last GEMMs and output stores.
   static constexpr bool kPersistent = kPersistent_;
-  // kFwdSkipDeadRows, in the 3-warpgroup kernels only (192-row tiles: up to two dead warpgroups in
-  // the last query tile, e.g. at n_q = 1k). In the 2-warpgroup ones its control flow made ptxas
-  // spill (sm_90a: d = 128 full kernel 204 -> 446 bytes, d = 64 full 0 -> 242).
-  static constexpr bool kSkipDeadRows = kFwdSkipDeadRows && kConsumers == 3;
   static constexpr uint32_t kQBytes = kBlockM * kD * sizeof(T);
   static constexpr uint32_t kKVBytes = kBlockN * kD * sizeof(T);
   static_assert(kD % kPanel == 0, "head dim must be whole 64-element panels");
