@@ -587,27 +587,7 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
             });
           } else {
             float* const acc = ws.dbias_acc(p);
-            // kBwdDbiasRedV2: even key rows (lane / 4 even) keep their column 2 (lane % 4) and take
-            // the odd row's; odd rows keep column 2 (lane % 4) + 1 and take the even row's. The
-            // pair is then keys (R, R + 1), R = key0 + lane / 4 rounded down to even (+ 8 for the
-            // second half), of query 8 nt + 2 (lane % 4) + odd: 8-byte aligned when the base and
-            // the query stride are even (key0 is a multiple of 16).
-            if (kBwdDbiasRedV2 && ds.k == 1 && ((base | ds.q) & 1) == 0 && key0 + 16 <= n_k) {
-              const int odd = (lane >> 2) & 1;
-              const int kj = key0 + ((lane >> 2) & ~1);
-#pragma unroll
-              for (int nt = 0; nt < kNS; ++nt)
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                  const float v0 = dp[nt][2 * h], v1 = dp[nt][2 * h + 1];
-                  const float got = __shfl_xor_sync(0xffffffffu, odd ? v0 : v1, 4);
-                  const int qi = i0 + 8 * nt + 2 * (lane % 4) + odd;
-                  red_add_v2_f32_if(qi < n_q, acc + base + static_cast<int64_t>(qi) * ds.q + kj + 8 * h,
-                                    odd ? got : v0, odd ? v1 : got);
-                }
-            } else {
-              for_each([&](bool ok, int64_t off, float g) { red_add_f32_if(ok, acc + off, g); });
-            }
+            for_each([&](bool ok, int64_t off, float g) { red_add_f32_if(ok, acc + off, g); });
           }
         }
       }

@@ -59,14 +59,6 @@ constexpr bool kBwdStageBiasD64 = true;
 constexpr bool kBwdDbiasD64 = true;
 static_assert(!kBwdDbiasD64 || kBwdStageBiasD64, "kBwdDbiasD64 needs kBwdStageBiasD64");
 
-// A shared (broadcast) dbias: the consumers' float reductions two keys at a time. A thread holds
-// dS^T in the accumulator layout, two adjacent queries of one key per register pair; one shuffle
-// with the lane 4 away (the next key row) turns the pair into two adjacent keys of one query, so
-// one 8-byte `red.add.v2.f32` replaces two 4-byte ones where the dbias keys are contiguous and the
-// warp's 16 keys are in range. The head-broadcast bias backward is L2-bound with these reductions
-// the largest share of its traffic (ncu, d = 64, 4k: NOTES.md, GPU record 2026-11-29 10:45, item 6).
-constexpr bool kBwdDbiasRedV2 = false;
-
 // dK / dV leave through shared memory: each consumer warpgroup writes its [64 keys, d] parts into
 // its own key rows of the two dS^T buffers (free once both warpgroups' last dQ wgmma is done), then
 // stores whole 16-byte row chunks, instead of 64 scattered 4-byte stores a thread (ncu, d128 2k:
