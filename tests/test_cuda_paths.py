@@ -503,7 +503,7 @@ def test_bias_forward_three_warpgroups(causal, kind):
 
 
 @needs_cuda
-@pytest.mark.parametrize("case", ["nq1000", "nq1030", "nq50", "causal-nq2500", "bias-nq2200", "bias-nq1000"])
+@pytest.mark.parametrize("case", ["nq1000", "nq1030", "nq50", "causal-nq2500", "bias-nq2200"])
 def test_last_query_tile_with_idle_warpgroups(case):
     """d = 64 on the Hopper forward's 3-warpgroup kernels (192-row query tiles): in the short last
     tile of each head, one or two consumer warpgroups have no row below n_q (1000: two; 1030: one;
