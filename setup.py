@@ -2,12 +2,30 @@
 CUDA build of torch are present (arch list from TORCH_CUDA_ARCH_LIST, default "8.0;9.0a")."""
 import glob
 import os
-
-from setuptools import setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-import torch
+import shutil
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def has_cuda_headers(home):
+    return home is not None and os.path.exists(os.path.join(home, "include", "cuda_runtime_api.h"))
+
+
+# Without CUDA_HOME / CUDA_PATH, torch takes the toolkit root from `which nvcc`. An nvcc on the PATH
+# that is a wrapper script or a link (e.g. /usr/local/bin/nvcc running /usr/local/cuda-13.0/bin/nvcc)
+# gives a root without the CUDA headers, and the build fails late on cuda_runtime_api.h: take the
+# link's target, or /usr/local/cuda, when that is where the headers are.
+if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")) and shutil.which("nvcc"):
+    nvcc = shutil.which("nvcc")
+    if not has_cuda_headers(os.path.dirname(os.path.dirname(nvcc))):
+        for home in (os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"):
+            if has_cuda_headers(home):
+                os.environ["CUDA_HOME"] = home
+                break
+
+from setuptools import setup  # noqa: E402
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+import torch  # noqa: E402
 
 
 def rel(pattern):
@@ -28,6 +46,10 @@ use_cuda = (
     and bool(cuda_sources)
     and os.environ.get("FLASH_MHA_CPU_ONLY", "0") != "1"
 )
+
+if use_cuda and not has_cuda_headers(CUDA_HOME):
+    raise SystemExit(f"flash_mha: the CUDA toolkit root {CUDA_HOME!r} has no include/cuda_runtime_api.h; set "
+                     "CUDA_HOME to the toolkit's root (e.g. /usr/local/cuda), or FLASH_MHA_CPU_ONLY=1 for a CPU build")
 
 if use_cuda:
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
