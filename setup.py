@@ -51,6 +51,16 @@ if use_cuda and not has_cuda_headers(CUDA_HOME):
     raise SystemExit(f"flash_mha: the CUDA toolkit root {CUDA_HOME!r} has no include/cuda_runtime_api.h; set "
                      "CUDA_HOME to the toolkit's root (e.g. /usr/local/cuda), or FLASH_MHA_CPU_ONLY=1 for a CPU build")
 
+# ATen's CUDA headers (included by ops.cpp only) include cuSPARSE's and cuBLAS's, which a minimal
+# toolkit (nvcc and the runtime) lacks; torch's CUDA wheels bring them (site-packages/nvidia/...).
+# -isystem: searched after the toolkit's own include directory, so only the missing headers come
+# from there.
+cuda_cxx_flags = []
+if use_cuda and not os.path.exists(os.path.join(CUDA_HOME, "include", "cusparse.h")):
+    site = os.path.dirname(os.path.dirname(os.path.abspath(torch.__file__)))
+    for h in sorted(glob.glob(os.path.join(site, "nvidia", "*", "include", "cusparse.h")))[:1]:
+        cuda_cxx_flags = ["-isystem", os.path.dirname(h)]
+
 if use_cuda:
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
     print(f"flash_mha: building CPU + CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
@@ -60,7 +70,7 @@ if use_cuda:
         include_dirs=[os.path.join(HERE, "csrc")],
         define_macros=[("FLASH_MHA_WITH_CUDA", None)],
         extra_compile_args={
-            "cxx": cxx_flags,
+            "cxx": cxx_flags + cuda_cxx_flags,
             "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", "-Xptxas=-warn-spills"],
         },
         extra_link_args=link_flags,
