@@ -15,8 +15,8 @@ def has_cuda_headers(home):
 # that is a wrapper script or a link (e.g. /usr/local/bin/nvcc running /usr/local/cuda-13.0/bin/nvcc)
 # gives a root without the CUDA headers, and the build fails late on cuda_runtime_api.h: take the
 # link's target, or /usr/local/cuda, when that is where the headers are.
-if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")) and shutil.which("nvcc"):
-    nvcc = shutil.which("nvcc")
+nvcc = shutil.which("nvcc")
+if nvcc and not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")):
     if not has_cuda_headers(os.path.dirname(os.path.dirname(nvcc))):
         for home in (os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"):
             if has_cuda_headers(home):
@@ -58,8 +58,9 @@ if use_cuda and not has_cuda_headers(CUDA_HOME):
 cuda_cxx_flags = []
 if use_cuda and not os.path.exists(os.path.join(CUDA_HOME, "include", "cusparse.h")):
     site = os.path.dirname(os.path.dirname(os.path.abspath(torch.__file__)))
-    for h in sorted(glob.glob(os.path.join(site, "nvidia", "*", "include", "cusparse.h")))[:1]:
-        cuda_cxx_flags = ["-isystem", os.path.dirname(h)]
+    found = sorted(glob.glob(os.path.join(site, "nvidia", "*", "include", "cusparse.h")))
+    if found:
+        cuda_cxx_flags = ["-isystem", os.path.dirname(found[0])]
 
 if use_cuda:
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
