@@ -45,7 +45,7 @@ struct FwdParams {
   double scale;               // multiplies q.k before bias is added
   Causal causal;
   double dropout_p;           // in [0, 1)
-  uint32_t dropout_threshold; // an element is kept iff philox word >= threshold (see philox.h)
+  uint32_t dropout_threshold; // an element is kept iff its 16 Philox bits >= threshold (philox.h)
 };
 
 struct BwdParams : FwdParams {

@@ -2,7 +2,12 @@
 // as easy as 1, 2, 3", SC'11). The keep/drop decision for score (batch bi, query head hi,
 // row i, column j) is a pure function of (seed, offset, bi*h + hi, i, j), so the backward
 // regenerates the forward's mask without storing it, and CPU, CUDA and flash_mha/reference.py
-// all draw the same mask. One Philox call yields four words, used by four adjacent columns.
+// all draw the same mask. One Philox call yields four words = eight 16-bit halves, for the 8
+// elements of a [16, 16] block of scores that one lane of a tensor-core fragment holds: rows i and
+// i + 8 (i % 16 < 8), columns 2 m, 2 m + 1, 2 m + 8, 2 m + 9 (m = (j / 2) % 4) of its 16 columns.
+// Element (i, j) takes the half j % 2 (low half for even j) of word 2 ((i / 8) % 2) + (j / 8) % 2
+// and is kept iff that half >= the 16-bit threshold. So a forward lane (rows r, r + 8, columns
+// 2 c + e of each 8-column n-tile) draws one call per pair of n-tiles and needs no other lane's.
 #pragma once
 #include <cstdint>
 
@@ -42,17 +47,25 @@ FMHA_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3
   return Philox4{{c0, c1, c2, c3}};
 }
 
-// The four words for columns 4*(j/4) .. 4*(j/4)+3 of row i of head bh.
+// The words of the call holding element (i, j) of head bh: counter (j without bits 0 and 3,
+// i without bit 3, bh, offset), key seed.
 FMHA_HD Philox4 dropout_words(uint64_t seed, uint64_t offset, uint64_t bh, uint64_t i, uint64_t j) {
-  return philox4x32_10(static_cast<uint32_t>(j >> 2), static_cast<uint32_t>(i),
-                       static_cast<uint32_t>(bh), static_cast<uint32_t>(offset),
-                       static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  return philox4x32_10(static_cast<uint32_t>(((j >> 4) << 2) | ((j >> 1) & 3)),
+                       static_cast<uint32_t>(((i >> 4) << 3) | (i & 7)), static_cast<uint32_t>(bh),
+                       static_cast<uint32_t>(offset), static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
 }
 
-// Keep iff word >= threshold, threshold = min(floor(p * 2^32), 2^32 - 1): P(keep) = 1 - p.
+// Element (i, j)'s 16 bits of its call's words.
+FMHA_HD uint32_t dropout_half(const Philox4& w, uint64_t i, uint64_t j) {
+  return (w.x[2 * ((i >> 3) & 1) + ((j >> 3) & 1)] >> (16 * (j & 1))) & 0xFFFFu;
+}
+
+// Keep iff half >= threshold, threshold = floor(p * 2^16) (p in [0, 1): at most 2^16 - 1), so
+// P(keep) = 1 - threshold / 2^16, within 2^-16 of 1 - p. (16 bits an element: one Philox call per
+// eight elements, half the calls of 32-bit words; 8 bits, as FlashAttention takes, would round p
+// to 1/256.)
 inline uint32_t dropout_threshold(double p) {
-  const double t = p * 4294967296.0;
-  return t >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(t);
+  return static_cast<uint32_t>(p * 65536.0);
 }
 
 }  // namespace flash_mha

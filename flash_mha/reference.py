@@ -36,12 +36,16 @@ def philox4x32_10(c0, c1, c2, c3, k0: int, k1: int):
 
 
 def dropout_threshold(p: float) -> int:
-    t = p * 4294967296.0
-    return 0xFFFFFFFF if t >= 4294967295.0 else int(t)
+    """16-bit threshold: a column is kept iff its 16 bits >= floor(p * 2^16) (csrc/philox.h)."""
+    return int(p * 65536.0)
 
 
 def dropout_keep_mask(rng_state: torch.Tensor, b: int, h: int, n_q: int, n_k: int, p: float) -> torch.Tensor:
-    """Boolean [b, h, n_q, n_k]: True where flash_mha's dropout keeps the probability."""
+    """Boolean [b, h, n_q, n_k]: True where flash_mha's dropout keeps the probability.
+
+    csrc/philox.h: one Philox call per 8 elements of a [16, 16] block (rows i, i + 8, columns
+    2 m, 2 m + 1, 2 m + 8, 2 m + 9); element (i, j) takes the 16-bit half j % 2 of word
+    2 ((i / 8) % 2) + (j / 8) % 2."""
     seed, offset = (int(x) for x in rng_state.to("cpu", torch.int64).tolist())
     seed &= (1 << 64) - 1
     k0, k1 = seed & _U32, (seed >> 32) & _U32
@@ -49,13 +53,15 @@ def dropout_keep_mask(rng_state: torch.Tensor, b: int, h: int, n_q: int, n_k: in
     i = torch.arange(n_q, dtype=torch.int64).view(1, n_q, 1)
     j = torch.arange(n_k, dtype=torch.int64).view(1, 1, n_k)
     shape = (b * h, n_q, n_k)
-    c0 = (j >> 2).expand(shape)
-    c1 = i.expand(shape)
+    c0 = (((j >> 4) << 2) | ((j >> 1) & 3)).expand(shape)
+    c1 = (((i >> 4) << 3) | (i & 7)).expand(shape)
     c2 = (bh & _U32).expand(shape)
     c3 = torch.full(shape, offset & _U32, dtype=torch.int64)
     words = torch.stack(philox4x32_10(c0, c1, c2, c3, k0, k1), dim=-1)  # [bh, n_q, n_k, 4]
-    word = words.gather(-1, (j & 3).expand(shape).unsqueeze(-1)).squeeze(-1)
-    return (word >= dropout_threshold(p)).view(b, h, n_q, n_k)
+    index = (2 * ((i >> 3) & 1) + ((j >> 3) & 1)).expand(shape)
+    word = words.gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    half = (word >> (16 * (j & 1))) & 0xFFFF
+    return (half >= dropout_threshold(p)).view(b, h, n_q, n_k)
 
 
 def causal_allowed(n_q: int, n_k: int, causal, device=None) -> Optional[torch.Tensor]:

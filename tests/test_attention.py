@@ -670,6 +670,23 @@ def test_dropout_keep_rate(device, p):
     assert torch.allclose(ratio, torch.full_like(ratio, 1 / (1 - p)), rtol=1e-5)
 
 
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_mask_pairs_independent(p):
+    """One Philox call draws 8 elements of a [16, 16] block, 16 bits each (csrc/philox.h): the keep
+    decisions of neighbours sharing a word (columns 1 apart), a call (columns 8 or rows 8 apart)
+    or neither (columns 2 apart) are independent, and 1 - p are kept (binomial bounds, 6 sigma)."""
+    rng_state = torch.randint(-(2**62), 2**62, (2,), dtype=torch.int64)
+    keep = reference.dropout_keep_mask(rng_state, 2, 2, 128, 512, p).double()
+    n = keep.numel()
+    assert abs(keep.sum().item() - n * (1 - p)) < 6 * math.sqrt(n * p * (1 - p))
+    for dim, gap in ((-1, 1), (-1, 2), (-1, 8), (-2, 8)):
+        a, b = keep.narrow(dim, 0, keep.shape[dim] - gap), keep.narrow(dim, gap, keep.shape[dim] - gap)
+        m, both = a.numel(), (1 - p) ** 2
+        seen = (a * b).sum().item()
+        assert abs(seen - m * both) < 6 * math.sqrt(m * both * (1 - both)), (
+            f"elements {gap} apart along dim {dim} kept together {seen / m:.4f} of the time, expected {both:.4f}")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_dropout_unbiased_mean(device):
     """The mean over many seeds approaches the no-dropout output (z-scores per element)."""

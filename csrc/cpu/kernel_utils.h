@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <vector>
 
@@ -199,22 +200,35 @@ inline void score_epilogue(const FwdParams& p, int64_t bi, int64_t hi, int64_t i
   }
 }
 
-// Multiplies a probability tile by keep/(1-p) (0 where dropped), in place.
+// Multiplies a probability tile by keep/(1-p) (0 where dropped), in place. Each Philox call covers
+// rows i, i ^ 8 and columns j, j ^ 1, j ^ 8, j ^ 9 (philox.h): it is drawn once, at the first of
+// its elements in the tile (row-major), and applied to all of them that the tile holds.
 template <typename A>
 inline void apply_dropout(const FwdParams& p, uint64_t seed, uint64_t offset, int64_t bi, int64_t hi,
                           int64_t i0, int64_t j0, int64_t rows, int64_t cols, A* P, int64_t ld) {
   const A keep_scale = A(1.0 / (1.0 - p.dropout_p));
   const uint64_t bh = static_cast<uint64_t>(bi * p.h + hi);
+  auto in_tile = [&](int64_t i, int64_t j) { return i >= i0 && i < i0 + rows && j >= j0 && j < j0 + cols; };
   for (int64_t r = 0; r < rows; ++r) {
-    A* row = P + r * ld;
-    const uint64_t i = static_cast<uint64_t>(i0 + r);
-    int64_t c = 0;
-    while (c < cols) {
-      const uint64_t j = static_cast<uint64_t>(j0 + c);
-      const Philox4 w = dropout_words(seed, offset, bh, i, j);
-      for (int64_t q = static_cast<int64_t>(j & 3); q < 4 && c < cols; ++q, ++c) {
-        row[c] = w.x[q] >= p.dropout_threshold ? row[c] * keep_scale : A(0);
-      }
+    const int64_t i = i0 + r;
+    for (int64_t c = 0; c < cols; ++c) {
+      const int64_t j = j0 + c;
+      // First element of its call in the tile: no element of the call in an earlier row, or to
+      // the left in this row.
+      const int64_t i_lo = i & ~int64_t{8}, j_lo = j & ~int64_t{9};
+      bool first = true;
+      for (int64_t ci = i_lo; ci <= i && first; ci += 8)
+        for (int64_t cj : {j_lo, j_lo + 1, j_lo + 8, j_lo + 9})
+          if ((ci < i || cj < j) && in_tile(ci, cj)) first = false;
+      if (!first) continue;
+      const Philox4 w = dropout_words(seed, offset, bh, static_cast<uint64_t>(i), static_cast<uint64_t>(j));
+      for (int64_t ci = i_lo; ci <= i_lo + 8; ci += 8)
+        for (int64_t cj : {j_lo, j_lo + 1, j_lo + 8, j_lo + 9})
+          if (in_tile(ci, cj)) {
+            A& x = P[(ci - i0) * ld + (cj - j0)];
+            x = dropout_half(w, static_cast<uint64_t>(ci), static_cast<uint64_t>(cj)) >= p.dropout_threshold
+                    ? x * keep_scale : A(0);
+          }
     }
   }
 }

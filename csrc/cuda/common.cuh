@@ -1,7 +1,7 @@
 // Device helpers shared by every flash_mha CUDA kernel: element conversion, the visibility rule
 // (mask + causal), bias reads, the dropout keep test, and small launch utilities.
 // Everything here follows flash_mha/reference.py: S = scale * q.k + bias, invisible -> -inf,
-// dropout keeps (i, j) iff philox word >= threshold and scales kept probabilities by 1 / (1 - p).
+// dropout keeps (i, j) iff its 16 Philox bits >= threshold and scales kept probabilities by 1 / (1 - p).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -92,11 +92,17 @@ struct Dropout {
     threshold = p.dropout_threshold;
     keep_scale = static_cast<float>(1.0 / (1.0 - p.dropout_p));
   }
-  // The four words for columns 4*(j/4) .. 4*(j/4)+3 of row i of head bh (= bi * h + hi).
+  // The words of the call holding element (i, j) of head bh (= bi * h + hi); philox.h.
   __device__ __forceinline__ Philox4 words(uint64_t bh, int64_t i, int64_t j) const {
     return dropout_words(seed, offset, bh, static_cast<uint64_t>(i), static_cast<uint64_t>(j));
   }
-  __device__ __forceinline__ bool keep(uint32_t word) const { return word >= threshold; }
+  // Whether element (i, j) is kept, from the words of its call.
+  __device__ __forceinline__ bool keep(const Philox4& w, int64_t i, int64_t j) const {
+    return dropout_half(w, static_cast<uint64_t>(i), static_cast<uint64_t>(j)) >= threshold;
+  }
+  // Whether the low / high half of a word is kept (high: word >= threshold * 2^16).
+  __device__ __forceinline__ bool keep_lo(uint32_t word) const { return (word << 16) >= (threshold << 16); }
+  __device__ __forceinline__ bool keep_hi(uint32_t word) const { return word >= (threshold << 16); }
 };
 
 // Whether the Hopper kernels can stage the bias tiles in shared memory with TMA (a rank-4 map

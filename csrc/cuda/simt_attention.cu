@@ -22,7 +22,7 @@ namespace {
 constexpr int kThreads = 128;
 constexpr int kRowThreads = 8;   // threads sharing one query (or key) row
 constexpr int kFwdBQ = 16;       // queries per forward / dQ block  (= kThreads / kRowThreads)
-constexpr int kFwdBK = 32;       // keys per tile: 8 threads x 4 adjacent keys (one Philox call)
+constexpr int kFwdBK = 32;       // keys per tile: 8 threads x 4 adjacent keys
 constexpr int kKvBK = 16;        // keys per dK/dV block
 constexpr int kKvBQ = 16;        // queries per dK/dV inner tile: 8 threads x 2 adjacent keys
 static_assert(kThreads / kRowThreads == kFwdBQ && kFwdBK == 4 * kRowThreads, "forward tile mapping");
@@ -141,9 +141,11 @@ __global__ void __launch_bounds__(kThreads) simt_fwd_kernel(const FwdParams p) {
     l = l * alpha + rowsum;
     m = m_new;
     if (drop.on) {
-      const Philox4 w = drop.words(bh, i, j0 + 4 * l8);
+      // Keys 4 l8 .. 4 l8 + 3: two column pairs, two calls (philox.h).
+      const Philox4 w01 = drop.words(bh, i, j0 + 4 * l8), w23 = drop.words(bh, i, j0 + 4 * l8 + 2);
 #pragma unroll
-      for (int c = 0; c < 4; ++c) s[c] = drop.keep(w.x[c]) ? s[c] * keep_scale : A(0);
+      for (int c = 0; c < 4; ++c)
+        s[c] = drop.keep(c < 2 ? w01 : w23, i, j0 + 4 * l8 + c) ? s[c] * keep_scale : A(0);
     }
 #pragma unroll
     for (int c = 0; c < 4; ++c) Ps[r * kFwdBK + 4 * l8 + c] = s[c];
@@ -263,7 +265,7 @@ __global__ void __launch_bounds__(kThreads) simt_dkdv_kernel(const BwdParams p, 
         for (int x = 0; x < dv; ++x) dp += dOs[iq * dv + x] * Vs[jj * ldv + x];
         const A s = score<T, A>(p, bi, hi, i, j0 + jj, qk, iq < rows && jj < cols, shift);
         const A P = s == -inf_of<A>() ? A(0) : exp_acc(s - lse_s[iq]);
-        const A z = drop.on ? (drop.keep(w.x[(2 * l8 + c) & 3]) ? keep_scale : A(0)) : A(1);
+        const A z = drop.on ? (drop.keep(w, i, j0 + jj) ? keep_scale : A(0)) : A(1);
         PZs[iq * kKvBK + jj] = P * z;
         dSs[iq * kKvBK + jj] = P * (dp * z - D_s[iq]);
       }
@@ -376,8 +378,11 @@ __global__ void __launch_bounds__(kThreads)
           __syncthreads();  // V consumed
           load_rows<T, A>(KVs, ldkv, k + j0 * p.k_sn, p.k_sn, kFwdBK, cols, d);
           __syncthreads();
-          Philox4 w{};
-          if (drop.on) w = drop.words(bh, i, j0 + 4 * l8);
+          Philox4 w01{}, w23{};  // keys 4 l8 .. 4 l8 + 3: two column pairs, two calls
+          if (drop.on) {
+            w01 = drop.words(bh, i, j0 + 4 * l8);
+            w23 = drop.words(bh, i, j0 + 4 * l8 + 2);
+          }
 #pragma unroll
           for (int c = 0; c < 4; ++c) {
             const int jj = 4 * l8 + c;
@@ -385,7 +390,7 @@ __global__ void __launch_bounds__(kThreads)
             for (int x = 0; x < d; ++x) qk += Qs[r * d + x] * KVs[jj * ldkv + x];
             const A s = score<T, A>(p, bi, hi, i, j0 + jj, qk, row_ok && jj < cols, shift);
             const A P = s == -inf_of<A>() ? A(0) : exp_acc(s - lse_i);
-            const A z = drop.on ? (drop.keep(w.x[c]) ? keep_scale : A(0)) : A(1);
+            const A z = drop.on ? (drop.keep(c < 2 ? w01 : w23, i, j0 + jj) ? keep_scale : A(0)) : A(1);
             dSs[r * kFwdBK + jj] = P * (dp[c] * z - D_i);
           }
           __syncthreads();

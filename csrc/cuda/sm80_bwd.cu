@@ -704,7 +704,7 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
 #pragma unroll
           for (int mt = 0; mt < kKT; ++mt)
 #pragma unroll
-            for (int nt = 0; nt < kNS; ++nt)
+            for (int nt = 0; nt < kNS; nt += 2)  // 8 bits: n-tiles nt, nt + 1
               keep_all |= dropout_bits_keyrows(drop, bh, key0 + 16 * mt, i0 + q_off, nt) << (4 * (kNS * mt + nt));
         }
       }

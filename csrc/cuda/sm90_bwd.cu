@@ -542,9 +542,12 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
         const uint64_t bh = static_cast<uint64_t>(w.bi) * p.h + hi;
         wgmma_wait_group<0>();
         fence_regs(dp);
+        static_assert(kNS % 2 == 0, "keep bits come per n-tile pair");
+        uint32_t keep_pair = 0;
 #pragma unroll
         for (int nt = 0; nt < kNS; ++nt) {
-          const uint32_t keep = dropout_bits_keyrows(drop, bh, key0, i0, nt);
+          if (nt % 2 == 0) keep_pair = dropout_bits_keyrows(drop, bh, key0, i0, nt);
+          const uint32_t keep = keep_pair >> (4 * (nt % 2));
           const int c = 8 * nt + 2 * (lane % 4);
           const float2 dd = *reinterpret_cast<const float2*>(&sm.dsum[st][c]);
 #pragma unroll

@@ -333,57 +333,59 @@ __device__ __forceinline__ uint32_t mask_line_bits(const uint8_t* line, int64_t 
 }
 
 // Zeroes dropped probabilities of a [16, 8 kN] query-row tile (rows = queries row0.., cols = keys
-// col0.., col0 % 4 == 0). Lanes 2k and 2k+1 share a row pair and a group of four keys: each computes
-// the Philox words of one row and passes the two words the other needs (one Philox per 4 elements).
+// col0.., row0 % 16 == 0, col0 % 16 == 0). The lane's elements of n-tiles 2 np, 2 np + 1 (rows
+// lane / 4 + 8 h, columns 16 np + 8 u + 2 (lane % 4) + e) are one Philox call's eight (philox.h):
+// element (u, h, e) is the half e of word 2 h + u. No lane needs another's words.
 template <int kN>
 __device__ __forceinline__ void dropout_tile_rows(const Dropout& drop, uint64_t bh, float (&s)[kN][4], int64_t row0,
                                                   int64_t col0) {
+  static_assert(kN % 2 == 0, "n-tile pairs");
   const int lane = threadIdx.x % 32;
-  const int mine = lane & 1;  // which of the two rows (lane / 4, lane / 4 + 8) this lane draws
 #pragma unroll
-  for (int nt = 0; nt < kN; ++nt) {
-    const int64_t i = row0 + lane / 4 + 8 * mine;
-    const int64_t j = col0 + 8 * nt + 2 * (lane % 4);  // this lane's first column; group j & ~3
-    const Philox4 w = drop.words(bh, i, j);
-    // Even lanes need words 0, 1 of each group; odd lanes words 2, 3.
-    const uint32_t send0 = mine ? w.x[0] : w.x[2], send1 = mine ? w.x[1] : w.x[3];
-    const uint32_t recv0 = __shfl_xor_sync(0xffffffffu, send0, 1);
-    const uint32_t recv1 = __shfl_xor_sync(0xffffffffu, send1, 1);
-    const uint32_t own0 = mine ? w.x[2] : w.x[0], own1 = mine ? w.x[3] : w.x[1];
-    // Row half 0 (lane / 4): own words on even lanes, received on odd lanes; half 1 the other way.
-    const uint32_t h0w0 = mine ? recv0 : own0, h0w1 = mine ? recv1 : own1;
-    const uint32_t h1w0 = mine ? own0 : recv0, h1w1 = mine ? own1 : recv1;
-    if (!drop.keep(h0w0)) s[nt][0] = 0.f;
-    if (!drop.keep(h0w1)) s[nt][1] = 0.f;
-    if (!drop.keep(h1w0)) s[nt][2] = 0.f;
-    if (!drop.keep(h1w1)) s[nt][3] = 0.f;
+  for (int np = 0; np < kN / 2; ++np) {
+    const Philox4 w = drop.words(bh, row0 + lane / 4, col0 + 16 * np + 2 * (lane % 4));
+#pragma unroll
+    for (int u = 0; u < 2; ++u)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const uint32_t word = w.x[2 * h + u];
+        if (!drop.keep_lo(word)) s[2 * np + u][2 * h] = 0.f;
+        if (!drop.keep_hi(word)) s[2 * np + u][2 * h + 1] = 0.f;
+      }
   }
 }
 
-// Keep bits (bit e for element e of n-tile nt) of a [16, 8 kN] key-row tile (rows = keys key0..,
-// key0 % 4 == 0; cols = queries q0..), the backward's S^T layout. The four lanes with equal
-// lane % 4 and lane / 16 hold the same two queries and the same two groups of four keys, and each
-// needs one word of each of the four Philox calls (query, key group): lane k (= lane / 4 % 4) draws
-// call k, then four rotating shuffles hand every lane its word of each call.
+// Keep bits (bit 4 u + e for element e of n-tile nt0 + u) of n-tiles nt0, nt0 + 1 of a [16, 8 kN]
+// key-row tile (rows = keys key0.., key0 % 16 == 0; cols = queries q0.., (q0 + 8 nt0) % 16 == 0),
+// the backward's S^T layout: element e of n-tile nt0 + u is key key0 + lane / 4 + 8 (e / 2), query
+// q0 + 8 (nt0 + u) + 2 (lane % 4) + e % 2. In philox.h's terms (queries are the rows i, keys the
+// columns j) element (u, e) is the half lane / 4 % 2 of word 2 u + e / 2 of the call of query
+// column x = e % 2. Lanes 4 r + c and (4 r + c) ^ 4 (rows r, r ^ 1) need the same two calls (x = 0,
+// 1), the low and the high halves: each draws call x = r % 2 and sends the other the four halves it
+// needs, packed in two words.
 __device__ __forceinline__ uint32_t dropout_bits_keyrows(const Dropout& drop, uint64_t bh, int64_t key0, int64_t q0,
-                                                          int nt) {
+                                                          int nt0) {
   const int lane = threadIdx.x % 32;
-  const int k = (lane / 4) % 4;
-  // Call k covers element e = k: query of column e % 2, key group of row half e / 2.
-  const int64_t i = q0 + 8 * nt + 2 * (lane % 4) + (k & 1);
-  const int64_t j = key0 + 4 * (lane / 16) + 8 * (k >> 1);
-  const Philox4 w = drop.words(bh, i, j);
+  const int rho = (lane / 4) & 1;  // this lane's half, and the call it draws
+  const Philox4 w = drop.words(bh, q0 + 8 * nt0 + 2 * (lane % 4) + rho, key0 + lane / 4);
+  // Halves rho of words (0, 1) and (2, 3), low then high: this lane's; the partner's (1 - rho).
+  const uint32_t mine = rho ? 0x7632u : 0x5410u, theirs = rho ? 0x5410u : 0x7632u;
+  const uint32_t own0 = __byte_perm(w.x[0], w.x[1], mine), own1 = __byte_perm(w.x[2], w.x[3], mine);
+  const uint32_t got0 = __shfl_xor_sync(0xffffffffu, __byte_perm(w.x[0], w.x[1], theirs), 4);
+  const uint32_t got1 = __shfl_xor_sync(0xffffffffu, __byte_perm(w.x[2], w.x[3], theirs), 4);
+  // Call x: this lane's own words if x == rho, else the partner's.
+  const uint32_t x0w0 = rho ? got0 : own0, x0w1 = rho ? got1 : own1;
+  const uint32_t x1w0 = rho ? own0 : got0, x1w1 = rho ? own1 : got1;
+  const uint32_t packed[2][2] = {{x0w0, x0w1}, {x1w0, x1w1}};  // [x][u]: halves of words 2 u, 2 u + 1
   uint32_t bits = 0;
 #pragma unroll
-  for (int r = 0; r < 4; ++r) {
-    // Round r: lane k reads call (k + r) & 3 from its drawer, which gives the reader (k - r) & 3
-    // that reader's word: the word index of a call is the set index of the lane that needs it.
-    const int sel = (k - r) & 3;
-    const uint32_t give = sel == 0 ? w.x[0] : sel == 1 ? w.x[1] : sel == 2 ? w.x[2] : w.x[3];
-    const int src = (lane & 19) | (((k + r) & 3) << 2);
-    const uint32_t word = __shfl_sync(0xffffffffu, give, src);
-    bits |= static_cast<uint32_t>(drop.keep(word)) << ((k + r) & 3);
-  }
+  for (int u = 0; u < 2; ++u)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const uint32_t word = packed[e % 2][u];
+      const bool keep = e / 2 ? drop.keep_hi(word) : drop.keep_lo(word);
+      bits |= static_cast<uint32_t>(keep) << (4 * u + e);
+    }
   return bits;
 }
 
