@@ -25,9 +25,9 @@ def _mulhilo32(a: int, b: torch.Tensor):
     return ((hi_part >> 16) + (mid >> 32)) & _U32, mid & _U32
 
 
-def philox4x32_10(c0, c1, c2, c3, k0: int, k1: int):
-    """Philox-4x32-10 on int64 tensors holding uint32 values (matches csrc/philox.h)."""
-    for _ in range(10):
+def philox4x32(c0, c1, c2, c3, k0: int, k1: int, rounds: int = 7):
+    """Philox-4x32 (7 rounds) on int64 tensors holding uint32 values (matches csrc/philox.h)."""
+    for _ in range(rounds):
         hi0, lo0 = _mulhilo32(_M0, c0)
         hi1, lo1 = _mulhilo32(_M1, c2)
         c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
@@ -57,7 +57,7 @@ def dropout_keep_mask(rng_state: torch.Tensor, b: int, h: int, n_q: int, n_k: in
     c1 = (((i >> 4) << 3) | (i & 7)).expand(shape)
     c2 = (bh & _U32).expand(shape)
     c3 = torch.full(shape, offset & _U32, dtype=torch.int64)
-    words = torch.stack(philox4x32_10(c0, c1, c2, c3, k0, k1), dim=-1)  # [bh, n_q, n_k, 4]
+    words = torch.stack(philox4x32(c0, c1, c2, c3, k0, k1), dim=-1)  # [bh, n_q, n_k, 4]
     index = (2 * ((i >> 3) & 1) + ((j >> 3) & 1)).expand(shape)
     word = words.gather(-1, index.unsqueeze(-1)).squeeze(-1)
     half = (word >> (16 * (j & 1))) & 0xFFFF
