@@ -7,7 +7,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <initializer_list>
 #include <limits>
 #include <vector>
 
@@ -201,35 +200,35 @@ inline void score_epilogue(const FwdParams& p, int64_t bi, int64_t hi, int64_t i
 }
 
 // Multiplies a probability tile by keep/(1-p) (0 where dropped), in place. Each Philox call covers
-// rows i, i ^ 8 and columns j, j ^ 1, j ^ 8, j ^ 9 (philox.h): it is drawn once, at the first of
-// its elements in the tile (row-major), and applied to all of them that the tile holds.
+// rows i, i + 8 (i % 16 < 8) and columns j, j + 1, j + 8, j + 9 (j % 16 < 8, even; philox.h), so
+// rows are taken in those pairs and each call is drawn once for the elements of it the tile holds.
 template <typename A>
 inline void apply_dropout(const FwdParams& p, uint64_t seed, uint64_t offset, int64_t bi, int64_t hi,
                           int64_t i0, int64_t j0, int64_t rows, int64_t cols, A* P, int64_t ld) {
   const A keep_scale = A(1.0 / (1.0 - p.dropout_p));
   const uint64_t bh = static_cast<uint64_t>(bi * p.h + hi);
-  auto in_tile = [&](int64_t i, int64_t j) { return i >= i0 && i < i0 + rows && j >= j0 && j < j0 + cols; };
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t i = i0 + r;
-    for (int64_t c = 0; c < cols; ++c) {
-      const int64_t j = j0 + c;
-      // First element of its call in the tile: no element of the call in an earlier row, or to
-      // the left in this row.
-      const int64_t i_lo = i & ~int64_t{8}, j_lo = j & ~int64_t{9};
-      bool first = true;
-      for (int64_t ci = i_lo; ci <= i && first; ci += 8)
-        for (int64_t cj : {j_lo, j_lo + 1, j_lo + 8, j_lo + 9})
-          if ((ci < i || cj < j) && in_tile(ci, cj)) first = false;
-      if (!first) continue;
-      const Philox4 w = dropout_words(seed, offset, bh, static_cast<uint64_t>(i), static_cast<uint64_t>(j));
-      for (int64_t ci = i_lo; ci <= i_lo + 8; ci += 8)
-        for (int64_t cj : {j_lo, j_lo + 1, j_lo + 8, j_lo + 9})
-          if (in_tile(ci, cj)) {
-            A& x = P[(ci - i0) * ld + (cj - j0)];
-            x = dropout_half(w, static_cast<uint64_t>(ci), static_cast<uint64_t>(cj)) >= p.dropout_threshold
-                    ? x * keep_scale : A(0);
-          }
-    }
+  const int64_t i_end = i0 + rows, j_end = j0 + cols;
+  for (int64_t il = i0 & ~int64_t{15}; il < i_end; il += (il & 7) == 7 ? 9 : 1) {  // rows with bit 3 clear
+    const bool lo = il >= i0, hi_row = il + 8 < i_end && il + 8 >= i0;
+    if (!lo && !hi_row) continue;
+    for (int64_t jb = j0 & ~int64_t{15}; jb < j_end; jb += 16)
+      for (int64_t m = 0; m < 4; ++m) {
+        const int64_t jl = jb + 2 * m;  // columns jl, jl + 1, jl + 8, jl + 9
+        const bool any = (jl + 1 >= j0 && jl < j_end) || (jl + 9 >= j0 && jl + 8 < j_end);
+        if (!any) continue;
+        const Philox4 w = dropout_words(seed, offset, bh, static_cast<uint64_t>(il), static_cast<uint64_t>(jl));
+        for (int64_t h = 0; h < 2; ++h) {
+          if (!(h ? hi_row : lo)) continue;
+          A* row = P + (il + 8 * h - i0) * ld - j0;
+          for (int64_t u = 0; u < 2; ++u)
+            for (int64_t e = 0; e < 2; ++e) {
+              const int64_t j = jl + 8 * u + e;
+              if (j < j0 || j >= j_end) continue;
+              const uint32_t half = (w.x[2 * h + u] >> (16 * e)) & 0xFFFFu;
+              row[j] = half >= p.dropout_threshold ? row[j] * keep_scale : A(0);
+            }
+        }
+      }
   }
 }
 
