@@ -372,7 +372,7 @@ __device__ __forceinline__ void store_dkdv_staged(typename Tr::Smem& sm, const B
 }
 
 // tile, kv: as for the producer (for_each_item). dK / dV start from zero per work item.
-template <typename T, typename Tr, bool kPersistent, bool kGeneral, bool kKeyMask, bool kFull>
+template <typename T, typename Tr, bool kPersistent, bool kGeneral, bool kKeyMask, bool kFull, bool kDropout>
 __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barriers& bar, const BwdParams& p,
                                         const Sm90BwdWorkspace& ws, const BlockWork& w, int cw, int tile, int kv) {
   using namespace sm90;
@@ -386,8 +386,8 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
   const bool causal = p.causal != Causal::kNone;
   const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
 
-  Dropout drop;  // general kernel: dropout
-  if constexpr (kGeneral && kFull) drop.init(p);
+  Dropout drop;  // the full general kernel and the dropout kernel (kDropout): dropout
+  if constexpr ((kGeneral && kFull) || kDropout) drop.init(p);
   float dk[kNO][4], dv[kNO][4];  // [64 keys of the warpgroup, kD], wgmma accumulator layout
   zero_acc(dk);
   zero_acc(dv);
@@ -536,7 +536,7 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
 #pragma unroll
         for (int kk = 0; kk < kKP; ++kk) acc_to_a<T>(dsa[kk], dp, kk);
       };
-      if (kGeneral && kFull && drop.on) {
+      if (kDropout || (kGeneral && kFull && drop.on)) {
         // Z = keep / (1 - p) or 0 (the forward's Philox words): dV takes (P^T Z) dO and
         // dS^T = P^T (dP^T Z - D). Both need P^T whole, so dP^T is waited for first.
         const uint64_t bh = static_cast<uint64_t>(w.bi) * p.h + hi;
@@ -710,8 +710,10 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
 // kPersistent: the persistent grid; kGeneral: bias / dbias / any mask / dropout (kSm90BwdGeneral);
 // kKeyMask: a key mask may be present (p.mask; without either flag the kernel ignores it);
 // kFull (general kernel): masks and dropout too, else a bias alone (kBwdBiasOnly), or a bias with a
-// key mask when kKeyMask is set as well (kBwdBiasKeyMask).
-template <typename T, typename Tr, bool kPersistent, bool kGeneral, bool kKeyMask, bool kFull = true>
+// key mask when kKeyMask is set as well (kBwdBiasKeyMask); kDropout (plain kernel): dropout, always
+// on (kBwdDropoutPlain).
+template <typename T, typename Tr, bool kPersistent, bool kGeneral, bool kKeyMask, bool kFull = true,
+          bool kDropout = false>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
     sm90_bwd_kernel(const __grid_constant__ CUtensorMap tm_q,   // [b, h, n_q, d] box [kBlockM, 64]
                     const __grid_constant__ CUtensorMap tm_k,   // [b, h_kv, n_k, d] box [kBlockN, 64]
@@ -770,7 +772,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   } else {
     setmaxnreg_inc<Tr::kConsumerRegs>();
     for_each_item<kPersistent>(p, grid, first, Tr::kBlockM, Tr::kBlockN, [&](const BlockWork& w, int tile, int kv) {
-      consume<T, Tr, kPersistent, kGeneral, kKeyMask, kFull>(sm, bar, p, ws, w, wg - 1, tile, kv);
+      consume<T, Tr, kPersistent, kGeneral, kKeyMask, kFull, kDropout>(sm, bar, p, ws, w, wg - 1, tile, kv);
     });
   }
 #endif
@@ -799,7 +801,8 @@ bool launch(const BwdParams& p_in, void* workspace, cudaStream_t stream, int per
       !make_map(&tv, p.dtype, p.v, p.b, p.h_kv, p.n_k, p.d_v, p.v_sb, p.v_sh, p.v_sn, Tr::kBlockN) ||
       !make_map(&tdo, p.dtype, p.dout, p.b, p.h, p.n_q, p.d_v, p.do_sb, p.do_sh, p.do_sn, Tr::kBlockM))
     return false;
-  const bool general = kSm90BwdGeneral && needs_general(p);
+  const bool dropout_plain = kBwdDropoutPlain && dropout_alone(p);
+  const bool general = kSm90BwdGeneral && needs_general(p) && !dropout_plain;
   if (general && TrG::kStageBias && p.bias) {  // broadcast dims (stride 0) have size 1
     const Strided4& s = p.bias_s;
     if (!make_map(&tb, p.dtype, p.bias, s.b ? p.b : 1, s.h ? p.h : 1, s.q ? p.n_q : 1, p.n_k, s.b, s.h, s.q,
@@ -843,6 +846,13 @@ bool launch(const BwdParams& p_in, void* workspace, cudaStream_t stream, int per
           run_bias_key_mask();
         else
           run(sm90_bwd_kernel<T, TrG, false, true, false>, blocks, TrG::kSmemBytes);
+      }
+    } else if (dropout_plain) {  // instantiated only with the flag on; a key mask or none
+      if constexpr (kBwdDropoutPlain) {
+        if (kD == 64 && persistent_ctas > 0)
+          run(sm90_bwd_kernel<T, Tr, kD == 64, false, true, true, true>, ctas, Tr::kSmemBytes);
+        else
+          run(sm90_bwd_kernel<T, Tr, false, false, true, true, true>, blocks, Tr::kSmemBytes);
       }
     } else if (persistent_ctas > 0) {
       run(p.mask ? sm90_bwd_kernel<T, Tr, true, false, true> : sm90_bwd_kernel<T, Tr, true, false, false>, ctas,

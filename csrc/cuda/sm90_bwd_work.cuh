@@ -59,6 +59,12 @@ constexpr bool kBwdStageBiasD64 = true;
 constexpr bool kBwdDbiasD64 = true;
 static_assert(!kBwdDbiasD64 || kBwdStageBiasD64, "kBwdDbiasD64 needs kBwdStageBiasD64");
 
+// Dropout with no bias, no dbias and no mask or a key mask: the plain kernel (its tile traits, its
+// persistent grid at d = 64) with the dropout products (kDropout) and the key-mask rows, instead of
+// the full general kernel (one block per item, the bias ring's traits, the mask bits; 76 / 104 bytes
+// of spill at d = 64). Adds 6 kernels (d 64 persistent and not, d 128 not; fp16 / bf16).
+constexpr bool kBwdDropoutPlain = true;
+
 // dK / dV leave through shared memory: each consumer warpgroup writes its [64 keys, d] parts into
 // its own key rows of the two dS^T buffers (free once both warpgroups' last dQ wgmma is done), then
 // stores whole 16-byte row chunks, instead of 64 scattered 4-byte stores a thread (ncu, d128 2k:
@@ -81,6 +87,12 @@ constexpr bool kSplitDsBarrier = true;
 // the queries.
 inline bool needs_general(const BwdParams& p) {
   return p.bias || p.dbias || p.dropout_p > 0.0 || (p.mask && p.mask_s.q != 0 && p.n_q > 1);
+}
+
+// Dropout with no bias, no dbias, and no mask or a key mask (constant along the queries): the
+// dropout kernel's shapes (kBwdDropoutPlain).
+inline bool dropout_alone(const BwdParams& p) {
+  return p.dropout_p > 0.0 && !p.bias && !p.dbias && (!p.mask || p.mask_s.q == 0 || p.n_q == 1);
 }
 
 // Whether sm90_bwd launches the persistent grid (else one block per work item). Measured on an

@@ -302,6 +302,10 @@ struct ConsumerState {
 // of S_t runs while P V computes, then O is rescaled and P_t formed. The tile's last P V is left
 // pending. Ping-pong: each issue of GEMMs is a turn taken in round robin by the consumer
 // warpgroups (named barriers), so one warpgroup's softmax overlaps the others' GEMMs.
+// The output's 16-byte stores (store_rows): not in the full general kernel (spills).
+template <bool kGeneral, bool kFull>
+constexpr bool kVec16Out = !(kGeneral && kFull);
+
 template <typename T, typename Tr, bool kGeneral, bool kFull>
 __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr::Barriers& bar, const FwdParams& p,
                                              const TileCoord& c, int cw, PipeState& ps,
@@ -333,8 +337,9 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
   if constexpr (kFull) {
     drop.init(p);
     drop_bh = static_cast<uint64_t>(c.bi) * p.h + c.hi;
-    // A mask varying along the queries (a key mask takes the plain kernel's key_keep below).
-    if (p.mask && p.mask_s.q != 0 && p.n_q > 1) mask_row = p.mask + c.bi * p.mask_s.b + c.hi * p.mask_s.h;
+    // A mask varying along the queries (a key mask takes the plain kernel's key_keep below); the
+    // plain kernel's kFull is dropout alone (kFwdDropoutPlain).
+    if (kGeneral && p.mask && p.mask_s.q != 0 && p.n_q > 1) mask_row = p.mask + c.bi * p.mask_s.b + c.hi * p.mask_s.h;
   }
   const float keep_scale = kFull ? drop.keep_scale : 1.f;
   SplitSoftmax& softmax = st.softmax;
@@ -345,7 +350,7 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
     zero_acc(zeros);
     SplitSoftmax none;
     none.init();
-    store_rows<T, !kFull>(p, c.bi, c.hi, row0, zeros, none, keep_scale);
+    store_rows<T, kVec16Out<kGeneral, kFull>>(p, c.bi, c.hi, row0, zeros, none, keep_scale);
     return;
   }
   const int qbuf = static_cast<int>(ps.q_it % Tr::kQBufs);  // this tile's Q buffer
@@ -498,7 +503,7 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
     fence_regs(o);
     fence_regs(pa);
     if (lane == 0) mbarrier_arrive(&bar.v_empty[vst]);
-    store_rows<T, !kFull>(p, st.bi, st.hi, st.row0, o, softmax, keep_scale);
+    store_rows<T, kVec16Out<kGeneral, kFull>>(p, st.bi, st.hi, st.row0, o, softmax, keep_scale);
     zero_acc(o);
     wgmma_wait_group<0>();
   } else {
@@ -575,7 +580,7 @@ __device__ __forceinline__ void consume_tile(typename Tr::Smem& sm, typename Tr:
 
 // After a consumer's last tile: its pending P V, then the output. The last warpgroup takes no
 // ping-pong hand-over (nobody waits for it), so the turn barriers end balanced.
-template <typename T, typename Tr, bool kFull>
+template <typename T, typename Tr, bool kGeneral, bool kFull>
 __device__ __forceinline__ void consume_finish(typename Tr::Smem& sm, typename Tr::Barriers& bar, const FwdParams& p,
                                                int cw, ConsumerState<Tr::kD / 8, Tr::kBlockN / 16>& st) {
   using namespace sm90;
@@ -596,7 +601,7 @@ __device__ __forceinline__ void consume_finish(typename Tr::Smem& sm, typename T
   if (threadIdx.x % 32 == 0) mbarrier_arrive(&bar.v_empty[stage]);
   Dropout drop;
   if constexpr (kFull) drop.init(p);
-  store_rows<T, !kFull>(p, st.bi, st.hi, st.row0, st.o, st.softmax, kFull ? drop.keep_scale : 1.f);
+  store_rows<T, kVec16Out<kGeneral, kFull>>(p, st.bi, st.hi, st.row0, st.o, st.softmax, kFull ? drop.keep_scale : 1.f);
   st.pending = false;
 }
 
@@ -687,7 +692,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       consume_tile<T, Tr, kGeneral, kFull>(sm, bar, p, TileCoord(p, bh, qb_hi, Tr::kBlockM, Tr::kBlockN), cw, ps,
                                            st);
     }
-    consume_finish<T, Tr, kFull>(sm, bar, p, cw, st);
+    consume_finish<T, Tr, kGeneral, kFull>(sm, bar, p, cw, st);
   }
 #endif
 }
@@ -740,6 +745,15 @@ bool dispatch_dim(const FwdParams& p, cudaStream_t stream) {
   // d = 64 past 2k queries (kFwdBias3WG). Otherwise two instantiations: a bias (and a key mask)
   // only, without spills; full: also dropout and masks varying along the queries (their code made
   // ptxas spill 36 / 220 bytes at d = 64 / 128 in the bias-only case too).
+  if constexpr (kFwdDropoutPlain) {
+    if (p.dropout_p > 0.0 && !p.bias && !(p.mask && p.mask_s.q != 0 && p.n_q > 1)) {
+      if (p.d == 64) {
+        if constexpr (kFwdDropoutPlain3WG) return launch<T, 64, 128, 3, true, true, false, true>(p, stream);
+        else return launch<T, 64, 128, 2, false, true, false, true>(p, stream);
+      }
+      return launch<T, 128, 128, 2, false, true, false, true>(p, stream);
+    }
+  }
   if constexpr (kSm90FwdGeneral) {
     if (needs_general(p)) {
       const bool full = p.dropout_p > 0.0 || (p.mask && p.mask_s.q != 0 && p.n_q > 1);

@@ -56,6 +56,13 @@ constexpr bool kFwdBatchFastest = true;
 constexpr bool kFwdBias3WG = true;
 
 
+// Dropout with no bias and no mask or a key mask: the plain kernel (its traits: no bias ring, the
+// key-mask bits) with the dropout draws (kFull in a plain instantiation), instead of the full
+// general kernel (which also reads the bias and any mask). kFwdDropoutPlain3WG: at d = 64 on 3
+// consumer warpgroups in ping-pong, as the plain kernel, instead of 2.
+constexpr bool kFwdDropoutPlain = true;
+constexpr bool kFwdDropoutPlain3WG = false;
+
 template <typename T, int kD_, int kBlockN_, int kConsumers_, bool kPingPong_, bool kPersistent_, bool kGeneral_ = false>
 struct Sm90FwdTraits {
   static constexpr int kD = kD_;                       // d == d_v
