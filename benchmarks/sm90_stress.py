@@ -22,12 +22,15 @@ import flash_mha
 
 
 def rel(a, b):
-    """rel-L2 of a against b, the norm floored at 1e-3 per element (RMS): where the exact gradient is
-    zero (one visible key: P = 1, dS = P (dP - D) = 0), both paths return float32 rounding noise
-    (~1e-7 an element) whose relative difference means nothing; inputs are randn, so real gradients
-    are ~0.1-1 an element, far above the floor, and garbage in a zero gradient still fails."""
+    """rel-L2 of a against b, the norm floored at 1e-2 per element (RMS): where the exact gradient is
+    zero (one visible key: P = 1, dS = P (dP Z - D) = 0), both paths return rounding noise whose
+    relative difference means nothing. D = rowsum(dO * O) takes the 16-bit output O, so the noise is
+    that rounding (2^-11 of |O|) summed over d: about 1e-4-1e-3 an element of dq / dk (more with
+    dropout's 1 / (1 - p)), and one kernel rounding an element of O the other way (a last-bit
+    difference in 1 / l) moves it by as much. Inputs are randn, so real gradients are ~0.1-1 an
+    element, far above the floor, and garbage in a zero gradient still fails."""
     a, b = a.double(), b.double()
-    floor = 1e-3 * max(b.numel(), 1) ** 0.5
+    floor = 1e-2 * max(b.numel(), 1) ** 0.5
     return ((a - b).norm() / b.norm().clamp_min(floor)).item()
 
 

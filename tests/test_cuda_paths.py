@@ -718,9 +718,9 @@ def test_bias_with_key_mask(path, dtype, d, causal, bias_grad, n_k):
     if path != "sm80" and n_k % 8 == 0 and torch.cuda.get_device_capability() == (9, 0):
         import re
         kernels = " ".join(e.name for e in prof.events())
-        # <T, traits, kPersistent, kGeneral, kKeyMask, kFull>: the general kernel without the mask
-        # bits and dropout, with the key-mask rows.
-        assert re.search(r"sm90_bwd_kernel<[^<>]*Sm90BwdTraits<[^<>]*>, false, true, true, false>", kernels), \
+        # <T, traits, kPersistent, kGeneral, kKeyMask, kFull, kDropout>: the general kernel without
+        # the mask bits and dropout, with the key-mask rows.
+        assert re.search(r"sm90_bwd_kernel<[^<>]*Sm90BwdTraits<[^<>]*>, false, true, true, false, false>", kernels), \
             kernels[:800]
     off = ~mask.reshape(b, n_k)
     for name in ("dk", "dv"):

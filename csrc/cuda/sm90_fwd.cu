@@ -747,11 +747,8 @@ bool dispatch_dim(const FwdParams& p, cudaStream_t stream) {
   // ptxas spill 36 / 220 bytes at d = 64 / 128 in the bias-only case too).
   if constexpr (kFwdDropoutPlain) {
     if (p.dropout_p > 0.0 && !p.bias && !(p.mask && p.mask_s.q != 0 && p.n_q > 1)) {
-      if (p.d == 64) {
-        if constexpr (kFwdDropoutPlain3WG) return launch<T, 64, 128, 3, true, true, false, true>(p, stream);
-        else return launch<T, 64, 128, 2, false, true, false, true>(p, stream);
-      }
-      return launch<T, 128, 128, 2, false, true, false, true>(p, stream);
+      return p.d == 64 ? launch<T, 64, 128, 2, false, true, false, true>(p, stream)
+                       : launch<T, 128, 128, 2, false, true, false, true>(p, stream);
     }
   }
   if constexpr (kSm90FwdGeneral) {

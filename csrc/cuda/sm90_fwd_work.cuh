@@ -58,10 +58,12 @@ constexpr bool kFwdBias3WG = true;
 
 // Dropout with no bias and no mask or a key mask: the plain kernel (its traits: no bias ring, the
 // key-mask bits) with the dropout draws (kFull in a plain instantiation), instead of the full
-// general kernel (which also reads the bias and any mask). kFwdDropoutPlain3WG: at d = 64 on 3
-// consumer warpgroups in ping-pong, as the plain kernel, instead of 2.
+// general kernel (which also reads the bias and any mask). d = 64 keeps 2 consumer warpgroups:
+// on 3 in ping-pong (160 registers each, as the plain kernel) ptxas spilled 452 bytes (compiled
+// only). A/B on an H200 (bf16, dropout 0.1, 1k / 4k / 16k, two rounds, NOTES.md, GPU record
+// 2026-11-29 15:00, with kBwdDropoutPlain): forward d64 218 / 232 / 235 TFLOP/s against 181 / 194 /
+// 197, d128 324 / 348 / 353 against 262 / 278 / 276.
 constexpr bool kFwdDropoutPlain = true;
-constexpr bool kFwdDropoutPlain3WG = false;
 
 template <typename T, int kD_, int kBlockN_, int kConsumers_, bool kPingPong_, bool kPersistent_, bool kGeneral_ = false>
 struct Sm90FwdTraits {
