@@ -848,12 +848,8 @@ bool launch(const BwdParams& p_in, void* workspace, cudaStream_t stream, int per
           run(sm90_bwd_kernel<T, TrG, false, true, false>, blocks, TrG::kSmemBytes);
       }
     } else if (dropout_plain) {  // instantiated only with the flag on; a key mask or none
-      if constexpr (kBwdDropoutPlain) {
-        if (kD == 64 && persistent_ctas > 0 && !kBwdDropoutOneBlock)
-          run(sm90_bwd_kernel<T, Tr, kD == 64, false, true, true, true>, ctas, Tr::kSmemBytes);
-        else
-          run(sm90_bwd_kernel<T, Tr, false, false, true, true, true>, blocks, Tr::kSmemBytes);
-      }
+      if constexpr (kBwdDropoutPlain)
+        run(sm90_bwd_kernel<T, Tr, false, false, true, true, true>, blocks, Tr::kSmemBytes);
     } else if (persistent_ctas > 0) {
       run(p.mask ? sm90_bwd_kernel<T, Tr, true, false, true> : sm90_bwd_kernel<T, Tr, true, false, false>, ctas,
           Tr::kSmemBytes);

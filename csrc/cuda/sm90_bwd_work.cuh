@@ -59,16 +59,16 @@ constexpr bool kBwdStageBiasD64 = true;
 constexpr bool kBwdDbiasD64 = true;
 static_assert(!kBwdDbiasD64 || kBwdStageBiasD64, "kBwdDbiasD64 needs kBwdStageBiasD64");
 
-// Dropout with no bias, no dbias and no mask or a key mask: the plain kernel (its tile traits, its
-// persistent grid at d = 64) with the dropout products (kDropout) and the key-mask rows, instead of
-// the full general kernel (one block per item, the bias ring's traits, the mask bits; 76 / 104 bytes
-// of spill at d = 64). Adds 6 kernels (d 64 persistent and not, d 128 not; fp16 / bf16). A/B on an
-// H200 (bf16, dropout 0.1, 1k / 4k / 16k, two rounds, NOTES.md, GPU record 2026-11-29 15:00):
-// backward d64 237 / 281 / 295 TFLOP/s against 215 / 249 / 258, d128 354 / 416 / 437 against 311 /
-// 368 / 386. kBwdDropoutOneBlock: at d = 64 one block per item where the plain kernel runs the
-// persistent grid (use_persistent), whose dropout instantiation spills 172 bytes against 76.
+// Dropout with no bias, no dbias and no mask or a key mask: the plain kernel's tile traits with the
+// dropout products (kDropout) and the key-mask rows, instead of the full general kernel (the bias
+// machinery's traits, the mask bits). Adds 4 kernels (d 64 / 128 x fp16 / bf16), one block per item
+// at either d. A/B on an H200 (bf16, dropout 0.1, 1k / 4k / 16k, two rounds; NOTES.md, GPU record
+// 2026-11-29 15:00): backward d64 237 / 281 / 295 TFLOP/s against 215 / 249 / 258 (on the persistent
+// grid as the plain d64 kernel; its dropout instantiation spills 172 bytes, the one-block one 76),
+// d128 354 / 416 / 437 against 311 / 368 / 386; then one block per item at d64 against the
+// persistent grid: 251 / 294 / 308-311 against 237 / 279 / 292-296, causal 1k / 4k 193-194 / 269-273
+// against 183 / 249-251.
 constexpr bool kBwdDropoutPlain = true;
-constexpr bool kBwdDropoutOneBlock = false;
 
 // dK / dV leave through shared memory: each consumer warpgroup writes its [64 keys, d] parts into
 // its own key rows of the two dS^T buffers (free once both warpgroups' last dQ wgmma is done), then
@@ -95,7 +95,7 @@ inline bool needs_general(const BwdParams& p) {
 }
 
 // Dropout with no bias, no dbias, and no mask or a key mask (constant along the queries): the
-// dropout kernel's shapes (kBwdDropoutPlain).
+// shapes of the plain kernel with dropout (kBwdDropoutPlain).
 inline bool dropout_alone(const BwdParams& p) {
   return p.dropout_p > 0.0 && !p.bias && !p.dbias && (!p.mask || p.mask_s.q == 0 || p.n_q == 1);
 }
