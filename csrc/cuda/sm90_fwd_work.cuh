@@ -61,7 +61,7 @@ constexpr bool kFwdBias3WG = true;
 // general kernel (which also reads the bias and any mask). d = 64 keeps 2 consumer warpgroups:
 // on 3 in ping-pong (160 registers each, as the plain kernel) ptxas spilled 452 bytes (compiled
 // only). A/B on an H200 (bf16, dropout 0.1, 1k / 4k / 16k, two rounds, NOTES.md, GPU record
-// 2026-11-29 15:00, with kBwdDropoutPlain): forward d64 218 / 232 / 235 TFLOP/s against 181 / 194 /
+// 2026-11-29 14:30, with kBwdDropoutPlain): forward d64 218 / 232 / 235 TFLOP/s against 181 / 194 /
 // 197, d128 324 / 348 / 353 against 262 / 278 / 276.
 constexpr bool kFwdDropoutPlain = true;
 
