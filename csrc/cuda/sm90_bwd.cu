@@ -516,14 +516,9 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
       }
       uint32_t pa[kKP][4];   // P^T (dropout: P^T Z) as A fragments (16-bit)
       uint32_t dsa[kKP][4];  // dS^T as A fragments
-      // Without dropout: P^T packed while dP^T computes, then dS^T = P^T (dP^T - D[query]).
-      auto plain_ds = [&] {
-#pragma unroll
-        for (int kk = 0; kk < kKP; ++kk) acc_to_a<T>(pa[kk], s, kk);
-        // ptxas puts this wait ahead of the exponentials above in the plain d = 128 kernels (so
-        // they do not run beside dP^T). wgmma_wait_group_behind keeps it behind them, but the
-        // backward ran 2-3% slower that way (H200 A/B, benchmarks/results/H200-ab-wait-behind.txt);
-        // at d = 64 it made ptxas serialize the wgmmas (C7512).
+      // dP^T waited for, then dS^T = P^T (dP^T Z - D[query]) packed; z_of(nt, e): element e of
+      // n-tile nt's Z (1 without dropout: the product folds away).
+      auto wait_form_ds = [&](auto z_of) {
         wgmma_wait_group<0>();
         fence_regs(dp);
 #pragma unroll
@@ -531,10 +526,20 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
           const int c = 8 * nt + 2 * (lane % 4);
           const float2 dd = *reinterpret_cast<const float2*>(&sm.dsum[st][c]);
 #pragma unroll
-          for (int e = 0; e < 4; ++e) dp[nt][e] = s[nt][e] * (dp[nt][e] - (e % 2 ? dd.y : dd.x));
+          for (int e = 0; e < 4; ++e) dp[nt][e] = s[nt][e] * (dp[nt][e] * z_of(nt, e) - (e % 2 ? dd.y : dd.x));
         }
 #pragma unroll
         for (int kk = 0; kk < kKP; ++kk) acc_to_a<T>(dsa[kk], dp, kk);
+      };
+      // Without dropout: P^T packed while dP^T computes, then dS^T = P^T (dP^T - D[query]).
+      // ptxas puts the wait ahead of the exponentials above in the plain d = 128 kernels (so they
+      // do not run beside dP^T). wgmma_wait_group_behind keeps it behind them, but the backward ran
+      // 2-3% slower that way (H200 A/B, benchmarks/results/H200-ab-wait-behind.txt); at d = 64 it
+      // made ptxas serialize the wgmmas (C7512).
+      auto plain_ds = [&] {
+#pragma unroll
+        for (int kk = 0; kk < kKP; ++kk) acc_to_a<T>(pa[kk], s, kk);
+        wait_form_ds([](int, int) { return 1.f; });
       };
       if constexpr (kDropout && kBwdDropoutBitsFirst) {
         // kBwdDropoutBitsFirst: every keep bit first (2 registers at d = 64), then P^T Z packed,
@@ -559,20 +564,10 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
             const int nt = 2 * kk + r / 2, e = 2 * (r % 2);  // acc_to_a's order
             pa[kk][r] = pack2<T>(s[nt][e] * z_of(nt, e), s[nt][e + 1] * z_of(nt, e + 1));
           }
-        // ptxas hoists this wait ahead of the draws and packing above (sm90.cuh); kept behind them
+        // ptxas hoists the wait ahead of the draws and packing above (sm90.cuh); kept behind them
         // with wgmma_wait_group_behind, ptxas spilled 388 / 152 bytes (d 64 / 128) and serialized
         // the d = 64 wgmmas (C7512).
-        wgmma_wait_group<0>();
-        fence_regs(dp);
-#pragma unroll
-        for (int nt = 0; nt < kNS; ++nt) {
-          const int c = 8 * nt + 2 * (lane % 4);
-          const float2 dd = *reinterpret_cast<const float2*>(&sm.dsum[st][c]);
-#pragma unroll
-          for (int e = 0; e < 4; ++e) dp[nt][e] = s[nt][e] * (dp[nt][e] * z_of(nt, e) - (e % 2 ? dd.y : dd.x));
-        }
-#pragma unroll
-        for (int kk = 0; kk < kKP; ++kk) acc_to_a<T>(dsa[kk], dp, kk);
+        wait_form_ds(z_of);
       } else if (kDropout || (kGeneral && kFull && drop.on)) {
         // Z = keep / (1 - p) or 0 (the forward's Philox words): dV takes (P^T Z) dO and
         // dS^T = P^T (dP^T Z - D). Both need P^T whole, so dP^T is waited for first.
