@@ -73,7 +73,7 @@ constexpr bool kBwdDropoutPlain = true;
 // instead of each n-tile pair's bits drawn beside its products and all packed at the end. Meant to
 // run beside dP^T (the plain kernel packs P^T there), but ptxas hoists the dP^T wait ahead of it all
 // the same (kept behind with wgmma_wait_group_behind: 388 / 152 bytes of spill, serialized wgmmas at
-// d = 64). What is left is the order: ptxas spills 64 bytes at d = 64 (76 / 100 without), none at
+// d = 64). What is left is the order: ptxas spills 72 bytes at d = 64 (76 / 100 without), none at
 // d = 128 (8). Compiled only, not run on a GPU (NOTES.md, "Dropout on the plain kernels", item 5).
 constexpr bool kBwdDropoutBitsFirst = false;
 
