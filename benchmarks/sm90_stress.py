@@ -30,8 +30,8 @@ def rel(a, b):
     rounding tie in 1 of 4-8 elements, and two kernels whose 1 / l differ in the last bit (my
     reading: P = 2^(s c - m c) from one fma leaves l a last bit off 1 in the Hopper plain kernel)
     break those ties differently; the dk noise of the Hopper plain dropout kernel and sm80's then
-    differed by rel 3.8e-2 at a 1e-2 floor (case 337; 2.6e-3 for dq). Inputs are randn, so real gradients
-    are ~0.1-1 an element, above the floor, and garbage in a zero gradient still fails."""
+    differed by rel 3.8e-2 at a 1e-2 floor (case 337; 2.6e-3 for dq). Inputs are randn, so real
+    gradients are ~0.1-1 an element, above the floor, and garbage in a zero gradient still fails."""
     a, b = a.double(), b.double()
     floor = 5e-2 * max(b.numel(), 1) ** 0.5
     return ((a - b).norm() / b.norm().clamp_min(floor)).item()

@@ -105,6 +105,12 @@ struct Dropout {
   __device__ __forceinline__ bool keep_hi(uint32_t word) const { return word >= (threshold << 16); }
 };
 
+// Dropout with no bias and no mask or a key mask (constant along the queries): the shapes the
+// Hopper plain kernels take with their dropout draws (kFwdDropoutPlain, kBwdDropoutPlain).
+__host__ __device__ inline bool dropout_alone(const FwdParams& p) {
+  return p.dropout_p > 0.0 && !p.bias && (!p.mask || p.mask_s.q == 0 || p.n_q <= 1);
+}
+
 // Whether the Hopper kernels can stage the bias tiles in shared memory with TMA (a rank-4 map
 // [b, h, n_q, n_k] of the bias whose broadcast dims have size 1, read at coordinate 0; a
 // query-broadcast bias is a map of one row, read at row 0). TMA needs a unit key stride, the other

@@ -833,7 +833,7 @@ bool launch(const BwdParams& p_in, void* workspace, cudaStream_t stream, int per
       !make_map(&tv, p.dtype, p.v, p.b, p.h_kv, p.n_k, p.d_v, p.v_sb, p.v_sh, p.v_sn, Tr::kBlockN) ||
       !make_map(&tdo, p.dtype, p.dout, p.b, p.h, p.n_q, p.d_v, p.do_sb, p.do_sh, p.do_sn, Tr::kBlockM))
     return false;
-  const bool dropout_plain = kBwdDropoutPlain && dropout_alone(p);
+  const bool dropout_plain = kBwdDropoutPlain && dropout_alone(p) && !p.dbias;
   const bool general = kSm90BwdGeneral && needs_general(p) && !dropout_plain;
   if (general && TrG::kStageBias && p.bias) {  // broadcast dims (stride 0) have size 1
     const Strided4& s = p.bias_s;

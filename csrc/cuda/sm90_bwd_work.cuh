@@ -101,12 +101,6 @@ inline bool needs_general(const BwdParams& p) {
   return p.bias || p.dbias || p.dropout_p > 0.0 || (p.mask && p.mask_s.q != 0 && p.n_q > 1);
 }
 
-// Dropout with no bias, no dbias, and no mask or a key mask (constant along the queries): the
-// shapes of the plain kernel with dropout (kBwdDropoutPlain).
-inline bool dropout_alone(const BwdParams& p) {
-  return p.dropout_p > 0.0 && !p.bias && !p.dbias && (!p.mask || p.mask_s.q == 0 || p.n_q == 1);
-}
-
 // Whether sm90_bwd launches the persistent grid (else one block per work item). Measured on an
 // H200 (benchmarks/sm90_bwd_run.sh time, 2026-11-27, bwd TFLOP/s at 1k..16k): d = 64 persistent
 // +3..+5% non-causal and causal up to 4k, -5% causal at 8k / 16k; d = 128 -1..-4% non-causal and

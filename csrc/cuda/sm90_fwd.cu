@@ -740,17 +740,18 @@ inline bool needs_general(const FwdParams& p) {
 // <T, d, key tile, consumer warpgroups, ping-pong, persistent, general, full>.
 template <typename T>
 bool dispatch_dim(const FwdParams& p, cudaStream_t stream) {
+  // Dropout alone (kFwdDropoutPlain): the plain traits with the draws, 2 consumer warpgroups.
+  if constexpr (kFwdDropoutPlain) {
+    if (dropout_alone(p)) {
+      return p.d == 64 ? launch<T, 64, 128, 2, false, true, false, true>(p, stream)
+                       : launch<T, 128, 128, 2, false, true, false, true>(p, stream);
+    }
+  }
   // General: 2 consumer warpgroups at either d (240 registers each; with 3 at d = 64, dropout's
   // Philox state alone made ptxas spill 736 bytes), but 3 in ping-pong for the bias-only kernel at
   // d = 64 past 2k queries (kFwdBias3WG). Otherwise two instantiations: a bias (and a key mask)
   // only, without spills; full: also dropout and masks varying along the queries (their code made
   // ptxas spill 36 / 220 bytes at d = 64 / 128 in the bias-only case too).
-  if constexpr (kFwdDropoutPlain) {
-    if (p.dropout_p > 0.0 && !p.bias && !(p.mask && p.mask_s.q != 0 && p.n_q > 1)) {
-      return p.d == 64 ? launch<T, 64, 128, 2, false, true, false, true>(p, stream)
-                       : launch<T, 128, 128, 2, false, true, false, true>(p, stream);
-    }
-  }
   if constexpr (kSm90FwdGeneral) {
     if (needs_general(p)) {
       const bool full = p.dropout_p > 0.0 || (p.mask && p.mask_s.q != 0 && p.n_q > 1);
