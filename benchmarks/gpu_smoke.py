@@ -103,6 +103,11 @@ def main():
         (torch.bfloat16, 2, 2, 2, 130, 256, 128, 128, "bottom_right", (2, 2, 130, 256), (2, 2, 130, 256), 0.0,
          False, "sm80"),
         (torch.float16, 2, 4, 2, 200, 320, 64, 64, None, (1, 4, 200, 320), (2, 1, 1, 320), 0.1, False, "sm80"),
+        # ... dropout on the plain kernels (kSm80FwdDropoutPlain, kSm80BwdDropoutPlain): alone (the
+        # wide forward key tile, odd lengths), with key padding (the key-mask kernels at d 128 and 64).
+        (torch.bfloat16, 2, 4, 2, 200, 333, 64, 64, "bottom_right", None, None, 0.15, False, "sm80"),
+        (torch.float16, 2, 2, 1, 130, 256, 128, 128, None, None, (2, 1, 1, 256), 0.1, False, "sm80"),
+        (torch.bfloat16, 1, 2, 1, 77, 320, 64, 64, "top_left", None, (1, 1, 1, 320), 0.2, False, "sm80"),
         # ... a shared dbias (over batch and heads) from the dS fragments at d 128, causal.
         (torch.bfloat16, 2, 2, 2, 130, 256, 128, 128, "top_left", (1, 1, 130, 256), None, 0.0, False, "sm80"),
         # sm80 native head dims: 32 and 96 (d != d_v), the split backward over 192 and 256 columns

@@ -762,12 +762,55 @@ def test_dropout_tensor_core_paths(path, dtype, d, causal, key_mask):
         assert re.search(r"sm90_fwd_kernel<[^<>]*Sm90FwdTraits<[^<>]*false>, false, true>", kernels), kernels[:800]
         assert re.search(r"sm90_bwd_kernel<[^<>]*Sm90BwdTraits<[^<>]*false>, false, false, true, true, true>",
                          kernels), kernels[:800]
+    if path == "sm80" and dtype != torch.float32:
+        import re
+        kernels = " ".join(e.name for e in prof.events())
+        # The sm80 plain kernels with kDropout (kSm80FwdDropoutPlain, kSm80BwdDropoutPlain: <T, traits,
+        # kGeneral false, kStaged false, kKeyMask, ..., kDropout true>). The forward's key-mask kernel
+        # stages whole 16-byte chunks of the mask rows, so n_k = 333 with a key mask takes the general one.
+        if not key_mask:
+            assert re.search(r"sm80_fwd_kernel<[^<>]*FwdTraits<[^<>]*>, false, false, false, true>", kernels), \
+                kernels[:800]
+        assert re.search(r"sm80_bwd_kernel<[^<>]*BwdTraits<[^<>]*>, false, false, (?:true|false), false, false, false, "
+                         r"true>", kernels), kernels[:800]
     q64, k64, v64 = (as_double_leaf(t) for t in (q, k, v))
     ref = reference.attention(q64, k64, v64, mask=mask, causal=causal, dropout_p=0.15, rng_state=rng)
     assert_close(out, ref, TOL[dtype])
     ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
     for name, g, rg in zip(("dq", "dk", "dv"), grads, ref_grads):
         assert_close(g, rg, GRAD_TOL[dtype], name, GRAD_FLOOR)
+
+
+@needs_cuda
+@pytest.mark.parametrize("path", ["auto", "sm80"])
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("key_mask", [False, True])
+def test_dropout_mask_tensor_core_kernels(path, dtype, d, key_mask):
+    """The keep mask of the tensor-core dropout kernels (the plain ones with the draws on either
+    path) equals reference.dropout_keep_mask bit for bit: with v the identity's columns, out[i, j] is
+    nonzero exactly where key j is kept (and visible). d columns of the identity a call."""
+    b, h, h_kv, n_q, n_k, p = 2, 4, 2, 200, 333, 0.3
+    q = randn(b, h, n_q, d, dtype=dtype, device="cuda", scale=0.1)  # small scores: no P underflows
+    k = randn(b, h_kv, n_k, d, dtype=dtype, device="cuda")
+    mask = None
+    visible = torch.ones(b, 1, 1, n_k, dtype=torch.bool)
+    if key_mask:
+        mask = torch.rand(b, 1, 1, n_k, device="cuda") > 0.3
+        mask[..., :1] = True
+        visible = mask.cpu()
+    rng_state = torch.tensor([987654321, 5], dtype=torch.int64, device="cuda")
+    keep = reference.dropout_keep_mask(rng_state, b, h, n_q, n_k, p) & visible
+    eye = torch.eye(n_k, dtype=dtype, device="cuda")
+    with flash_mha.force_kernel(path):
+        for start in range(0, n_k, d):
+            cols = min(d, n_k - start)
+            v = torch.zeros(n_k, d, dtype=dtype, device="cuda")
+            v[:, :cols] = eye[:, start:start + cols]
+            v = v.expand(b, h_kv, n_k, d).contiguous()
+            out, _, _ = torch.ops.flash_mha.fwd(q, k, v, None, mask, 0.5, 0, p, rng_state)
+            assert torch.equal((out[..., :cols] != 0).cpu(), keep[..., start:start + cols]), (
+                f"dropout mask != reference.dropout_keep_mask (keys {start}..{start + cols - 1})")
 
 
 def _repeated_deterministic_grads(q, k, v, bias, mask, causal, dropout_p, dout, repeats, path="auto"):

@@ -75,6 +75,15 @@ constexpr bool kSm80FragSharedDbias = true;
 // full-bias backward d64 +16-21%, d128 +9%; head-broadcast d64 +10-21%, d128 +8-16%; forward unchanged.
 constexpr bool kSm80BwdBiasOnly = true;
 
+// Dropout without a bias, a dbias or a query-varying mask (dropout alone, or with key padding) runs
+// on the plain kernels with kDropout (16-bit, d = 64 and 128: two key m-tiles per warp at d = 64, the
+// split layout at 128) instead of the general kernel: the folded scale, the plain tiling. The keep
+// bits are the general kernel's (dropout_bits_keyrows). Adds 8 kernels. A/B on an H200 (bf16,
+// dropout 0.1, sm80 forced, 1k / 4k / 16k, two rounds; NOTES.md, 2026-11-29 15:45): backward d64
+// 200 / 232 / 242 TFLOP/s against 89 / 96 / 98, d128 195 / 224 / 232 against 112 / 120 / 123 (ptxas,
+// sm_90a: 24 and 112 bytes of spill); d64 with one key m-tile per warp (no spill) 190 / 221 / 230.
+constexpr bool kSm80BwdDropoutPlain = true;
+
 // kMT: key m-tiles (16 keys each) per warp. 2 (the 16-bit plain kernels at d = 64): each Q / dO
 // fragment read from shared memory feeds both m-tiles, and a block covers 128 keys (half the dQ
 // atomics and Q / dO loads per key), with 32-query tiles so that S^T, dP^T (32 + 32 registers) fit
@@ -324,9 +333,11 @@ StagedPlan staged_plan(const BwdParams& p) {
 // kFragShared (the staged general kernel, 16-bit; kSm80FragSharedDbias): a shared dbias added from
 // the dQ phase's dS fragments; the launch has checked frag_shared_dbias_ok.
 // kBiasOnly (the staged general kernel; kSm80BwdBiasOnly): a bias, no mask, no dropout.
+// kDropout (with !kGeneral; kSm80BwdDropoutPlain): the plain kernel (or with kKeyMask) plus dropout.
 template <typename T, typename Tr, bool kGeneral, bool kStaged, bool kKeyMask = false, bool kOrdered = false,
-          bool kFragShared = false, bool kBiasOnly = false>
+          bool kFragShared = false, bool kBiasOnly = false, bool kDropout = false>
 __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams p, BwdWorkspace ws) {
+  static_assert(!kDropout || !kGeneral, "kDropout: the plain kernels (the general one draws at run time)");
   constexpr int kD = Tr::kD, kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kThreads = Tr::kThreads;
   constexpr int kWarpKeys = Tr::kWarpKeys, kDsCols = Tr::kDsCols, kDqMT = Tr::kDqMT;
   constexpr int kKT = kWarpKeys / 16;  // key m-tiles of a warp
@@ -697,9 +708,9 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
       // Dropout keep bits first (bit 4 nt + e: element e of n-tile nt is kept), so that the loop
       // below has no branch to split it.
       uint32_t keep_all = 0xffffffffu;
-      if constexpr (kGeneral) {
+      if constexpr (kGeneral || kDropout) {
         static_assert(kKT * kNS <= 8, "4 keep bits per n-tile in one word");
-        if (!kBiasOnly && drop.on) {
+        if (kDropout || (!kBiasOnly && drop.on)) {
           keep_all = 0;
 #pragma unroll
           for (int mt = 0; mt < kKT; ++mt)
@@ -719,7 +730,7 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
             // -inf or lse = +inf -> 0. The plain kernels fold the scale in (scale > 0, see launch).
             const float P = kGeneral ? ex2_approx(s[mt][nt][e] - sm.lse2[st][q])
                                      : ex2_approx(fmaf(s[mt][nt][e], ctx.scale_log2, -sm.lse2[st][q]));
-            const float z = !kGeneral || kBiasOnly ? 1.f : (keep >> e) & 1 ? drop.keep_scale : 0.f;  // no dropout
+            const float z = (!kGeneral && !kDropout) || kBiasOnly ? 1.f : (keep >> e) & 1 ? drop.keep_scale : 0.f;
             dp[mt][nt][e] = P * (dp[mt][nt][e] * z - sm.dsum[st][q]);
             s[mt][nt][e] = P * z;
           }
@@ -999,12 +1010,15 @@ constexpr bool kPlainSplit = sizeof(T) == 2 && (kD > 128 || (kSplitPlain128 && k
 // scale_foldable, since a masked score's -inf times the scale must stay -inf), the plain one with
 // kKeyMask (a key mask alone: key padding), or the general one (bias, dbias, any other mask,
 // dropout, other scales).
+// drop_plain (the launch's kDropKernels): dropout may take the plain kernels (kDropout).
 struct BwdKind {
-  bool key_mask, general;
-  explicit BwdKind(const BwdParams& p) {
+  bool key_mask, general, dropout;
+  BwdKind(const BwdParams& p, bool drop_plain) {
     const bool scale_ok = scale_foldable(p.scale);
-    key_mask = scale_ok && p.mask && !p.bias && !p.dbias && p.dropout_p == 0.0 && (p.mask_s.q == 0 || p.n_q == 1);
-    general = !key_mask && (p.bias || p.mask || p.dropout_p > 0.0 || p.dbias || !scale_ok);
+    const bool key_only = p.mask && (p.mask_s.q == 0 || p.n_q == 1);  // a mask constant along the queries
+    dropout = drop_plain && scale_ok && p.dropout_p > 0.0 && !p.bias && !p.dbias && (!p.mask || key_only);
+    key_mask = scale_ok && key_only && !p.bias && !p.dbias && (p.dropout_p == 0.0 || dropout);
+    general = !key_mask && !dropout && (p.bias || p.mask || p.dropout_p > 0.0 || p.dbias || !scale_ok);
   }
 };
 
@@ -1021,9 +1035,11 @@ void launch(const BwdParams& p, void* workspace, cudaStream_t stream) {
   // dbias is the contiguous [b, h, n_q, n_k] tensor ops.cpp allocates (no broadcast dims).
   if (kDirectDbias && ws.dbias_direct && (p.causal != Causal::kNone || p.mask))
     cudaMemsetAsync(p.dbias, 0, static_cast<size_t>(p.b * p.h * p.n_q * p.n_k) * sizeof(T), stream);
-  const BwdKind kind(p);
+  constexpr bool kDropKernels = kSm80BwdDropoutPlain && sizeof(T) == 2 && kDn == kD && kD <= 128;
+  const BwdKind kind(p, kDropKernels);
   // Deterministic mode: the general kernel with kOrdered (one instantiation per tile width).
   const bool key_mask = kind.key_mask && !p.deterministic, general = kind.general || p.deterministic;
+  const bool drop = kind.dropout && !p.deterministic;
   // The split kernel's dQ accumulator is DqRows16, the others' DqTiles (see there).
   const bool split = kPlainSplit<T, kD> && (!general || kD > 128);
   auto run = [&](auto kernel, auto traits, int64_t smem) {
@@ -1060,6 +1076,15 @@ void launch(const BwdParams& p, void* workspace, cudaStream_t stream) {
     auto plain = [&](auto traits, auto mask_traits) {
       using Tk = decltype(traits);
       using Tm = decltype(mask_traits);
+      if constexpr (kDropKernels) {
+        if (drop) {
+          if (key_mask)
+            run(sm80_bwd_kernel<T, Tm, false, false, true, false, false, false, true>, Tm(), Tm::kSmemBytes);
+          else
+            run(sm80_bwd_kernel<T, Tk, false, false, false, false, false, false, true>, Tk(), Tk::kSmemBytes);
+          return;
+        }
+      }
       if (key_mask)
         run(sm80_bwd_kernel<T, Tm, false, false, true>, Tm(), Tm::kSmemBytes);
       else

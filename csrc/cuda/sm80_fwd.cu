@@ -26,6 +26,17 @@ namespace {
 // the bias with a key mask 247 / 268 / 273 against 98 / 97 / 98.
 constexpr bool kSm80FwdStageD256 = true;
 
+// Dropout without a bias and without a query-varying mask (dropout alone, or with key padding whose
+// rows key_mask_ok takes) runs on the plain kernels with kDropout (16-bit, d = 64 and 128; the wide
+// key tile where it fits, as the plain kernels) instead of the general kernel: the folded scale, the
+// lazy rescale, the wide tile. The draws are the general kernel's, applied to P packed to 16 bits
+// (dropout_packed_step; ptxas, sm_90a: the wide d64 / d128 dropout kernels spill 156 / 56 bytes that
+// way, 784 / 240 with the draws on the float scores). Adds 14 kernels. A/B on an H200 (bf16, dropout
+// 0.1, sm80 forced, 1k / 4k / 16k, two rounds; NOTES.md, 2026-11-29 15:45): forward d64 198 / 212 /
+// 215 TFLOP/s against 170 / 182 / 186, d128 265 / 285 / 290 against 217 / 238 / 247; the narrow key
+// tiles only (12 / 24 bytes of spill) 196 / 208 / 211 and 233 / 250 / 255.
+constexpr bool kSm80FwdDropoutPlain = true;
+
 template <typename T, int kD_, bool kWide_ = false, int kDn_ = kD_>
 struct FwdTraits {
   // kD: the shared tiles' width (64, 128, 256: the swizzle takes rows of 8 16-byte chunks and more);
@@ -109,9 +120,10 @@ bool scores_stageable(const FwdParams& p) {
 // padding, per batch and / or head) and nothing else general, whose rows come in whole, aligned
 // 16-byte chunks of the key tile (unit key stride, n_k, the batch / head strides and the base in
 // multiples of 16 bytes).
-inline bool key_mask_ok(const FwdParams& p, int block_n) {
+// with_dropout: the key-mask kernel with kDropout takes dropout too.
+inline bool key_mask_ok(const FwdParams& p, int block_n, bool with_dropout = false) {
   const Strided4& m = p.mask_s;
-  return p.mask && !p.bias && p.dropout_p == 0.0 && (m.q == 0 || p.n_q == 1) && m.k == 1 && m.b % 16 == 0 &&
+  return p.mask && !p.bias && (with_dropout || p.dropout_p == 0.0) && (m.q == 0 || p.n_q == 1) && m.k == 1 && m.b % 16 == 0 &&
          m.h % 16 == 0 && p.n_k % 16 == 0 && block_n % 16 == 0 && (reinterpret_cast<uintptr_t>(p.mask) & 15) == 0;
 }
 
@@ -130,12 +142,14 @@ __device__ __forceinline__ bool staged_mask_any(const uint8_t* mask, int row0, i
 }
 
 // kKeyMask (with !kGeneral): the plain kernel plus a key mask (a mask constant along the queries, no
-// bias, no dropout: key padding), its rows staged with K / V (key_mask_ok).
+// bias: key padding), its rows staged with K / V (key_mask_ok).
+// kDropout (with !kGeneral; kSm80FwdDropoutPlain): the plain kernel plus dropout.
 // kGeneral: bias, mask or dropout present (Philox, and the bias / mask staged in shared memory when
 // kStaged, else loaded per element); otherwise the score epilogue is a multiply plus, on bound /
 // diagonal tiles only, an integer visibility test.
-template <typename T, typename Tr, bool kGeneral, bool kStaged, bool kKeyMask = false>
+template <typename T, typename Tr, bool kGeneral, bool kStaged, bool kKeyMask = false, bool kDropout = false>
 __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(const FwdParams p) {
+  static_assert(!kDropout || !kGeneral, "kDropout: the plain kernels (the general one draws at run time)");
   constexpr int kD = Tr::kD, kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kThreads = Tr::kThreads;
   constexpr int kMT = Tr::kMT;
   constexpr int kNS = kBlockN / 8;    // score n-tiles per m-tile
@@ -354,12 +368,27 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(
         }
       }
 
-      // O += P V
+      // O += P V. kDropout: P packed first, then each 16-key step's keep bits drawn and applied to
+      // the packed pairs (dropout_packed_step).
+      [[maybe_unused]] Frag<T> pk[kDropout ? kBlockN / 16 : 1][kMT];
+      if constexpr (kDropout) {
+#pragma unroll
+        for (int kk = 0; kk < kBlockN / 16; ++kk)
+#pragma unroll
+          for (int mt = 0; mt < kMT; ++mt) acc_to_frag(pk[kk][mt], s[mt], kk);
+      }
 #pragma unroll
       for (int kk = 0; kk < kBlockN / kMmaK<T>; ++kk) {
         Frag<T> a[kMT];
 #pragma unroll
-        for (int mt = 0; mt < kMT; ++mt) acc_to_frag(a[mt], s[mt], kk);
+        for (int mt = 0; mt < kMT; ++mt) {
+          if constexpr (kDropout) {
+            a[mt] = pk[kk][mt];
+            dropout_packed_step(drop, bh, i0 + row_base + 16 * mt, j0 + 16 * kk, a[mt].r);
+          } else {
+            acc_to_frag(a[mt], s[mt], kk);
+          }
+        }
 #pragma unroll
         for (int np = 0; np < kNO / 2; ++np) {
           if (!Tr::kGuardDims || 16 * np < dv) {
@@ -423,8 +452,23 @@ void launch(const FwdParams& p, cudaStream_t stream) {
   if (blocks == 0) return;
   // The plain kernels take the row maximum of the raw scores (SplitSoftmax).
   const bool scale_ok = scale_foldable(p.scale);
-  const bool key_mask = scale_ok && key_mask_ok(p, Tr::kBlockN);
-  const bool general = !key_mask && (p.bias || p.mask || p.dropout_p > 0.0 || !scale_ok);
+  // kSm80FwdDropoutPlain: dropout alone or with a key mask on the plain kernels (kDropout).
+  constexpr bool kDropKernels = kSm80FwdDropoutPlain && sizeof(T) == 2 && kDn == kD && kD <= 128;
+  const bool drop = kDropKernels && scale_ok && p.dropout_p > 0.0 && !p.bias &&
+                    (!p.mask || key_mask_ok(p, Tr::kBlockN, true));
+  const bool key_mask = scale_ok && key_mask_ok(p, Tr::kBlockN, drop);
+  const bool general = !key_mask && !drop && (p.bias || p.mask || p.dropout_p > 0.0 || !scale_ok);
+  // The plain kernel of traits Tx, with kKeyMask / kDropout as the call needs.
+  auto plain_kernel = [&](auto traits) {
+    using Tx = decltype(traits);
+    auto kernel = key_mask ? sm80_fwd_kernel<T, Tx, false, false, true> : sm80_fwd_kernel<T, Tx, false, false>;
+    if constexpr (kDropKernels) {
+      if (drop)
+        kernel = key_mask ? sm80_fwd_kernel<T, Tx, false, false, true, true>
+                          : sm80_fwd_kernel<T, Tx, false, false, false, true>;
+    }
+    return kernel;
+  };
   if constexpr (sizeof(T) == 2 && kD <= 128) {
     // The wide key tile where two blocks (and the 1 KiB each reserves) fit an SM: H100 / H200, A100
     // (164 KiB) at d = 64 only, not sm_86 / sm_89 (100 KiB), where it would halve the warps per SM.
@@ -433,12 +477,11 @@ void launch(const FwdParams& p, cudaStream_t stream) {
     constexpr bool kWideKeyMask = kD == 128;
     if (!general && (kWideKeyMask || !key_mask) && 2 * (Wide::kKeyMaskSmem + 1024) <= max_smem_per_sm()) {
       auto kernel = sm80_fwd_kernel<T, Wide, false, false>;
-      int64_t smem = Wide::smem_bytes(false);
+      int64_t smem = key_mask ? Wide::kKeyMaskSmem : Wide::smem_bytes(false);
       if constexpr (kWideKeyMask) {
-        if (key_mask) {
-          kernel = sm80_fwd_kernel<T, Wide, false, false, true>;
-          smem = Wide::kKeyMaskSmem;
-        }
+        kernel = plain_kernel(Wide());
+      } else if constexpr (kDropKernels) {
+        if (drop) kernel = sm80_fwd_kernel<T, Wide, false, false, false, true>;
       }
       allow_smem(kernel, smem);
       kernel<<<static_cast<unsigned>(blocks), Wide::kThreads, smem, stream>>>(p);
@@ -447,14 +490,11 @@ void launch(const FwdParams& p, cudaStream_t stream) {
   }
   const bool staged = general && scores_stageable<T, Tr>(p);
   int64_t smem = Tr::smem_bytes(staged);
-  auto kernel = general ? sm80_fwd_kernel<T, Tr, true, false> : sm80_fwd_kernel<T, Tn, false, false>;
+  auto kernel = general ? sm80_fwd_kernel<T, Tr, true, false> : plain_kernel(Tn());
   if constexpr (Tr::kStage) {
     if (staged) kernel = sm80_fwd_kernel<T, Tr, true, true>;
   }
-  if (key_mask) {
-    kernel = sm80_fwd_kernel<T, Tn, false, false, true>;
-    smem = Tn::kKeyMaskSmem;
-  }
+  if (key_mask) smem = Tn::kKeyMaskSmem;
   allow_smem(kernel, smem);
   kernel<<<static_cast<unsigned>(blocks), Tr::kThreads, smem, stream>>>(p);
 }

@@ -516,21 +516,6 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
       }
       uint32_t pa[kKP][4];   // P^T (dropout: P^T Z) as A fragments (16-bit)
       uint32_t dsa[kKP][4];  // dS^T as A fragments
-      // dP^T waited for, then dS^T = P^T (dP^T Z - D[query]) packed; z_of(nt, e): element e of
-      // n-tile nt's Z (1 without dropout: the product folds away).
-      auto wait_form_ds = [&](auto z_of) {
-        wgmma_wait_group<0>();
-        fence_regs(dp);
-#pragma unroll
-        for (int nt = 0; nt < kNS; ++nt) {
-          const int c = 8 * nt + 2 * (lane % 4);
-          const float2 dd = *reinterpret_cast<const float2*>(&sm.dsum[st][c]);
-#pragma unroll
-          for (int e = 0; e < 4; ++e) dp[nt][e] = s[nt][e] * (dp[nt][e] * z_of(nt, e) - (e % 2 ? dd.y : dd.x));
-        }
-#pragma unroll
-        for (int kk = 0; kk < kKP; ++kk) acc_to_a<T>(dsa[kk], dp, kk);
-      };
       // Without dropout: P^T packed while dP^T computes, then dS^T = P^T (dP^T - D[query]).
       // ptxas puts the wait ahead of the exponentials above in the plain d = 128 kernels (so they
       // do not run beside dP^T). wgmma_wait_group_behind keeps it behind them, but the backward ran
@@ -539,36 +524,19 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
       auto plain_ds = [&] {
 #pragma unroll
         for (int kk = 0; kk < kKP; ++kk) acc_to_a<T>(pa[kk], s, kk);
-        wait_form_ds([](int, int) { return 1.f; });
-      };
-      if constexpr (kDropout && kBwdDropoutBitsFirst) {
-        // kBwdDropoutBitsFirst: every keep bit first (2 registers at d = 64), then P^T Z packed,
-        // then dS^T = P^T (dP^T Z - D) from the float P^T. Bit 4 nt + e of the keep stream (word
-        // nt / 8) is element e of n-tile nt.
-        const uint64_t bh = static_cast<uint64_t>(w.bi) * p.h + hi;
-        static_assert(kNS % 2 == 0, "keep bits come per n-tile pair");
-        uint32_t keep_bits[(kNS + 7) / 8];
+        wgmma_wait_group<0>();
+        fence_regs(dp);
 #pragma unroll
-        for (int nt = 0; nt < kNS; nt += 2) {
-          const uint32_t pair = dropout_bits_keyrows(drop, bh, key0, i0, nt) & 0xffu;
-          if (nt % 8 == 0) keep_bits[nt / 8] = pair;
-          else keep_bits[nt / 8] |= pair << (4 * (nt % 8));
+        for (int nt = 0; nt < kNS; ++nt) {
+          const int c = 8 * nt + 2 * (lane % 4);
+          const float2 dd = *reinterpret_cast<const float2*>(&sm.dsum[st][c]);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) dp[nt][e] = s[nt][e] * (dp[nt][e] - (e % 2 ? dd.y : dd.x));
         }
-        auto z_of = [&](int nt, int e) {
-          return (keep_bits[nt / 8] >> (4 * (nt % 8) + e)) & 1 ? drop.keep_scale : 0.f;
-        };
 #pragma unroll
-        for (int kk = 0; kk < kKP; ++kk)
-#pragma unroll
-          for (int r = 0; r < 4; ++r) {
-            const int nt = 2 * kk + r / 2, e = 2 * (r % 2);  // acc_to_a's order
-            pa[kk][r] = pack2<T>(s[nt][e] * z_of(nt, e), s[nt][e + 1] * z_of(nt, e + 1));
-          }
-        // ptxas hoists the wait ahead of the draws and packing above (sm90.cuh); kept behind them
-        // with wgmma_wait_group_behind, ptxas spilled 388 / 152 bytes (d 64 / 128) and serialized
-        // the d = 64 wgmmas (C7512).
-        wait_form_ds(z_of);
-      } else if (kDropout || (kGeneral && kFull && drop.on)) {
+        for (int kk = 0; kk < kKP; ++kk) acc_to_a<T>(dsa[kk], dp, kk);
+      };
+      if (kDropout || (kGeneral && kFull && drop.on)) {
         // Z = keep / (1 - p) or 0 (the forward's Philox words): dV takes (P^T Z) dO and
         // dS^T = P^T (dP^T Z - D). Both need P^T whole, so dP^T is waited for first.
         const uint64_t bh = static_cast<uint64_t>(w.bi) * p.h + hi;

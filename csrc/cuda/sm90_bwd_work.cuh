@@ -69,13 +69,6 @@ static_assert(!kBwdDbiasD64 || kBwdStageBiasD64, "kBwdDbiasD64 needs kBwdStageBi
 // persistent grid: 251 / 294 / 308-311 against 237 / 279 / 292-296, causal 1k / 4k 193-194 / 269-273
 // against 183 / 249-251.
 constexpr bool kBwdDropoutPlain = true;
-// With kBwdDropoutPlain: every keep bit of the tile drawn first, then P^T Z packed, then dS^T,
-// instead of each n-tile pair's bits drawn beside its products and all packed at the end. Meant to
-// run beside dP^T (the plain kernel packs P^T there), but ptxas hoists the dP^T wait ahead of it all
-// the same (kept behind with wgmma_wait_group_behind: 388 / 152 bytes of spill, serialized wgmmas at
-// d = 64). What is left is the order: ptxas spills 72 bytes at d = 64 (76 / 100 without), none at
-// d = 128 (8). Compiled only, not run on a GPU (NOTES.md, "Dropout on the plain kernels", item 5).
-constexpr bool kBwdDropoutBitsFirst = false;
 
 // dK / dV leave through shared memory: each consumer warpgroup writes its [64 keys, d] parts into
 // its own key rows of the two dS^T buffers (free once both warpgroups' last dQ wgmma is done), then

@@ -355,6 +355,23 @@ __device__ __forceinline__ void dropout_tile_rows(const Dropout& drop, uint64_t 
   }
 }
 
+// dropout_tile_rows on P already packed to 16-bit A fragments (acc_to_a: a[2 u + h] holds columns
+// 8 u + 2 (lane % 4), + 1 of row lane / 4 + 8 h of a [16, 16] step at col0): the same draw and
+// decisions, applied as masks (a dropped element becomes +0). The sm80 plain forward with kDropout
+// packs the whole tile first, so that the draws run beside half the registers of the float scores.
+__device__ __forceinline__ void dropout_packed_step(const Dropout& drop, uint64_t bh, int64_t row0, int64_t col0,
+                                                    uint32_t (&a)[4]) {
+  const int lane = threadIdx.x % 32;
+  const Philox4 w = drop.words(bh, row0 + lane / 4, col0 + 2 * (lane % 4));
+#pragma unroll
+  for (int u = 0; u < 2; ++u)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t word = w.x[2 * h + u];
+      a[2 * u + h] &= (drop.keep_lo(word) ? 0x0000ffffu : 0u) | (drop.keep_hi(word) ? 0xffff0000u : 0u);
+    }
+}
+
 // Keep bits (bit 4 u + e for element e of n-tile nt0 + u) of n-tiles nt0, nt0 + 1 of a [16, 8 kN]
 // key-row tile (rows = keys key0.., key0 % 16 == 0; cols = queries q0.., (q0 + 8 nt0) % 16 == 0),
 // the backward's S^T layout: element e of n-tile nt0 + u is key key0 + lane / 4 + 8 (e / 2), query
