@@ -737,9 +737,10 @@ def test_bias_with_key_mask(path, dtype, d, causal, bias_grad, n_k):
 @pytest.mark.parametrize("key_mask", [False, True])
 def test_dropout_tensor_core_paths(path, dtype, d, causal, key_mask):
     """Dropout at the tensor-core head dims (16-bit dtypes on a compute capability 9.0 card: the
-    Hopper plain kernels with the dropout draws, which the profiler must see; else sm80): out and grads
-    against the reference with the rng_state the forward used, so the mask must be the same Philox
-    words on every path; GQA, lengths off the tile sizes, key masks."""
+    Hopper plain kernels with the dropout draws, which the profiler must see; sm80 forced: the sm80
+    plain kernels with the draws, likewise): out and grads against the reference with the
+    rng_state the forward used, so the mask must be the same Philox words on every path; GQA,
+    lengths off the tile sizes, key masks."""
     b, h, h_kv, n_q, n_k = 2, 4, 2, 200, 333
     q = randn(b, h, n_q, d, dtype=dtype, device="cuda", requires_grad=True)
     k = randn(b, h_kv, n_k, d, dtype=dtype, device="cuda", requires_grad=True)

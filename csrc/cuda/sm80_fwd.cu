@@ -37,6 +37,14 @@ constexpr bool kSm80FwdStageD256 = true;
 // tiles only (12 / 24 bytes of spill) 196 / 208 / 211 and 233 / 250 / 255.
 constexpr bool kSm80FwdDropoutPlain = true;
 
+// The key-mask kernels stage a tile's mask bytes with one byte load a thread (issued with the next
+// tile's K / V, stored to shared memory at the end of the step, so that the load has the tile's work
+// to land) instead of 16-byte cp.async chunks, so that a key mask of any length, base and strides
+// takes them (key_mask_ok's alignment conditions go): nn.MultiheadAttention's key_padding_mask at an
+// n_k off a multiple of 16 (e.g. 333) now takes the general kernel. Compiled only, not run on a GPU
+// (NOTES.md, "Next (after 2026-11-29 16:00)").
+constexpr bool kSm80FwdKeyMaskBytes = false;
+
 template <typename T, int kD_, bool kWide_ = false, int kDn_ = kD_>
 struct FwdTraits {
   // kD: the shared tiles' width (64, 128, 256: the swizzle takes rows of 8 16-byte chunks and more);
@@ -120,11 +128,13 @@ bool scores_stageable(const FwdParams& p) {
 // padding, per batch and / or head) and nothing else general, whose rows come in whole, aligned
 // 16-byte chunks of the key tile (unit key stride, n_k, the batch / head strides and the base in
 // multiples of 16 bytes).
-// with_dropout: the key-mask kernel with kDropout takes dropout too.
+// with_dropout: the key-mask kernel with kDropout takes dropout too. kSm80FwdKeyMaskBytes: any layout.
 inline bool key_mask_ok(const FwdParams& p, int block_n, bool with_dropout = false) {
   const Strided4& m = p.mask_s;
-  return p.mask && !p.bias && (with_dropout || p.dropout_p == 0.0) && (m.q == 0 || p.n_q == 1) && m.k == 1 && m.b % 16 == 0 &&
-         m.h % 16 == 0 && p.n_k % 16 == 0 && block_n % 16 == 0 && (reinterpret_cast<uintptr_t>(p.mask) & 15) == 0;
+  const bool chunks = m.k == 1 && m.b % 16 == 0 && m.h % 16 == 0 && p.n_k % 16 == 0 && block_n % 16 == 0 &&
+                      (reinterpret_cast<uintptr_t>(p.mask) & 15) == 0;
+  return p.mask && !p.bias && (with_dropout || p.dropout_p == 0.0) && (m.q == 0 || p.n_q == 1) &&
+         (kSm80FwdKeyMaskBytes || chunks);
 }
 
 // Whether any byte of a staged mask's rows [row0, row0 + kRows) (one row when ld == 0) x kBlockN keys
@@ -187,8 +197,15 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(
   }
   uint8_t* const key_mask = smem_raw + Tr::kStagedOffset;  // [2][kBlockN] (kKeyMask)
   const uint8_t* const key_mask_g = kKeyMask ? p.mask + bi * p.mask_s.b + hi * p.mask_s.h : nullptr;
+  // kSm80FwdKeyMaskBytes: this thread's byte of the next tile's key mask (key j + threadIdx.x),
+  // loaded by load_scores and stored by store_key_mask at the end of the step.
+  [[maybe_unused]] uint32_t key_mask_byte = 0;
   auto load_scores = [&](int buf, int64_t j, int valid) {
-    if constexpr (kKeyMask) {
+    if constexpr (kKeyMask && kSm80FwdKeyMaskBytes) {
+      static_assert(kBlockN <= kThreads, "one mask byte a thread");
+      const int k = static_cast<int>(threadIdx.x);
+      if (k < kBlockN) key_mask_byte = k < valid ? key_mask_g[(j + k) * p.mask_s.k] : 0u;
+    } else if constexpr (kKeyMask) {
       if (threadIdx.x < kBlockN / 16) {
         const int k = 16 * threadIdx.x;
         cp_async_16(key_mask + buf * kBlockN + k, key_mask_g + j + (k < valid ? k : 0), k < valid);
@@ -201,6 +218,11 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(
         load_score_tile<uint8_t, kBlockM, kBlockN, Tr::kMaskLd, kThreads>(stg.mask[buf], mask_g + j, p.mask_s.q, rows, valid);
     }
   };
+  auto store_key_mask = [&](int buf) {
+    if constexpr (kKeyMask && kSm80FwdKeyMaskBytes) {
+      if (threadIdx.x < kBlockN) key_mask[buf * kBlockN + threadIdx.x] = static_cast<uint8_t>(key_mask_byte);
+    }
+  };
 
   load_tile_async<kBlockM, kD, kThreads>(sm.q, qg, p.q_sn, rows, d);
   TileStream<kBlockN, kD, kThreads, T> k_stream(kg, p.k_sn, d), v_stream(vg, p.v_sn, dv);
@@ -208,6 +230,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(
     k_stream.load(sm.k[0], static_cast<int>(imin(kBlockN, p.n_k)));
     v_stream.load(sm.v[0], static_cast<int>(imin(kBlockN, p.n_k)));
     load_scores(0, 0, static_cast<int>(imin(kBlockN, p.n_k)));
+    store_key_mask(0);
   }
   cp_async_commit_group();
 
@@ -403,6 +426,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(
       static_assert(kFlushK % kBlockN == 0, "flushes at whole key tiles");
       if ((t + 1) % (kFlushK / kBlockN) == 0 && t + 1 < n_tiles) merge_part(true);
     }
+    if (t + 1 < n_tiles) store_key_mask(stage ^ 1);  // (stage ^ 1's last reader was step t - 1)
     __syncthreads();  // this stage is refilled by the next iteration's prefetch
   };
   // Key tiles [0, n_inner) need neither test for any row of the block (whole tiles below n_k and
