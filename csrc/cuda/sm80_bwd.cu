@@ -83,6 +83,12 @@ constexpr bool kSm80BwdBiasOnly = true;
 // 200 / 232 / 242 TFLOP/s against 89 / 96 / 98, d128 195 / 224 / 232 against 112 / 120 / 123 (ptxas,
 // sm_90a: 24 and 112 bytes of spill); d64 with one key m-tile per warp (no spill) 190 / 221 / 230.
 constexpr bool kSm80BwdDropoutPlain = true;
+// With kSm80BwdDropoutPlain: the d128 dropout kernel (split layout, no key mask) draws the keep
+// bits of the next iteration at the end of this one (after its dQ step, where only dK / dV are
+// live), carried in one register, instead of between the S^T / dP^T products and the P^T / dS^T
+// loop. ptxas (sm_90a): no spill, against 112 bytes (the other dropout kernels: no better, or
+// worse). Compiled only, not run on a GPU (NOTES.md, "Next (after 2026-11-29 16:00)").
+constexpr bool kSm80BwdDropoutBitsAhead = false;
 
 // kMT: key m-tiles (16 keys each) per warp. 2 (the 16-bit plain kernels at d = 64): each Q / dO
 // fragment read from shared memory feeds both m-tiles, and a block covers 128 keys (half the dQ
@@ -580,6 +586,23 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
   const bool causal = p.causal != Causal::kNone;
   // Iteration n's head kvh * group + g_n and query tile first_qt + qt_n, carried (no division).
   int64_t g_n = 0, qt_n = 0;
+  // Dropout keep bits of the warp's S^T tile of head (batch row) bh_, queries i0_ + q_off..: bit
+  // 4 (kNS mt + nt) + e keeps element e of n-tile nt of key m-tile mt.
+  auto draw_keep = [&](uint64_t bh_, int64_t i0_) {
+    static_assert(kKT * kNS <= 8, "4 keep bits per n-tile in one word");
+    uint32_t keep = 0;
+#pragma unroll
+    for (int mt = 0; mt < kKT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < kNS; nt += 2)  // 8 bits: n-tiles nt, nt + 1
+        keep |= dropout_bits_keyrows(drop, bh_, key0 + 16 * mt, i0_ + q_off, nt) << (4 * (kNS * mt + nt));
+    return keep;
+  };
+  constexpr bool kBitsAhead = kDropout && kSm80BwdDropoutBitsAhead && kSplit && !kKeyMask;
+  [[maybe_unused]] uint32_t keep_next = 0;  // kBitsAhead: the next iteration's keep bits
+  if constexpr (kBitsAhead) {
+    if (n_iters > 0) keep_next = draw_keep(static_cast<uint64_t>(bi * p.h + kvh * group), first_qt * kBlockM);
+  }
   // One iteration; kCheck (the type of check_type) compiles the bounds / diagonal test in.
   auto step = [&](const int64_t n, auto check_type) {
     constexpr bool kCheck = decltype(check_type)::value;
@@ -708,16 +731,10 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
       // Dropout keep bits first (bit 4 nt + e: element e of n-tile nt is kept), so that the loop
       // below has no branch to split it.
       uint32_t keep_all = 0xffffffffu;
-      if constexpr (kGeneral || kDropout) {
-        static_assert(kKT * kNS <= 8, "4 keep bits per n-tile in one word");
-        if (kDropout || (!kBiasOnly && drop.on)) {
-          keep_all = 0;
-#pragma unroll
-          for (int mt = 0; mt < kKT; ++mt)
-#pragma unroll
-            for (int nt = 0; nt < kNS; nt += 2)  // 8 bits: n-tiles nt, nt + 1
-              keep_all |= dropout_bits_keyrows(drop, bh, key0 + 16 * mt, i0 + q_off, nt) << (4 * (kNS * mt + nt));
-        }
+      if constexpr (kBitsAhead) {
+        keep_all = keep_next;
+      } else if constexpr (kGeneral || kDropout) {
+        if (kDropout || (!kBiasOnly && drop.on)) keep_all = draw_keep(bh, i0);
       }
 #pragma unroll
       for (int mt = 0; mt < kKT; ++mt)
@@ -970,6 +987,9 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
       __threadfence();
       __syncthreads();
       if (threadIdx.x == 0) red_release_gpu_add(ws.dq_order + static_cast<int64_t>(bh) * ws.order_ld + i0 / kBlockM, 1);
+    }
+    if constexpr (kBitsAhead) {
+      if (n + 1 < n_iters) keep_next = draw_keep(static_cast<uint64_t>(bi * p.h + hi_next), i0_next);
     }
     if (n + 1 < n_iters) store_rows(n + 1);  // stage st ^ 1's lse / D rows (its last reader is done)
     __syncthreads();  // stage st and sm.ds are overwritten next

@@ -388,6 +388,26 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
 
   Dropout drop;  // the full general kernel and the dropout kernel (kDropout): dropout
   if constexpr ((kGeneral && kFull) || kDropout) drop.init(p);
+  // kBwdDropoutBitsAhead: the keep bits of an iteration (bit 4 (nt % 8) + e of word nt / 8: element
+  // e of n-tile nt), drawn during the iteration before.
+  constexpr bool kBitsAhead = kDropout && kBwdDropoutBitsAhead;
+  static_assert(kNS % 2 == 0, "keep bits come per n-tile pair");
+  [[maybe_unused]] uint32_t keep_bits[kBitsAhead ? (kNS + 7) / 8 : 1];
+  auto draw_keep = [&](int n) {
+    if constexpr (kBitsAhead) {
+      int hi, i0;
+      w.at(n, Tr::kBlockM, hi, i0);
+      const uint64_t bh = static_cast<uint64_t>(w.bi) * p.h + hi;
+#pragma unroll
+      for (int nt = 0; nt < kNS; nt += 2) {
+        const uint32_t pair = dropout_bits_keyrows(drop, bh, key0, i0, nt) & 0xffu;
+        keep_bits[nt / 8] = nt % 8 == 0 ? pair : keep_bits[nt / 8] | pair << (4 * (nt % 8));
+      }
+    }
+  };
+  if constexpr (kBitsAhead) {
+    if (w.n_iters > 0) draw_keep(0);
+  }
   float dk[kNO][4], dv[kNO][4];  // [64 keys of the warpgroup, kD], wgmma accumulator layout
   zero_acc(dk);
   zero_acc(dv);
@@ -542,12 +562,11 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
         const uint64_t bh = static_cast<uint64_t>(w.bi) * p.h + hi;
         wgmma_wait_group<0>();
         fence_regs(dp);
-        static_assert(kNS % 2 == 0, "keep bits come per n-tile pair");
         uint32_t keep_pair = 0;
 #pragma unroll
         for (int nt = 0; nt < kNS; ++nt) {
-          if (nt % 2 == 0) keep_pair = dropout_bits_keyrows(drop, bh, key0, i0, nt);
-          const uint32_t keep = keep_pair >> (4 * (nt % 2));
+          if (!kBitsAhead && nt % 2 == 0) keep_pair = dropout_bits_keyrows(drop, bh, key0, i0, nt);
+          const uint32_t keep = kBitsAhead ? keep_bits[nt / 8] >> (4 * (nt % 8)) : keep_pair >> (4 * (nt % 2));
           const int c = 8 * nt + 2 * (lane % 4);
           const float2 dd = *reinterpret_cast<const float2*>(&sm.dsum[st][c]);
 #pragma unroll
@@ -661,6 +680,9 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
       }
       fence_proxy_async();  // generic-proxy stores -> the bulk reduction (async proxy) reads
       named_barrier_arrive(kBarDqFull, Tr::kDqSyncThreads);
+      if constexpr (kBitsAhead) {
+        if (n + 1 < w.n_iters) draw_keep(n + 1);  // beside the dK / dV wgmmas
+      }
       wgmma_wait_group<0>();
       fence_regs(dk);
       fence_regs(dv);

@@ -69,6 +69,12 @@ static_assert(!kBwdDbiasD64 || kBwdStageBiasD64, "kBwdDbiasD64 needs kBwdStageBi
 // persistent grid: 251 / 294 / 308-311 against 237 / 279 / 292-296, causal 1k / 4k 193-194 / 269-273
 // against 183 / 249-251.
 constexpr bool kBwdDropoutPlain = true;
+// With kBwdDropoutPlain: the dropout kernel draws the keep bits of its next iteration while this
+// one's dK / dV wgmmas run (between the dQ hand-off and the last wait), carried in (kBlockM / 8 + 7)
+// / 8 registers, instead of after the dP^T wait, where the draws sit between dP^T and dS^T on every
+// iteration's critical path. Compiled only, not run on a GPU (NOTES.md, "Next (after 2026-11-29
+// 16:00)").
+constexpr bool kBwdDropoutBitsAhead = false;
 
 // dK / dV leave through shared memory: each consumer warpgroup writes its [64 keys, d] parts into
 // its own key rows of the two dS^T buffers (free once both warpgroups' last dQ wgmma is done), then
