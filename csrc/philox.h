@@ -55,8 +55,8 @@ FMHA_HD Philox4 philox4x32(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
 // i without bit 3, bh, offset), key seed.
 FMHA_HD Philox4 dropout_words(uint64_t seed, uint64_t offset, uint64_t bh, uint64_t i, uint64_t j) {
   return philox4x32(static_cast<uint32_t>(((j >> 4) << 2) | ((j >> 1) & 3)),
-                       static_cast<uint32_t>(((i >> 4) << 3) | (i & 7)), static_cast<uint32_t>(bh),
-                       static_cast<uint32_t>(offset), static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+                    static_cast<uint32_t>(((i >> 4) << 3) | (i & 7)), static_cast<uint32_t>(bh),
+                    static_cast<uint32_t>(offset), static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
 }
 
 // Element (i, j)'s 16 bits of its call's words.

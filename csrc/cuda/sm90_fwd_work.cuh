@@ -55,7 +55,6 @@ constexpr bool kFwdBatchFastest = true;
 // hence the bound. Without ping-pong the 3 ran the same.
 constexpr bool kFwdBias3WG = true;
 
-
 // Dropout with no bias and no mask or a key mask: the plain kernel (its traits: no bias ring, the
 // key-mask bits) with the dropout draws (kFull in a plain instantiation), instead of the full
 // general kernel (which also reads the bias and any mask). d = 64 keeps 2 consumer warpgroups:
