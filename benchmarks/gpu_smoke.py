@@ -3,6 +3,7 @@
 Meant to run under compute-sanitizer (benchmarks/sanitize.sh): odd lengths, causal both ways,
 broadcast bias with gradient, boolean masks, dropout, GQA, every dtype. Exits non-zero on a mismatch.
 """
+import os
 import sys
 
 import torch
@@ -108,6 +109,10 @@ def main():
         (torch.bfloat16, 2, 4, 2, 200, 333, 64, 64, "bottom_right", None, None, 0.15, False, "sm80"),
         (torch.float16, 2, 2, 1, 130, 256, 128, 128, None, None, (2, 1, 1, 256), 0.1, False, "sm80"),
         (torch.bfloat16, 1, 2, 1, 77, 320, 64, 64, "top_left", None, (1, 1, 1, 320), 0.2, False, "sm80"),
+        # key masks at n_k off a multiple of 16: the narrow key-mask kernels' byte staging
+        (torch.bfloat16, 2, 2, 1, 130, 333, 128, 128, None, None, (2, 1, 1, 333), 0.0, False, "sm80"),
+        (torch.float16, 2, 4, 2, 77, 203, 64, 64, "bottom_right", None, (2, 4, 1, 203), 0.1, False, "sm80"),
+        (torch.bfloat16, 1, 2, 2, 70, 141, 128, 128, "top_left", None, (1, 1, 1, 141), 0.1, False, "sm80"),
         # ... a shared dbias (over batch and heads) from the dS fragments at d 128, causal.
         (torch.bfloat16, 2, 2, 2, 130, 256, 128, 128, "top_left", (1, 1, 130, 256), None, 0.0, False, "sm80"),
         # sm80 native head dims: 32 and 96 (d != d_v), the split backward over 192 and 256 columns
@@ -126,6 +131,15 @@ def main():
         (torch.bfloat16, 2, 4, 2, 150, 300, 128, 128, "bottom_right", (2, 4, 150, 300), None, 0.0, True, "sm80"),
         (torch.float16, 1, 2, 2, 70, 260, 96, 96, None, None, (1, 1, 1, 260), 0.1, True, "sm80"),
     ]
+    # GPU_SMOKE_SELECT="sm80 dropout mask" keeps the cases forced onto sm80, with dropout, or with a
+    # mask (any of the words), e.g. for a sanitizer run after a change to those kernels only.
+    select = os.environ.get("GPU_SMOKE_SELECT", "").split()
+    if select:
+        picks = {"sm80": lambda c: c[13:14] == ("sm80",), "dropout": lambda c: c[11] > 0, "mask": lambda c: c[10] is not None}
+        unknown = set(select) - set(picks)
+        if unknown:
+            raise SystemExit(f"GPU_SMOKE_SELECT: unknown words {sorted(unknown)}; use {sorted(picks)}")
+        cases = [c for c in cases if any(picks[w](c) for w in select)]
     results = []
     for c in cases:
         try:

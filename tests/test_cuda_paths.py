@@ -767,11 +767,11 @@ def test_dropout_tensor_core_paths(path, dtype, d, causal, key_mask):
         import re
         kernels = " ".join(e.name for e in prof.events())
         # The sm80 plain kernels with kDropout (kSm80FwdDropoutPlain, kSm80BwdDropoutPlain: <T, traits,
-        # kGeneral false, kStaged false, kKeyMask, ..., kDropout true>). The forward's key-mask kernel
-        # stages whole 16-byte chunks of the mask rows, so n_k = 333 with a key mask takes the general one.
-        if not key_mask:
-            assert re.search(r"sm80_fwd_kernel<[^<>]*FwdTraits<[^<>]*>, false, false, false, true>", kernels), \
-                kernels[:800]
+        # kGeneral false, kStaged false, kKeyMask, ..., kDropout true>). The forward's narrow key-mask
+        # kernel stages the mask rows by bytes (kSm80FwdKeyMaskBytes), so n_k = 333 takes it too.
+        km = "true" if key_mask else "false"
+        assert re.search(rf"sm80_fwd_kernel<[^<>]*FwdTraits<[^<>]*>, false, false, {km}, true>", kernels), \
+            kernels[:800]
         assert re.search(r"sm80_bwd_kernel<[^<>]*BwdTraits<[^<>]*>, false, false, (?:true|false), false, false, false, "
                          r"true>", kernels), kernels[:800]
     q64, k64, v64 = (as_double_leaf(t) for t in (q, k, v))

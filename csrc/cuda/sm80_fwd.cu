@@ -37,13 +37,18 @@ constexpr bool kSm80FwdStageD256 = true;
 // tiles only (12 / 24 bytes of spill) 196 / 208 / 211 and 233 / 250 / 255.
 constexpr bool kSm80FwdDropoutPlain = true;
 
-// The key-mask kernels stage a tile's mask bytes with one byte load a thread (issued with the next
-// tile's K / V, stored to shared memory at the end of the step, so that the load has the tile's work
-// to land) instead of 16-byte cp.async chunks, so that a key mask of any length, base and strides
-// takes them (key_mask_ok's alignment conditions go): nn.MultiheadAttention's key_padding_mask at an
-// n_k off a multiple of 16 (e.g. 333) now takes the general kernel. Compiled only, not run on a GPU
-// (NOTES.md, "Next (after 2026-11-29 16:00)").
-constexpr bool kSm80FwdKeyMaskBytes = false;
+// The narrow key-mask kernels stage a tile's mask bytes with one byte load a thread (issued with the
+// next tile's K / V, stored to shared memory at the end of the step, so that the load has the tile's
+// work to land) instead of 16-byte cp.async chunks, so that a key mask of any length, base and
+// strides takes them: nn.MultiheadAttention's key_padding_mask at an n_k off a multiple of 16 (e.g.
+// 1000) took the general kernel, 6x slower. The wide d128 key-mask kernel keeps the chunks (with
+// bytes it ran 6-8% slower), so such a mask takes it only where the chunks are whole and aligned,
+// else the narrow one. A/B on an H200 (bf16, sm80 forced, key padding; NOTES.md, 2026-11-29 17:15),
+// with bytes in every key-mask kernel: forward at n_k = 1000 (16 x 2048 / d heads) d64 0.450 ms
+// against 2.870 (the general kernel), d128 0.373 against 1.759, with dropout 0.623 / 3.115 and
+// 0.482 / 1.883; at 1k / 4k / 16k d64 306 / 340 / 348 TFLOP/s either way, d128 369-370 / 425-426 /
+// 437 against 401-402 / 451-453 / 461-465 (the wide kernel).
+constexpr bool kSm80FwdKeyMaskBytes = true;
 
 template <typename T, int kD_, bool kWide_ = false, int kDn_ = kD_>
 struct FwdTraits {
@@ -124,17 +129,26 @@ bool scores_stageable(const FwdParams& p) {
   return Tr::kStage && (p.bias || p.mask) && fits(p.bias, p.bias_s, 16 / sizeof(T)) && fits(p.mask, p.mask_s, 16);
 }
 
-// Whether the plain kernel with kKeyMask takes the call: a mask constant along the queries (key
-// padding, per batch and / or head) and nothing else general, whose rows come in whole, aligned
-// 16-byte chunks of the key tile (unit key stride, n_k, the batch / head strides and the base in
-// multiples of 16 bytes).
-// with_dropout: the key-mask kernel with kDropout takes dropout too. kSm80FwdKeyMaskBytes: any layout.
-inline bool key_mask_ok(const FwdParams& p, int block_n, bool with_dropout = false) {
+// Whether a key mask's rows come in whole, aligned 16-byte chunks of the key tile (unit key stride,
+// n_k, the batch / head strides and the base in multiples of 16 bytes), as the key-mask kernels that
+// stage them with cp.async need (key_mask_bytes).
+inline bool key_mask_chunks(const FwdParams& p) {
   const Strided4& m = p.mask_s;
-  const bool chunks = m.k == 1 && m.b % 16 == 0 && m.h % 16 == 0 && p.n_k % 16 == 0 && block_n % 16 == 0 &&
-                      (reinterpret_cast<uintptr_t>(p.mask) & 15) == 0;
-  return p.mask && !p.bias && (with_dropout || p.dropout_p == 0.0) && (m.q == 0 || p.n_q == 1) &&
-         (kSm80FwdKeyMaskBytes || chunks);
+  return m.k == 1 && m.b % 16 == 0 && m.h % 16 == 0 && p.n_k % 16 == 0 && (reinterpret_cast<uintptr_t>(p.mask) & 15) == 0;
+}
+
+// Whether the key-mask kernel of traits Tr stages the mask rows with byte loads (any layout).
+template <typename Tr>
+constexpr bool key_mask_bytes() { return kSm80FwdKeyMaskBytes && !Tr::kWide; }
+
+// Whether the plain kernel with kKeyMask takes the call: a mask constant along the queries (key
+// padding, per batch and / or head) and nothing else general, in a layout the narrow key-mask
+// kernel stages (key_mask_bytes, key_mask_chunks). with_dropout: the key-mask kernel with kDropout
+// takes dropout too.
+template <typename Tr>
+bool key_mask_ok(const FwdParams& p, bool with_dropout = false) {
+  return p.mask && !p.bias && (with_dropout || p.dropout_p == 0.0) && (p.mask_s.q == 0 || p.n_q == 1) &&
+         (key_mask_bytes<Tr>() || key_mask_chunks(p));
 }
 
 // Whether any byte of a staged mask's rows [row0, row0 + kRows) (one row when ld == 0) x kBlockN keys
@@ -197,11 +211,12 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(
   }
   uint8_t* const key_mask = smem_raw + Tr::kStagedOffset;  // [2][kBlockN] (kKeyMask)
   const uint8_t* const key_mask_g = kKeyMask ? p.mask + bi * p.mask_s.b + hi * p.mask_s.h : nullptr;
-  // kSm80FwdKeyMaskBytes: this thread's byte of the next tile's key mask (key j + threadIdx.x),
-  // loaded by load_scores and stored by store_key_mask at the end of the step.
+  // kMaskBytes: this thread's byte of the next tile's key mask (key j + threadIdx.x), loaded by
+  // load_scores and stored by store_key_mask at the end of the step.
+  constexpr bool kMaskBytes = kKeyMask && key_mask_bytes<Tr>();
   [[maybe_unused]] uint32_t key_mask_byte = 0;
   auto load_scores = [&](int buf, int64_t j, int valid) {
-    if constexpr (kKeyMask && kSm80FwdKeyMaskBytes) {
+    if constexpr (kMaskBytes) {
       static_assert(kBlockN <= kThreads, "one mask byte a thread");
       const int k = static_cast<int>(threadIdx.x);
       if (k < kBlockN) key_mask_byte = k < valid ? key_mask_g[(j + k) * p.mask_s.k] : 0u;
@@ -219,7 +234,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(
     }
   };
   auto store_key_mask = [&](int buf) {
-    if constexpr (kKeyMask && kSm80FwdKeyMaskBytes) {
+    if constexpr (kMaskBytes) {
       if (threadIdx.x < kBlockN) key_mask[buf * kBlockN + threadIdx.x] = static_cast<uint8_t>(key_mask_byte);
     }
   };
@@ -478,9 +493,8 @@ void launch(const FwdParams& p, cudaStream_t stream) {
   const bool scale_ok = scale_foldable(p.scale);
   // kSm80FwdDropoutPlain: dropout alone or with a key mask on the plain kernels (kDropout).
   constexpr bool kDropKernels = kSm80FwdDropoutPlain && sizeof(T) == 2 && kDn == kD && kD <= 128;
-  const bool drop = kDropKernels && scale_ok && p.dropout_p > 0.0 && !p.bias &&
-                    (!p.mask || key_mask_ok(p, Tr::kBlockN, true));
-  const bool key_mask = scale_ok && key_mask_ok(p, Tr::kBlockN, drop);
+  const bool drop = kDropKernels && scale_ok && p.dropout_p > 0.0 && !p.bias && (!p.mask || key_mask_ok<Tn>(p, true));
+  const bool key_mask = scale_ok && key_mask_ok<Tn>(p, drop);
   const bool general = !key_mask && !drop && (p.bias || p.mask || p.dropout_p > 0.0 || !scale_ok);
   // The plain kernel of traits Tx, with kKeyMask / kDropout as the call needs.
   auto plain_kernel = [&](auto traits) {
@@ -496,10 +510,12 @@ void launch(const FwdParams& p, cudaStream_t stream) {
   if constexpr (sizeof(T) == 2 && kD <= 128) {
     // The wide key tile where two blocks (and the 1 KiB each reserves) fit an SM: H100 / H200, A100
     // (164 KiB) at d = 64 only, not sm_86 / sm_89 (100 KiB), where it would halve the warps per SM.
-    // With a key mask at d = 128 only (at d = 64 that kernel spills 380 bytes).
+    // With a key mask at d = 128 only (at d = 64 that kernel spills 380 bytes), in whole 16-byte
+    // chunks (key_mask_bytes).
     using Wide = FwdTraits<T, kD, true, kDn>;
     constexpr bool kWideKeyMask = kD == 128;
-    if (!general && (kWideKeyMask || !key_mask) && 2 * (Wide::kKeyMaskSmem + 1024) <= max_smem_per_sm()) {
+    const bool wide_ok = !key_mask || (kWideKeyMask && (key_mask_bytes<Wide>() || key_mask_chunks(p)));
+    if (!general && wide_ok && 2 * (Wide::kKeyMaskSmem + 1024) <= max_smem_per_sm()) {
       auto kernel = sm80_fwd_kernel<T, Wide, false, false>;
       int64_t smem = key_mask ? Wide::kKeyMaskSmem : Wide::smem_bytes(false);
       if constexpr (kWideKeyMask) {

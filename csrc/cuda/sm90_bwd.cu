@@ -390,7 +390,7 @@ __device__ __forceinline__ void consume(typename Tr::Smem& sm, typename Tr::Barr
   if constexpr ((kGeneral && kFull) || kDropout) drop.init(p);
   // kBwdDropoutBitsAhead: the keep bits of an iteration (bit 4 (nt % 8) + e of word nt / 8: element
   // e of n-tile nt), drawn during the iteration before.
-  constexpr bool kBitsAhead = kDropout && kBwdDropoutBitsAhead;
+  constexpr bool kBitsAhead = kDropout && kBwdDropoutBitsAhead && Tr::kD == 64;
   static_assert(kNS % 2 == 0, "keep bits come per n-tile pair");
   [[maybe_unused]] uint32_t keep_bits[kBitsAhead ? (kNS + 7) / 8 : 1];
   auto draw_keep = [&](int n) {

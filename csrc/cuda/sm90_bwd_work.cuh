@@ -72,9 +72,10 @@ constexpr bool kBwdDropoutPlain = true;
 // With kBwdDropoutPlain: the dropout kernel draws the keep bits of its next iteration while this
 // one's dK / dV wgmmas run (between the dQ hand-off and the last wait), carried in (kBlockM / 8 + 7)
 // / 8 registers, instead of after the dP^T wait, where the draws sit between dP^T and dS^T on every
-// iteration's critical path. Compiled only, not run on a GPU (NOTES.md, "Next (after 2026-11-29
-// 16:00)").
-constexpr bool kBwdDropoutBitsAhead = false;
+// iteration's critical path. d = 64 only. A/B on an H200 (bf16, dropout 0.1, non-causal, 1k / 4k /
+// 16k, two rounds; NOTES.md, 2026-11-29 17:00): d64 264-265 / 304 / 317 TFLOP/s against 254 / 296-297
+// / 310; d128 348-349 / 413-414 / 426-430 against 352-354 / 413-422 / 440-444, so it stays off there.
+constexpr bool kBwdDropoutBitsAhead = true;
 
 // dK / dV leave through shared memory: each consumer warpgroup writes its [64 keys, d] parts into
 // its own key rows of the two dS^T buffers (free once both warpgroups' last dQ wgmma is done), then
