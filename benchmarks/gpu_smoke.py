@@ -109,6 +109,11 @@ def main():
         (torch.bfloat16, 2, 4, 2, 200, 333, 64, 64, "bottom_right", None, None, 0.15, False, "sm80"),
         (torch.float16, 2, 2, 1, 130, 256, 128, 128, None, None, (2, 1, 1, 256), 0.1, False, "sm80"),
         (torch.bfloat16, 1, 2, 1, 77, 320, 64, 64, "top_left", None, (1, 1, 1, 320), 0.2, False, "sm80"),
+        # bias / mask rows 4-byte but not 16-byte aligned (n_k 300, 202): staged by 4-byte chunks
+        # with kSm80StageChunks4, else read per element
+        (torch.bfloat16, 2, 2, 1, 130, 300, 128, 128, "top_left", (1, 2, 130, 300), (2, 1, 130, 300), 0.0, False,
+         "sm80"),
+        (torch.float16, 1, 4, 2, 70, 202, 64, 64, None, (1, 4, 70, 202), None, 0.1, False, "sm80"),
         # key masks at n_k off a multiple of 16: the narrow key-mask kernels' byte staging
         (torch.bfloat16, 2, 2, 1, 130, 333, 128, 128, None, None, (2, 1, 1, 333), 0.0, False, "sm80"),
         (torch.float16, 2, 4, 2, 77, 203, 64, 64, "bottom_right", None, (2, 4, 1, 203), 0.1, False, "sm80"),

@@ -22,6 +22,12 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool p
   cp_async_16(smem_addr(smem), gmem, pred);
 }
 
+// cp.async.ca 4 bytes (cache at all levels; .cg takes 16 only); zero-fill when !pred.
+__device__ __forceinline__ void cp_async_4(void* smem, const void* gmem, bool pred) {
+  const int src_size = pred ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem), "r"(src_size));
+}
+
 // cp.async.commit_group
 __device__ __forceinline__ void cp_async_commit_group() { asm volatile("cp.async.commit_group;\n" ::); }
 

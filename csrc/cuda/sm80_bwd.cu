@@ -302,7 +302,7 @@ bool frag_shared_dbias_ok(const BwdParams& p, const BwdWorkspace& ws) {
 // Whether the general kernel can stage the bias and mask (those present) in shared memory, in how
 // many stages, and how much shared memory it then needs (bytes 0: it cannot). 16-byte chunks of a
 // row must be whole and aligned: unit key stride; batch / head / query strides, n_k and the base in
-// multiples of 16 bytes. Two stages where they keep the blocks per SM the registers allow (H100 /
+// multiples of 16 bytes (4 with kSm80StageChunks4: score_chunk_bytes). Two stages where they keep the blocks per SM the registers allow (H100 /
 // H200: every case), else one, else none (A100, 16-bit: d = 64 bias + mask one stage, bias or
 // mask alone two; d = 128 bias alone one stage, mask alone two, both none).
 struct StagedPlan {
@@ -312,11 +312,8 @@ struct StagedPlan {
 template <typename T, typename Tr>
 StagedPlan staged_plan(const BwdParams& p) {
   if (!p.bias && !p.mask) return {};
-  auto fits = [&](const void* ptr, const Strided4& st, int64_t chunk) {
-    return !ptr || ((reinterpret_cast<uintptr_t>(ptr) & 15) == 0 && st.k == 1 && st.b % chunk == 0 &&
-                    st.h % chunk == 0 && st.q % chunk == 0 && p.n_k % chunk == 0);
-  };
-  if (!fits(p.bias, p.bias_s, 16 / sizeof(T)) || !fits(p.mask, p.mask_s, 16)) return {};
+  if (score_chunk_bytes(p.bias, p.bias_s, p.n_k, sizeof(T)) == 0 || score_chunk_bytes(p.mask, p.mask_s, p.n_k, 1) == 0)
+    return {};
   const int64_t per_block = max_smem_per_block(), per_sm = max_smem_per_sm();
   const int64_t reg_blocks = 65536 / (Tr::kThreads * 256);  // blocks per SM at up to 255 registers
   auto blocks = [&](int64_t bytes) { return per_sm / (bytes + 1024); };
@@ -445,17 +442,21 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
     return smem_raw + Tr::kStagedOffset + (p.bias ? stages * Tr::kBiasBytes : 0) + buf * Tr::kMaskBytes;
   };
   const int bias_ld = p.bias_s.q == 0 ? 0 : Tr::kBiasLd, mask_ld = p.mask_s.q == 0 ? 0 : Tr::kMaskLd;
+  // 16-byte chunks, else 4-byte ones (staged_plan, score_chunk_bytes).
+  [[maybe_unused]] const bool chunks16 = !kStaged || (score_chunk_bytes(p.bias, p.bias_s, p.n_k, sizeof(T)) == 16 &&
+                                                      score_chunk_bytes(p.mask, p.mask_s, p.n_k, 1) == 16);
   auto load_scores = [&](int64_t n, int64_t hi, int64_t i0) {
     if constexpr (kStaged) {
       const int buf = stages == 2 ? static_cast<int>(n & 1) : 0;
       const int rows = static_cast<int>(imin(kBlockM, p.n_q - i0));
       if (p.bias)
-        load_score_tile<T, kBlockM, kBlockN, Tr::kBiasLd, kThreads>(
+        load_score_tile_any<T, kBlockM, kBlockN, Tr::kBiasLd, kThreads>(
             bias_st(buf), static_cast<const T*>(p.bias) + bi * p.bias_s.b + hi * p.bias_s.h + i0 * p.bias_s.q + j0,
-            p.bias_s.q, rows, cols);
+            p.bias_s.q, rows, cols, chunks16);
       if (!kBiasOnly && p.mask)
-        load_score_tile<uint8_t, kBlockM, kBlockN, Tr::kMaskLd, kThreads>(
-            mask_st(buf), p.mask + bi * p.mask_s.b + hi * p.mask_s.h + i0 * p.mask_s.q + j0, p.mask_s.q, rows, cols);
+        load_score_tile_any<uint8_t, kBlockM, kBlockN, Tr::kMaskLd, kThreads>(
+            mask_st(buf), p.mask + bi * p.mask_s.b + hi * p.mask_s.h + i0 * p.mask_s.q + j0, p.mask_s.q, rows, cols,
+            chunks16);
     }
   };
   if (n_iters > 0) {

@@ -113,20 +113,17 @@ struct FwdTraits {
 
 // Whether the general kernel can stage the bias and mask (those present) in shared memory: 16-byte
 // chunks of a row must be whole and aligned (unit key stride; batch / head / query strides, n_k and
-// the base in multiples of 16 bytes), and the tiles must fit the device. Otherwise both are read
-// per element from global memory. float32 stages only a bias: its staged tiles take 120-124 KiB,
-// one block per SM where the unstaged kernel runs two, which pays for a mask alone (key padding,
-// 4k: +8% forward at d64, +14% at d128) but not for a bias (d64: staged 23 TFLOP/s, unstaged 18;
-// d128 25 / 26; H200, two rounds).
+// the base in multiples of 16 bytes; 4 with kSm80StageChunks4: score_chunk_bytes), and the tiles
+// must fit the device. Otherwise both are read per element from global memory. float32 stages only
+// a bias: its staged tiles take 120-124 KiB, one block per SM where the unstaged kernel runs two,
+// which pays for a mask alone (key padding, 4k: +8% forward at d64, +14% at d128) but not for a bias
+// (d64: staged 23 TFLOP/s, unstaged 18; d128 25 / 26; H200, two rounds).
 template <typename T, typename Tr>
 bool scores_stageable(const FwdParams& p) {
   if (sizeof(T) == 4 && !p.bias) return false;
   if (Tr::smem_bytes(true) > 48 * 1024 && Tr::smem_bytes(true) > max_smem_per_block()) return false;
-  auto fits = [&](const void* ptr, const Strided4& st, int64_t chunk) {
-    return !ptr || ((reinterpret_cast<uintptr_t>(ptr) & 15) == 0 && st.k == 1 && st.b % chunk == 0 &&
-                    st.h % chunk == 0 && st.q % chunk == 0 && p.n_k % chunk == 0);
-  };
-  return Tr::kStage && (p.bias || p.mask) && fits(p.bias, p.bias_s, 16 / sizeof(T)) && fits(p.mask, p.mask_s, 16);
+  return Tr::kStage && (p.bias || p.mask) && score_chunk_bytes(p.bias, p.bias_s, p.n_k, sizeof(T)) != 0 &&
+         score_chunk_bytes(p.mask, p.mask_s, p.n_k, 1) != 0;
 }
 
 // Whether a key mask's rows come in whole, aligned 16-byte chunks of the key tile (unit key stride,
@@ -205,9 +202,12 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(
   auto& stg = *reinterpret_cast<typename Tr::Staged*>(smem_raw + Tr::kStagedOffset);
   const T* bias_g = nullptr;
   const uint8_t* mask_g = nullptr;
+  [[maybe_unused]] bool chunks16 = true;  // 16-byte chunks, else 4-byte ones (scores_stageable)
   if constexpr (kStaged) {
     if (p.bias) bias_g = static_cast<const T*>(p.bias) + bi * p.bias_s.b + hi * p.bias_s.h + i0 * p.bias_s.q;
     if (p.mask) mask_g = p.mask + bi * p.mask_s.b + hi * p.mask_s.h + i0 * p.mask_s.q;
+    chunks16 = score_chunk_bytes(p.bias, p.bias_s, p.n_k, sizeof(T)) == 16 &&
+               score_chunk_bytes(p.mask, p.mask_s, p.n_k, 1) == 16;
   }
   uint8_t* const key_mask = smem_raw + Tr::kStagedOffset;  // [2][kBlockN] (kKeyMask)
   const uint8_t* const key_mask_g = kKeyMask ? p.mask + bi * p.mask_s.b + hi * p.mask_s.h : nullptr;
@@ -228,9 +228,11 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(
     }
     if constexpr (kStaged) {
       if (bias_g)
-        load_score_tile<T, kBlockM, kBlockN, Tr::kBiasLd, kThreads>(stg.bias[buf], bias_g + j, p.bias_s.q, rows, valid);
+        load_score_tile_any<T, kBlockM, kBlockN, Tr::kBiasLd, kThreads>(stg.bias[buf], bias_g + j, p.bias_s.q, rows,
+                                                                         valid, chunks16);
       if (mask_g)
-        load_score_tile<uint8_t, kBlockM, kBlockN, Tr::kMaskLd, kThreads>(stg.mask[buf], mask_g + j, p.mask_s.q, rows, valid);
+        load_score_tile_any<uint8_t, kBlockM, kBlockN, Tr::kMaskLd, kThreads>(stg.mask[buf], mask_g + j, p.mask_s.q,
+                                                                               rows, valid, chunks16);
     }
   };
   auto store_key_mask = [&](int buf) {
