@@ -302,9 +302,10 @@ bool frag_shared_dbias_ok(const BwdParams& p, const BwdWorkspace& ws) {
 // Whether the general kernel can stage the bias and mask (those present) in shared memory, in how
 // many stages, and how much shared memory it then needs (bytes 0: it cannot). 16-byte chunks of a
 // row must be whole and aligned: unit key stride; batch / head / query strides, n_k and the base in
-// multiples of 16 bytes (4 with kSm80StageChunks4: score_chunk_bytes). Two stages where they keep the blocks per SM the registers allow (H100 /
-// H200: every case), else one, else none (A100, 16-bit: d = 64 bias + mask one stage, bias or
-// mask alone two; d = 128 bias alone one stage, mask alone two, both none).
+// multiples of 16 bytes (4 with kSm80StageChunks4: score_chunk_bytes). Two stages where they keep
+// the blocks per SM the registers allow (H100 / H200: every case), else one, else none (A100,
+// 16-bit: d = 64 bias + mask one stage, bias or mask alone two; d = 128 bias alone one stage, mask
+// alone two, both none).
 struct StagedPlan {
   int64_t bytes = 0;
   int stages = 0;

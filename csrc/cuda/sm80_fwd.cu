@@ -126,12 +126,13 @@ bool scores_stageable(const FwdParams& p) {
          score_chunk_bytes(p.mask, p.mask_s, p.n_k, 1) != 0;
 }
 
-// Whether a key mask's rows come in whole, aligned 16-byte chunks of the key tile (unit key stride,
-// n_k, the batch / head strides and the base in multiples of 16 bytes), as the key-mask kernels that
-// stage them with cp.async need (key_mask_bytes).
+// Whether a key mask's rows come in whole, aligned 16-byte chunks of the key tile, as the key-mask
+// kernels that stage them with cp.async need (key_mask_bytes). The query stride does not count: the
+// mask is constant along the queries, or there is one.
 inline bool key_mask_chunks(const FwdParams& p) {
-  const Strided4& m = p.mask_s;
-  return m.k == 1 && m.b % 16 == 0 && m.h % 16 == 0 && p.n_k % 16 == 0 && (reinterpret_cast<uintptr_t>(p.mask) & 15) == 0;
+  Strided4 m = p.mask_s;
+  m.q = 0;
+  return score_chunk_bytes(p.mask, m, p.n_k, 1) == 16;
 }
 
 // Whether the key-mask kernel of traits Tr stages the mask rows with byte loads (any layout).

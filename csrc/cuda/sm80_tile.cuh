@@ -86,8 +86,8 @@ struct TileStream {
 };
 
 // The general sm80 kernels stage a bias / mask whose rows are 4-byte aligned but not 16-byte
-// aligned (a 16-bit bias at an even n_k off a multiple of 8, e.g. 1000 is one but 1004 not; a mask at
-// n_k % 4 == 0 off a multiple of 16, e.g. 1000) by 4-byte cp.async chunks instead of reading them
+// aligned (a 16-bit bias at an even n_k off a multiple of 8, e.g. 1004; a mask at n_k % 4 == 0 off
+// a multiple of 16, e.g. 1000) by 4-byte cp.async chunks instead of reading them
 // element by element from global memory (score_chunk_bytes). No new kernels: the staged kernels
 // pick the chunk at run time. Compiled only, not run on a GPU (NOTES.md, "Next (after 2026-11-29
 // 17:15)").
