@@ -91,7 +91,7 @@ struct FwdTraits {
   };
   static_assert(sizeof(Smem) <= 110 * 1024, "two forward blocks should fit an H100 SM");
   static_assert(sizeof(T) == 2 || kD <= 128, "float32 takes head dims up to 128");
-  // The general kernel's bias / mask tiles, double buffered with K / V (cp.async, 16-byte chunks),
+  // The general kernel's bias / mask tiles, double buffered with K / V (cp.async chunks),
   // placed after Smem and allocated for that kernel only. Rows padded by 16 bytes: the fragment
   // reads of 8 rows x 4 lanes hit 32 distinct banks (16-bit; float's per-element reads see 2-way
   // conflicts). Float at d = 256 reads per element instead (smem), and 16-bit there too without
@@ -127,8 +127,8 @@ bool scores_stageable(const FwdParams& p) {
 }
 
 // Whether a key mask's rows come in whole, aligned 16-byte chunks of the key tile, as the key-mask
-// kernels that stage them with cp.async need (key_mask_bytes). The query stride does not count: the
-// mask is constant along the queries, or there is one.
+// kernels that stage them with cp.async (the wide ones: key_mask_bytes) need. The query stride does
+// not count: the mask is constant along the queries, or there is one.
 inline bool key_mask_chunks(const FwdParams& p) {
   Strided4 m = p.mask_s;
   m.q = 0;
@@ -514,7 +514,7 @@ void launch(const FwdParams& p, cudaStream_t stream) {
     // The wide key tile where two blocks (and the 1 KiB each reserves) fit an SM: H100 / H200, A100
     // (164 KiB) at d = 64 only, not sm_86 / sm_89 (100 KiB), where it would halve the warps per SM.
     // With a key mask at d = 128 only (at d = 64 that kernel spills 380 bytes), in whole 16-byte
-    // chunks (key_mask_bytes).
+    // chunks (key_mask_chunks: the wide kernel stages no bytes, key_mask_bytes).
     using Wide = FwdTraits<T, kD, true, kDn>;
     constexpr bool kWideKeyMask = kD == 128;
     const bool wide_ok = !key_mask || (kWideKeyMask && (key_mask_bytes<Wide>() || key_mask_chunks(p)));

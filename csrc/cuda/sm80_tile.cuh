@@ -106,7 +106,7 @@ __host__ __device__ inline int score_chunk_bytes(const void* ptr, const Strided4
   };
   if (st.k != 1) return 0;
   if (whole(16)) return 16;
-  return kSm80StageChunks4 && elem_bytes <= 4 && whole(4) ? 4 : 0;
+  return kSm80StageChunks4 && whole(4) ? 4 : 0;
 }
 
 // Rows [0, kRows) x columns [0, kCols) of a bias (T) or mask (uint8) at src (row stride row_stride,
