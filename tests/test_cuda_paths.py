@@ -280,7 +280,7 @@ GENERAL_OVER_128 = {
     "row-bias+full-mask": (256, "b11k", "bhqk", 0.0, None, True),
     "query-mask": (256, None, "b1qk", 0.0, None, True),
     "bias+mask per element (nk 250)": (250, "1hqk", "b1qk", 0.0, None, False),
-    "bias bh1k (atomic dbias)": (250, "bh1k", None, 0.0, None, False),
+    "bias bh1k (atomic dbias, 4-byte chunks)": (250, "bh1k", None, 0.0, None, True),
     "dropout": (333, None, None, 0.15, None, False),
     "dropout+keypad+full-bias": (256, "bhqk", "b11k", 0.15, None, True),
     "scale 0": (250, None, None, 0.0, 0.0, False),
@@ -339,6 +339,61 @@ def test_sm80_general_backward_over_128(dtype, d, causal, case):
             assert_close(g, rg, GRAD_TOL[dtype], name, GRAD_FLOOR)
     else:
         check_both(res, dtype)
+
+
+# Bias / mask rows 4-byte but not 16-byte aligned: staged by the kChunks4 kernels (kSm80StageChunks4,
+# 16-bit), not read per element. name: (n_k, bias dims, mask dims, bias as a view at this element
+# offset of rows of n_k + 24 (0: a tensor of its own)).
+CHUNKS4_CASES = {
+    "bias nk 300": (300, "bhqk", None, 0),
+    "head bias + query mask nk 300": (300, "1hqk", "b1qk", 0),
+    "head bias + key padding nk 1004": (1004, "1hqk", "b11k", 0),
+    "bias view at offset 2": (256, "11qk", None, 2),
+}
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", TC_DTYPES, ids=str)
+@pytest.mark.parametrize("d", [64, 128, 160])
+@pytest.mark.parametrize("case", list(CHUNKS4_CASES))
+def test_sm80_staged_4byte_chunks(dtype, d, case):
+    """A bias / mask whose rows are 4-byte but not 16-byte aligned (n_k = 300: 600-byte bias rows,
+    300-byte mask rows; a bias view 4 bytes off a 16-byte boundary) is staged in shared memory by the
+    kChunks4 kernels, forward and backward (16-bit; float32 has none); out and every gradient against
+    the reference."""
+    if d > 128 and (dtype == torch.float32 or _smem_optin() < 148_480):
+        pytest.skip("float32 tops out at head dim 128; the d > 128 backward needs 145 KiB of shared memory")
+    import re
+    n_k, bias_dims, mask_dims, view_offset = CHUNKS4_CASES[case]
+    b, h, h_kv, n_q = 2, 4, 2, 150
+    full = {"b": b, "h": h, "q": n_q, "k": n_k}
+    shape = lambda dims: tuple(full[c] if c in "bhqk" else 1 for c in dims)  # noqa: E731
+    q = randn(b, h, n_q, d, dtype=dtype, device="cuda", requires_grad=True)
+    k = randn(b, h_kv, n_k, d, dtype=dtype, device="cuda", requires_grad=True)
+    v = randn(b, h_kv, n_k, d, dtype=dtype, device="cuda", requires_grad=True)
+    s = shape(bias_dims)
+    if view_offset:
+        bias = randn(*s[:-1], n_k + 24, dtype=dtype, device="cuda")[..., view_offset:view_offset + n_k]
+        bias = bias.detach().requires_grad_(True)
+    else:
+        bias = randn(*s, dtype=dtype, device="cuda", requires_grad=True)
+    mask = None
+    if mask_dims:
+        mask = torch.rand(shape(mask_dims), device="cuda") > 0.3
+        mask[..., :1] = True
+    with flash_mha.force_kernel("sm80"), torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        res = run_both(q, k, v, bias=bias, mask=mask)
+        torch.cuda.synchronize()
+    check_both(res, dtype)
+    names = [e.name for e in prof.events()]
+    fwd = [m for n in names for m in re.findall(r"sm80_fwd_kernel<[^<>]*FwdTraits<[^<>]*>((?:, \w+)*)>", n)]
+    bwd = [m for n in names for m in re.findall(r"sm80_bwd_kernel<[^<>]*BwdTraits<[^<>]*>((?:, \w+)*)>", n)]
+    if dtype == torch.float32:  # no kChunks4 kernels: 16-byte chunks where they fit, else per element
+        assert fwd and bwd and not any(f.endswith(", true") for f in fwd + bwd), names
+    else:
+        assert fwd and set(fwd) == {", true, true, false, false, true"}, names
+        assert bwd and set(bwd) == {", true, true, false, false, false, false, false, true"}, names
 
 
 def test_force_kernel_rejects_unknown_path():
@@ -770,10 +825,10 @@ def test_dropout_tensor_core_paths(path, dtype, d, causal, key_mask):
         # kGeneral false, kStaged false, kKeyMask, ..., kDropout true>). The forward's narrow key-mask
         # kernel stages the mask rows by bytes (kSm80FwdKeyMaskBytes), so n_k = 333 takes it too.
         km = "true" if key_mask else "false"
-        assert re.search(rf"sm80_fwd_kernel<[^<>]*FwdTraits<[^<>]*>, false, false, {km}, true>", kernels), \
+        assert re.search(rf"sm80_fwd_kernel<[^<>]*FwdTraits<[^<>]*>, false, false, {km}, true(, false)*>", kernels), \
             kernels[:800]
         assert re.search(r"sm80_bwd_kernel<[^<>]*BwdTraits<[^<>]*>, false, false, (?:true|false), false, false, false, "
-                         r"true>", kernels), kernels[:800]
+                         r"true(, false)*>", kernels), kernels[:800]
     q64, k64, v64 = (as_double_leaf(t) for t in (q, k, v))
     ref = reference.attention(q64, k64, v64, mask=mask, causal=causal, dropout_p=0.15, rng_state=rng)
     assert_close(out, ref, TOL[dtype])

@@ -302,10 +302,10 @@ bool frag_shared_dbias_ok(const BwdParams& p, const BwdWorkspace& ws) {
 // Whether the general kernel can stage the bias and mask (those present) in shared memory, in how
 // many stages, and how much shared memory it then needs (bytes 0: it cannot). 16-byte chunks of a
 // row must be whole and aligned: unit key stride; batch / head / query strides, n_k and the base in
-// multiples of 16 bytes (4 with kSm80StageChunks4: score_chunk_bytes). Two stages where they keep
-// the blocks per SM the registers allow (H100 / H200: every case), else one, else none (A100,
-// 16-bit: d = 64 bias + mask one stage, bias or mask alone two; d = 128 bias alone one stage, mask
-// alone two, both none).
+// multiples of 16 bytes, or of 4 for the kChunks4 kernel (staged_chunk_bytes). Two stages where
+// they keep the blocks per SM the registers allow (H100 / H200: every case), else one, else none
+// (A100, 16-bit: d = 64 bias + mask one stage, bias or mask alone two; d = 128 bias alone one
+// stage, mask alone two, both none).
 struct StagedPlan {
   int64_t bytes = 0;
   int stages = 0;
@@ -313,8 +313,7 @@ struct StagedPlan {
 template <typename T, typename Tr>
 StagedPlan staged_plan(const BwdParams& p) {
   if (!p.bias && !p.mask) return {};
-  if (score_chunk_bytes(p.bias, p.bias_s, p.n_k, sizeof(T)) == 0 || score_chunk_bytes(p.mask, p.mask_s, p.n_k, 1) == 0)
-    return {};
+  if (staged_chunk_bytes<T>(p) == 0) return {};
   const int64_t per_block = max_smem_per_block(), per_sm = max_smem_per_sm();
   const int64_t reg_blocks = 65536 / (Tr::kThreads * 256);  // blocks per SM at up to 255 registers
   auto blocks = [&](int64_t bytes) { return per_sm / (bytes + 1024); };
@@ -339,8 +338,10 @@ StagedPlan staged_plan(const BwdParams& p) {
 // the dQ phase's dS fragments; the launch has checked frag_shared_dbias_ok.
 // kBiasOnly (the staged general kernel; kSm80BwdBiasOnly): a bias, no mask, no dropout.
 // kDropout (with !kGeneral; kSm80BwdDropoutPlain): the plain kernel (or with kKeyMask) plus dropout.
+// kChunks4 (the staged general kernel, neither kFragShared nor kBiasOnly; kSm80StageChunks4): the
+// bias / mask tiles by 4-byte cp.async chunks, for rows that are not 16-byte aligned.
 template <typename T, typename Tr, bool kGeneral, bool kStaged, bool kKeyMask = false, bool kOrdered = false,
-          bool kFragShared = false, bool kBiasOnly = false, bool kDropout = false>
+          bool kFragShared = false, bool kBiasOnly = false, bool kDropout = false, bool kChunks4 = false>
 __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams p, BwdWorkspace ws) {
   static_assert(!kDropout || !kGeneral, "kDropout: the plain kernels (the general one draws at run time)");
   constexpr int kD = Tr::kD, kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kThreads = Tr::kThreads;
@@ -443,21 +444,17 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
     return smem_raw + Tr::kStagedOffset + (p.bias ? stages * Tr::kBiasBytes : 0) + buf * Tr::kMaskBytes;
   };
   const int bias_ld = p.bias_s.q == 0 ? 0 : Tr::kBiasLd, mask_ld = p.mask_s.q == 0 ? 0 : Tr::kMaskLd;
-  // 16-byte chunks, else 4-byte ones (staged_plan, score_chunk_bytes).
-  [[maybe_unused]] const bool chunks16 = !kStaged || (score_chunk_bytes(p.bias, p.bias_s, p.n_k, sizeof(T)) == 16 &&
-                                                      score_chunk_bytes(p.mask, p.mask_s, p.n_k, 1) == 16);
   auto load_scores = [&](int64_t n, int64_t hi, int64_t i0) {
     if constexpr (kStaged) {
       const int buf = stages == 2 ? static_cast<int>(n & 1) : 0;
       const int rows = static_cast<int>(imin(kBlockM, p.n_q - i0));
       if (p.bias)
-        load_score_tile_any<T, kBlockM, kBlockN, Tr::kBiasLd, kThreads>(
+        load_score_tile<T, kBlockM, kBlockN, Tr::kBiasLd, kThreads, kChunks4 ? 4 : 16>(
             bias_st(buf), static_cast<const T*>(p.bias) + bi * p.bias_s.b + hi * p.bias_s.h + i0 * p.bias_s.q + j0,
-            p.bias_s.q, rows, cols, chunks16);
+            p.bias_s.q, rows, cols);
       if (!kBiasOnly && p.mask)
-        load_score_tile_any<uint8_t, kBlockM, kBlockN, Tr::kMaskLd, kThreads>(
-            mask_st(buf), p.mask + bi * p.mask_s.b + hi * p.mask_s.h + i0 * p.mask_s.q + j0, p.mask_s.q, rows, cols,
-            chunks16);
+        load_score_tile<uint8_t, kBlockM, kBlockN, Tr::kMaskLd, kThreads, kChunks4 ? 4 : 16>(
+            mask_st(buf), p.mask + bi * p.mask_s.b + hi * p.mask_s.h + i0 * p.mask_s.q + j0, p.mask_s.q, rows, cols);
     }
   };
   if (n_iters > 0) {
@@ -555,6 +552,8 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
   static_assert(!kFragShared || (kGeneral && kStaged && !kOrdered && sizeof(T) == 2 && kAtomicSharedDbias),
                 "the fragment-walk shared dbias: the staged general 16-bit kernel");
   static_assert(!kBiasOnly || (kGeneral && kStaged && !kOrdered), "bias-only: the staged general kernel");
+  static_assert(!kChunks4 || (kGeneral && kStaged && !kOrdered && !kFragShared && !kBiasOnly),
+                "kChunks4: the staged general kernel");
 
   // kKeyMask: the score limit of the thread's key rows key0 + 16 mt + lane / 4 (+ 8) under the
   // current head's mask, +inf (visible) or -inf: min(s, limit) also hides a NaN score of a masked key.
@@ -1082,17 +1081,23 @@ void launch(const BwdParams& p, void* workspace, cudaStream_t stream) {
     const bool bias_alone = p.bias && !p.mask && p.dropout_p == 0.0;
     const bool frag_shared = frag_shared_dbias_ok<T, kD>(p, ws) && (!kBiasOnlyKernels || bias_alone);
     ws.score_stages = plan.stages;
-    if (p.deterministic)
+    // Rows in 4-byte chunks only (kSm80StageChunks4): the general form, whatever the bias / mask.
+    const bool chunks4 = plan.stages && staged_chunk_bytes<T>(p) == 4;
+    if (p.deterministic) {
       run(sm80_bwd_kernel<T, Tr, true, false, false, true>, Tr(), Tr::kSmemBytes);
-    else if (plan.stages && frag_shared)
+    } else if (chunks4) {
+      if constexpr (stage_chunks4<T>())
+        run(sm80_bwd_kernel<T, Tr, true, true, false, false, false, false, false, true>, Tr(), plan.bytes);
+    } else if (plan.stages && frag_shared) {
       run(sm80_bwd_kernel<T, Tr, true, true, false, false, frag_shared_dbias_ok<T, kD>(), kBiasOnlyKernels>, Tr(),
           plan.bytes);
-    else if (plan.stages && kBiasOnlyKernels && bias_alone)
+    } else if (plan.stages && kBiasOnlyKernels && bias_alone) {
       run(sm80_bwd_kernel<T, Tr, true, true, false, false, false, kBiasOnlyKernels>, Tr(), plan.bytes);
-    else if (plan.stages)
+    } else if (plan.stages) {
       run(sm80_bwd_kernel<T, Tr, true, true>, Tr(), plan.bytes);
-    else
+    } else {
       run(sm80_bwd_kernel<T, Tr, true, false>, Tr(), Tr::kSmemBytes);
+    }
   } else {
     using Tr = BwdTraits<T, kD, kPlainKeyTiles<T, kD>, kPlainSplit<T, kD>, kDn>;
     using TrMask = BwdTraits<T, kD, kKeyMaskTiles2 ? kPlainKeyTiles<T, kD> : 1, kPlainSplit<T, kD>, kDn>;

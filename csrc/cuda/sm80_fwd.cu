@@ -113,17 +113,17 @@ struct FwdTraits {
 
 // Whether the general kernel can stage the bias and mask (those present) in shared memory: 16-byte
 // chunks of a row must be whole and aligned (unit key stride; batch / head / query strides, n_k and
-// the base in multiples of 16 bytes; 4 with kSm80StageChunks4: score_chunk_bytes), and the tiles
-// must fit the device. Otherwise both are read per element from global memory. float32 stages only
-// a bias: its staged tiles take 120-124 KiB, one block per SM where the unstaged kernel runs two,
-// which pays for a mask alone (key padding, 4k: +8% forward at d64, +14% at d128) but not for a bias
-// (d64: staged 23 TFLOP/s, unstaged 18; d128 25 / 26; H200, two rounds).
+// the base in multiples of 16 bytes), or 4-byte ones for the kChunks4 kernel (staged_chunk_bytes),
+// and the tiles must fit the device. Otherwise both are read per element from global memory.
+// float32 stages only a bias: its staged tiles take 120-124 KiB, one block per SM where the
+// unstaged kernel runs two, which pays for a mask alone (key padding, 4k: +8% forward at d64, +14%
+// at d128) but not for a bias (d64: staged 23 TFLOP/s, unstaged 18; d128 25 / 26; H200, two
+// rounds).
 template <typename T, typename Tr>
 bool scores_stageable(const FwdParams& p) {
   if (sizeof(T) == 4 && !p.bias) return false;
   if (Tr::smem_bytes(true) > 48 * 1024 && Tr::smem_bytes(true) > max_smem_per_block()) return false;
-  return Tr::kStage && (p.bias || p.mask) && score_chunk_bytes(p.bias, p.bias_s, p.n_k, sizeof(T)) != 0 &&
-         score_chunk_bytes(p.mask, p.mask_s, p.n_k, 1) != 0;
+  return Tr::kStage && (p.bias || p.mask) && staged_chunk_bytes<T>(p) != 0;
 }
 
 // Whether a key mask's rows come in whole, aligned 16-byte chunks of the key tile, as the key-mask
@@ -167,11 +167,15 @@ __device__ __forceinline__ bool staged_mask_any(const uint8_t* mask, int row0, i
 // bias: key padding), its rows staged with K / V (key_mask_ok).
 // kDropout (with !kGeneral; kSm80FwdDropoutPlain): the plain kernel plus dropout.
 // kGeneral: bias, mask or dropout present (Philox, and the bias / mask staged in shared memory when
-// kStaged, else loaded per element); otherwise the score epilogue is a multiply plus, on bound /
-// diagonal tiles only, an integer visibility test.
-template <typename T, typename Tr, bool kGeneral, bool kStaged, bool kKeyMask = false, bool kDropout = false>
+// kStaged, else loaded per element; by 4-byte cp.async chunks with kChunks4, else 16-byte ones);
+// otherwise the score epilogue is a multiply plus, on bound / diagonal tiles only, an integer
+// visibility test.
+template <typename T, typename Tr, bool kGeneral, bool kStaged, bool kKeyMask = false, bool kDropout = false,
+          bool kChunks4 = false>
 __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(const FwdParams p) {
   static_assert(!kDropout || !kGeneral, "kDropout: the plain kernels (the general one draws at run time)");
+  static_assert(!kChunks4 || kStaged, "kChunks4: the staged general kernel");
+  constexpr int kChunkBytes = kChunks4 ? 4 : 16;  // of the staged bias / mask tiles
   constexpr int kD = Tr::kD, kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kThreads = Tr::kThreads;
   constexpr int kMT = Tr::kMT;
   constexpr int kNS = kBlockN / 8;    // score n-tiles per m-tile
@@ -203,12 +207,9 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(
   auto& stg = *reinterpret_cast<typename Tr::Staged*>(smem_raw + Tr::kStagedOffset);
   const T* bias_g = nullptr;
   const uint8_t* mask_g = nullptr;
-  [[maybe_unused]] bool chunks16 = true;  // 16-byte chunks, else 4-byte ones (scores_stageable)
   if constexpr (kStaged) {
     if (p.bias) bias_g = static_cast<const T*>(p.bias) + bi * p.bias_s.b + hi * p.bias_s.h + i0 * p.bias_s.q;
     if (p.mask) mask_g = p.mask + bi * p.mask_s.b + hi * p.mask_s.h + i0 * p.mask_s.q;
-    chunks16 = score_chunk_bytes(p.bias, p.bias_s, p.n_k, sizeof(T)) == 16 &&
-               score_chunk_bytes(p.mask, p.mask_s, p.n_k, 1) == 16;
   }
   uint8_t* const key_mask = smem_raw + Tr::kStagedOffset;  // [2][kBlockN] (kKeyMask)
   const uint8_t* const key_mask_g = kKeyMask ? p.mask + bi * p.mask_s.b + hi * p.mask_s.h : nullptr;
@@ -229,11 +230,11 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) sm80_fwd_kernel(
     }
     if constexpr (kStaged) {
       if (bias_g)
-        load_score_tile_any<T, kBlockM, kBlockN, Tr::kBiasLd, kThreads>(stg.bias[buf], bias_g + j, p.bias_s.q, rows,
-                                                                         valid, chunks16);
+        load_score_tile<T, kBlockM, kBlockN, Tr::kBiasLd, kThreads, kChunkBytes>(stg.bias[buf], bias_g + j, p.bias_s.q,
+                                                                                  rows, valid);
       if (mask_g)
-        load_score_tile_any<uint8_t, kBlockM, kBlockN, Tr::kMaskLd, kThreads>(stg.mask[buf], mask_g + j, p.mask_s.q,
-                                                                               rows, valid, chunks16);
+        load_score_tile<uint8_t, kBlockM, kBlockN, Tr::kMaskLd, kThreads, kChunkBytes>(stg.mask[buf], mask_g + j,
+                                                                                        p.mask_s.q, rows, valid);
     }
   };
   auto store_key_mask = [&](int buf) {
@@ -536,6 +537,9 @@ void launch(const FwdParams& p, cudaStream_t stream) {
   auto kernel = general ? sm80_fwd_kernel<T, Tr, true, false> : plain_kernel(Tn());
   if constexpr (Tr::kStage) {
     if (staged) kernel = sm80_fwd_kernel<T, Tr, true, true>;
+    if constexpr (stage_chunks4<T>()) {
+      if (staged && staged_chunk_bytes<T>(p) == 4) kernel = sm80_fwd_kernel<T, Tr, true, true, false, false, true>;
+    }
   }
   if (key_mask) smem = Tn::kKeyMaskSmem;
   allow_smem(kernel, smem);

@@ -87,17 +87,20 @@ struct TileStream {
 
 // The general sm80 kernels stage a bias / mask whose rows are 4-byte aligned but not 16-byte
 // aligned (a 16-bit bias at an even n_k off a multiple of 8, e.g. 1004; a mask at n_k % 4 == 0 off
-// a multiple of 16, e.g. 1000) by 4-byte cp.async chunks instead of reading them
-// element by element from global memory (score_chunk_bytes). No new kernels: the staged kernels
-// pick the chunk at run time. Compiled only, not run on a GPU (NOTES.md, "Next (after 2026-11-29
-// 17:15)").
-constexpr bool kSm80StageChunks4 = false;
+// a multiple of 16, e.g. 1000) by 4-byte cp.async chunks instead of reading them element by element
+// from global memory: kChunks4 instantiations of the staged general forward and backward kernels
+// (16-bit only; the backward's bias-only and fragment-walk forms have none, such a bias takes the
+// general form). Adds 12 kernels. Picking the chunk at run time inside the staged kernels instead
+// cost the aligned calls up to 10% (NOTES.md, GPU record 2026-11-29 18:00).
+constexpr bool kSm80StageChunks4 = true;
+template <typename T>
+constexpr bool stage_chunks4() { return kSm80StageChunks4 && sizeof(T) == 2; }
 
 // The widest cp.async chunk (16 or 4 bytes; 0: none) in which a bias / mask of elem_bytes-byte
 // elements at ptr (strides st, in elements) comes: unit key stride, and the base, the batch / head /
 // query strides and n_k in whole chunks, so that every row of every tile starts on one and its valid
 // keys end on one. A null ptr (no such tensor) takes any chunk (16).
-__host__ __device__ inline int score_chunk_bytes(const void* ptr, const Strided4& st, int64_t n_k, int elem_bytes) {
+inline int score_chunk_bytes(const void* ptr, const Strided4& st, int64_t n_k, int elem_bytes) {
   if (!ptr) return 16;
   auto whole = [&](int64_t bytes) {
     const int64_t chunk = bytes / elem_bytes;
@@ -106,12 +109,23 @@ __host__ __device__ inline int score_chunk_bytes(const void* ptr, const Strided4
   };
   if (st.k != 1) return 0;
   if (whole(16)) return 16;
-  return kSm80StageChunks4 && whole(4) ? 4 : 0;
+  return whole(4) ? 4 : 0;
+}
+
+// The chunk (16 or 4 bytes; 0: not stageable) in which the staged general kernels of element type T
+// load the bias and mask of p (FwdParams or BwdParams): the narrower of the two, 4 only where the
+// kChunks4 kernels exist (stage_chunks4).
+template <typename T, typename Params>
+int staged_chunk_bytes(const Params& p) {
+  const int bias = score_chunk_bytes(p.bias, p.bias_s, p.n_k, sizeof(T));
+  const int mask = score_chunk_bytes(p.mask, p.mask_s, p.n_k, 1);
+  const int chunk = bias < mask ? bias : mask;
+  return chunk == 4 && !stage_chunks4<T>() ? 0 : chunk;
 }
 
 // Rows [0, kRows) x columns [0, kCols) of a bias (T) or mask (uint8) at src (row stride row_stride,
 // unit column stride) into an unswizzled shared tile [kRows][kLd] by cp.async chunks of kBytes (16,
-// or 4 with kSm80StageChunks4); rows >= rows and columns >= cols (a multiple of the chunk) become
+// or 4 in the kChunks4 kernels); rows >= rows and columns >= cols (a multiple of the chunk) become
 // zeros. A tensor broadcast over the rows (row_stride 0) loads its one row.
 template <typename E, int kRows, int kCols, int kLd, int kThreads, int kBytes = 16>
 __device__ __forceinline__ void load_score_tile(E* dst, const E* src, int64_t row_stride, int rows, int cols) {
@@ -126,8 +140,7 @@ __device__ __forceinline__ void load_score_tile(E* dst, const E* src, int64_t ro
       cp_async_16(dst + r * kLd + k, ok ? src + r * row_stride + k : src, ok);
     }
   } else {
-    // Rolled: the staged kernels carry both chunk sizes, and the 4-byte loop must not take the
-    // registers of the common (16-byte) case.
+    // Rolled: four times the chunks, and the main loops' registers stay with the main loops.
 #pragma unroll 1
     for (int c = threadIdx.x; c < n; c += kThreads) {
       const int r = c / kChunks, k = (c % kChunks) * kChunk;
@@ -135,17 +148,6 @@ __device__ __forceinline__ void load_score_tile(E* dst, const E* src, int64_t ro
       cp_async_4(dst + r * kLd + k, ok ? src + r * row_stride + k : src, ok);
     }
   }
-}
-
-// load_score_tile by 16-byte chunks, or 4-byte ones where !chunks16 (kSm80StageChunks4; the launch
-// has checked score_chunk_bytes).
-template <typename E, int kRows, int kCols, int kLd, int kThreads>
-__device__ __forceinline__ void load_score_tile_any(E* dst, const E* src, int64_t row_stride, int rows, int cols,
-                                                    bool chunks16) {
-  if constexpr (kSm80StageChunks4) {
-    if (!chunks16) return load_score_tile<E, kRows, kCols, kLd, kThreads, 4>(dst, src, row_stride, rows, cols);
-  }
-  load_score_tile<E, kRows, kCols, kLd, kThreads>(dst, src, row_stride, rows, cols);
 }
 
 // Per-lane ldmatrix addresses into a swizzled [rows, kCols] tile of 16-bit elements (a float tile
