@@ -341,6 +341,31 @@ def test_sm80_general_backward_over_128(dtype, d, causal, case):
         check_both(res, dtype)
 
 
+def _bias_mask_inputs(dtype, d, n_q, n_k, bias_dims, mask_dims, view_offset):
+    """q, k, v (2 batches, 4 query heads over 2 kv heads) and a bias / mask of the given dims ("bhqk":
+    full there, 1 elsewhere; None: none), requiring grad but the mask. view_offset > 0: the bias is a
+    view at that element offset of rows of n_k + 24 (a query stride != n_k). Every mask row keeps key
+    0 visible (no row without one under bottom-right causal)."""
+    b, h, h_kv = 2, 4, 2
+    full = {"b": b, "h": h, "q": n_q, "k": n_k}
+    shape = lambda dims: tuple(full[c] if c in "bhqk" else 1 for c in dims)  # noqa: E731
+    q = randn(b, h, n_q, d, dtype=dtype, device="cuda", requires_grad=True)
+    k = randn(b, h_kv, n_k, d, dtype=dtype, device="cuda", requires_grad=True)
+    v = randn(b, h_kv, n_k, d, dtype=dtype, device="cuda", requires_grad=True)
+    bias = mask = None
+    if bias_dims:
+        s = shape(bias_dims)
+        if view_offset:
+            bias = randn(*s[:-1], n_k + 24, dtype=dtype, device="cuda")[..., view_offset:view_offset + n_k]
+            bias = bias.detach().requires_grad_(True)
+        else:
+            bias = randn(*s, dtype=dtype, device="cuda", requires_grad=True)
+    if mask_dims:
+        mask = torch.rand(shape(mask_dims), device="cuda") > 0.3
+        mask[..., :1] = True
+    return q, k, v, bias, mask
+
+
 # Bias / mask rows 4-byte but not 16-byte aligned: staged by the kChunks4 kernels (kSm80StageChunks4,
 # 16-bit), not read per element. name: (n_k, bias dims, mask dims, bias as a view at this element
 # offset of rows of n_k + 24 (0: a tensor of its own)).
@@ -364,23 +389,7 @@ def test_sm80_staged_4byte_chunks(dtype, d, case):
     if d > 128 and (dtype == torch.float32 or _smem_optin() < 148_480):
         pytest.skip("float32 tops out at head dim 128; the d > 128 backward needs 145 KiB of shared memory")
     import re
-    n_k, bias_dims, mask_dims, view_offset = CHUNKS4_CASES[case]
-    b, h, h_kv, n_q = 2, 4, 2, 150
-    full = {"b": b, "h": h, "q": n_q, "k": n_k}
-    shape = lambda dims: tuple(full[c] if c in "bhqk" else 1 for c in dims)  # noqa: E731
-    q = randn(b, h, n_q, d, dtype=dtype, device="cuda", requires_grad=True)
-    k = randn(b, h_kv, n_k, d, dtype=dtype, device="cuda", requires_grad=True)
-    v = randn(b, h_kv, n_k, d, dtype=dtype, device="cuda", requires_grad=True)
-    s = shape(bias_dims)
-    if view_offset:
-        bias = randn(*s[:-1], n_k + 24, dtype=dtype, device="cuda")[..., view_offset:view_offset + n_k]
-        bias = bias.detach().requires_grad_(True)
-    else:
-        bias = randn(*s, dtype=dtype, device="cuda", requires_grad=True)
-    mask = None
-    if mask_dims:
-        mask = torch.rand(shape(mask_dims), device="cuda") > 0.3
-        mask[..., :1] = True
+    q, k, v, bias, mask = _bias_mask_inputs(dtype, d, 150, *CHUNKS4_CASES[case])
     with flash_mha.force_kernel("sm80"), torch.profiler.profile(
             activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         res = run_both(q, k, v, bias=bias, mask=mask)
@@ -427,7 +436,8 @@ def test_forced_path_nan_propagates_like_reference(path, d, where):
 
 # The sm80 forward stages a bias / mask in shared memory when its rows come in whole 16-byte chunks
 # (unit key stride, n_k and the other strides multiples of 8 elements for the bias, 16 for the
-# mask); otherwise it reads them per element. Both ways, with every broadcast that matters. The
+# mask), or 4-byte ones (16-bit: the kChunks4 kernels); otherwise it reads them per element. Every
+# way, with every broadcast that matters. The
 # sm90 general forward (kSm90FwdGeneral) reads a bias pair as one word where the row is contiguous,
 # the query stride even and the slice 4-byte aligned, else per element ("odd-offset bias view":
 # odd query stride and base, odd n_k); with that flag off, forced sm90 falls back to sm80.
@@ -438,7 +448,7 @@ STAGED_CONFIGS = {
     "head-bias+keypad": (256, "1hqk", "b11k", 0),
     "row-bias+full-mask": (256, "b11k", "bhqk", 0),
     "bias-view": (256, "11qk", None, 8),
-    "nk%16!=0 (bias staged, mask not)": (264, "bhqk", "b11k", 0),
+    "nk%16!=0 (4-byte chunks, for the mask rows)": (264, "bhqk", "b11k", 0),
     "nk=250 (per element)": (250, "1hqk", "b1qk", 0),
     "odd-offset bias view, odd nk": (251, "bhqk", None, 1),
 }
@@ -451,25 +461,7 @@ STAGED_CONFIGS = {
 @pytest.mark.parametrize("causal", [None, "bottom_right"])
 @pytest.mark.parametrize("config", list(STAGED_CONFIGS), ids=str)
 def test_bias_and_mask_staged_or_not(path, dtype, d, causal, config):
-    n_k, bias_dims, mask_dims, view_offset = STAGED_CONFIGS[config]
-    b, h, h_kv, n_q = 2, 4, 2, 200
-    full = {"b": b, "h": h, "q": n_q, "k": n_k}
-    shape = lambda dims: tuple(full[c] if c in "bhqk" else 1 for c in dims)  # noqa: E731
-    q = randn(b, h, n_q, d, dtype=dtype, device="cuda", requires_grad=True)
-    k = randn(b, h_kv, n_k, d, dtype=dtype, device="cuda", requires_grad=True)
-    v = randn(b, h_kv, n_k, d, dtype=dtype, device="cuda", requires_grad=True)
-    bias = None
-    if bias_dims:
-        s = shape(bias_dims)
-        if view_offset:  # rows of n_k inside rows of n_k + 24: a real query stride != n_k
-            bias = randn(*s[:-1], n_k + 24, dtype=dtype, device="cuda")[..., view_offset:view_offset + n_k]
-            bias = bias.detach().requires_grad_(True)
-        else:
-            bias = randn(*s, dtype=dtype, device="cuda", requires_grad=True)
-    mask = None
-    if mask_dims:
-        mask = torch.rand(shape(mask_dims), device="cuda") > 0.3
-        mask[..., :1] = True  # no row without a visible key under bottom-right causal
+    q, k, v, bias, mask = _bias_mask_inputs(dtype, d, 200, *STAGED_CONFIGS[config])
     with flash_mha.force_kernel(path):
         res = run_both(q, k, v, bias=bias, mask=mask, causal=causal)
     check_both(res, dtype)
