@@ -402,7 +402,8 @@ def test_sm80_staged_4byte_chunks(dtype, d, case):
         assert fwd and bwd and not any(f.endswith(", true") for f in fwd + bwd), names
     else:
         assert fwd and set(fwd) == {", true, true, false, false, true"}, names
-        assert bwd and set(bwd) == {", true, true, false, false, false, false, false, true"}, names
+        # the general form, or its bias-only / fragment-walk twin (kSm80BwdChunks4BiasForms)
+        assert bwd and all(f.startswith(", true, true, false, false,") and f.endswith(", true") for f in bwd), names
 
 
 def test_force_kernel_rejects_unknown_path():

@@ -75,6 +75,14 @@ constexpr bool kSm80FragSharedDbias = true;
 // full-bias backward d64 +16-21%, d128 +9%; head-broadcast d64 +10-21%, d128 +8-16%; forward unchanged.
 constexpr bool kSm80BwdBiasOnly = true;
 
+// kChunks4 twins (bias / mask rows in 4-byte chunks, kSm80StageChunks4) of the bias-only and
+// fragment-walk forms too, instead of the general form for every such row (8 kernels more). At
+// n = 1004 (H200, bf16, sm80 forced; NOTES.md, GPU record 2026-11-29 17:52) the general form ran the
+// backward of a full bias at d128 130 TFLOP/s, where the bias-only form with the chunk picked at
+// run time had run 144; head-broadcast d64 90 against 106 (fragment walk), d128 118 against 126.
+// Compiled only, not run on a GPU.
+constexpr bool kSm80BwdChunks4BiasForms = false;
+
 // Dropout without a bias, a dbias or a query-varying mask (dropout alone, or with key padding) runs
 // on the plain kernels with kDropout (16-bit, d = 64 and 128: two key m-tiles per warp at d = 64, the
 // split layout at 128) instead of the general kernel: the folded scale, the plain tiling. The keep
@@ -338,8 +346,9 @@ StagedPlan staged_plan(const BwdParams& p) {
 // the dQ phase's dS fragments; the launch has checked frag_shared_dbias_ok.
 // kBiasOnly (the staged general kernel; kSm80BwdBiasOnly): a bias, no mask, no dropout.
 // kDropout (with !kGeneral; kSm80BwdDropoutPlain): the plain kernel (or with kKeyMask) plus dropout.
-// kChunks4 (the staged general kernel, neither kFragShared nor kBiasOnly; kSm80StageChunks4): the
-// bias / mask tiles by 4-byte cp.async chunks, for rows that are not 16-byte aligned.
+// kChunks4 (the staged general kernel; its kFragShared / kBiasOnly forms only with
+// kSm80BwdChunks4BiasForms; kSm80StageChunks4): the bias / mask tiles by 4-byte cp.async chunks,
+// for rows that are not 16-byte aligned.
 template <typename T, typename Tr, bool kGeneral, bool kStaged, bool kKeyMask = false, bool kOrdered = false,
           bool kFragShared = false, bool kBiasOnly = false, bool kDropout = false, bool kChunks4 = false>
 __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams p, BwdWorkspace ws) {
@@ -552,8 +561,10 @@ __global__ void __launch_bounds__(Tr::kThreads) sm80_bwd_kernel(const BwdParams 
   static_assert(!kFragShared || (kGeneral && kStaged && !kOrdered && sizeof(T) == 2 && kAtomicSharedDbias),
                 "the fragment-walk shared dbias: the staged general 16-bit kernel");
   static_assert(!kBiasOnly || (kGeneral && kStaged && !kOrdered), "bias-only: the staged general kernel");
-  static_assert(!kChunks4 || (kGeneral && kStaged && !kOrdered && !kFragShared && !kBiasOnly),
-                "kChunks4: the staged general kernel");
+  static_assert(!kChunks4 || (kGeneral && kStaged && !kOrdered &&
+                              (kSm80BwdChunks4BiasForms || (!kFragShared && !kBiasOnly))),
+                "kChunks4: the staged general kernel (and its bias-only / fragment-walk forms with "
+                "kSm80BwdChunks4BiasForms)");
 
   // kKeyMask: the score limit of the thread's key rows key0 + 16 mt + lane / 4 (+ 8) under the
   // current head's mask, +inf (visible) or -inf: min(s, limit) also hides a NaN score of a masked key.
@@ -1081,18 +1092,27 @@ void launch(const BwdParams& p, void* workspace, cudaStream_t stream) {
     const bool bias_alone = p.bias && !p.mask && p.dropout_p == 0.0;
     const bool frag_shared = frag_shared_dbias_ok<T, kD>(p, ws) && (!kBiasOnlyKernels || bias_alone);
     ws.score_stages = plan.stages;
-    // Rows in 4-byte chunks only (kSm80StageChunks4): the general form, whatever the bias / mask.
+    // Rows in 4-byte chunks only (kSm80StageChunks4): the general form, or with
+    // kSm80BwdChunks4BiasForms the bias-only / fragment-walk form's twin where that form applies.
     const bool chunks4 = plan.stages && staged_chunk_bytes<T>(p) == 4;
+    constexpr bool kFrag = frag_shared_dbias_ok<T, kD>();
+    constexpr bool kFormTwins = kSm80BwdChunks4BiasForms && stage_chunks4<T>();
+    const bool bias_form = frag_shared || (kBiasOnlyKernels && bias_alone);
     if (p.deterministic) {
       run(sm80_bwd_kernel<T, Tr, true, false, false, true>, Tr(), Tr::kSmemBytes);
-    } else if (chunks4) {
+    } else if (chunks4 && !(kFormTwins && bias_form)) {
       if constexpr (stage_chunks4<T>())
         run(sm80_bwd_kernel<T, Tr, true, true, false, false, false, false, false, true>, Tr(), plan.bytes);
     } else if (plan.stages && frag_shared) {
-      run(sm80_bwd_kernel<T, Tr, true, true, false, false, frag_shared_dbias_ok<T, kD>(), kBiasOnlyKernels>, Tr(),
-          plan.bytes);
+      if (!chunks4)
+        run(sm80_bwd_kernel<T, Tr, true, true, false, false, kFrag, kBiasOnlyKernels>, Tr(), plan.bytes);
+      else if constexpr (kFormTwins)
+        run(sm80_bwd_kernel<T, Tr, true, true, false, false, kFrag, kBiasOnlyKernels, false, true>, Tr(), plan.bytes);
     } else if (plan.stages && kBiasOnlyKernels && bias_alone) {
-      run(sm80_bwd_kernel<T, Tr, true, true, false, false, false, kBiasOnlyKernels>, Tr(), plan.bytes);
+      if (!chunks4)
+        run(sm80_bwd_kernel<T, Tr, true, true, false, false, false, kBiasOnlyKernels>, Tr(), plan.bytes);
+      else if constexpr (kFormTwins)
+        run(sm80_bwd_kernel<T, Tr, true, true, false, false, false, kBiasOnlyKernels, false, true>, Tr(), plan.bytes);
     } else if (plan.stages) {
       run(sm80_bwd_kernel<T, Tr, true, true>, Tr(), plan.bytes);
     } else {
