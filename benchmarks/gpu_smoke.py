@@ -3,6 +3,7 @@
 Meant to run under compute-sanitizer (benchmarks/sanitize.sh): odd lengths, causal both ways,
 broadcast bias with gradient, boolean masks, dropout, GQA, every dtype. Exits non-zero on a mismatch.
 """
+import faulthandler
 import os
 import sys
 
@@ -157,4 +158,7 @@ def main():
 
 
 if __name__ == "__main__":
+    # The script has aborted at exit a few times after every case passed ("terminate called without
+    # an active exception", rc 134; NOTES.md): on SIGABRT print every thread's Python stack.
+    faulthandler.enable()
     sys.exit(main())
